@@ -1,0 +1,1 @@
+"""pretrain: GPT/Llama pretraining on megatron-core layers under DeepSpeed."""

@@ -1,0 +1,47 @@
+"""Let megatron-core's CUDA-only code paths run on CPU (gloo), and do nothing when CUDA is present.
+
+megatron-core allocates buffers with `device=torch.cuda.current_device()`, keeps its RNG tracker on the CUDA
+generator and calls `torch.cuda.synchronize()`. None of that has a CPU fallback upstream, so on a machine
+without CUDA we point those calls at the CPU (see ../shared/design/FINDINGS.md, "megatron-core on CPU").
+This is the only place that knows about it; everything else is device-agnostic.
+"""
+import torch
+
+_applied = False
+
+
+def apply_cpu_compat() -> bool:
+    """Patch once; returns True when the CPU shim is active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly, no recursion.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as mt_utils
+
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    def causal_mask(sq, skv=None):
+        skv = sq if skv is None else skv
+        return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=1 + skv - sq)
+
+    mt_utils.get_default_causal_mask = lambda sq: causal_mask(sq)
+    _applied = True
+    return True
+
+
+def device() -> torch.device:
+    """The device this rank computes on (its local GPU, or the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,108 @@
+"""Model shapes as dataclasses with named presets (litgpt style), and their closed-form sizes and FLOPs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int | None = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: int | None = None  # None: Llama's 8/3 * hidden rounded up to a multiple of 256
+    vocab_size: int = 32000  # the tokenizer's; the embedding is padded (see padded_vocab_size)
+    seq_length: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    add_bias: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # Pad the vocabulary to a multiple of this so that the shape (and so the model) does not depend on TP.
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 256 * -(-int(8 * self.hidden_size / 3) // 256)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; pick a head count that divides it"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups="
+                f"{self.num_query_groups}; GQA needs whole groups of query heads"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return m * -(-self.vocab_size // m)
+
+    def layer_params(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        qkv = h * d * (self.num_attention_heads + 2 * self.num_query_groups)
+        proj = self.num_attention_heads * d * h
+        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down
+        bias = (d * (self.num_attention_heads + 2 * self.num_query_groups) + h + 2 * self.ffn_hidden_size + h
+                if self.add_bias else 0)
+        return qkv + proj + mlp + 2 * h + bias  # two RMSNorm weights
+
+    def num_params(self) -> int:
+        """Exact parameter count of the model `pretrain.model` builds (padded vocabulary included)."""
+        embed = self.padded_vocab_size * self.hidden_size
+        head = 0 if self.tie_embeddings else embed
+        return embed + self.num_layers * self.layer_params() + self.hidden_size + head
+
+    def flops_per_token(self, seq_length: int | None = None) -> float:
+        """Model FLOPs of one token's forward + backward (3x forward), attention scores included.
+
+        Matmul parameters cost 2 FLOPs each per token forward; causal attention (QK^T and AV) costs
+        2 * 2 * s * h per layer forward, of which half is masked out and skipped by flash kernels, which we
+        count as Megatron and PaLM do (full s), so figures compare with theirs. Recompute is not counted.
+        """
+        s = seq_length or self.seq_length
+        matmul_params = self.num_params() - self.hidden_size * (2 * self.num_layers + 1)
+        if not self.tie_embeddings:
+            matmul_params -= self.padded_vocab_size * self.hidden_size  # the input lookup is no matmul
+        attn = 2 * 2 * self.num_layers * s * self.num_attention_heads * self.head_dim
+        return 3 * (2 * matmul_params + attn)
+
+    def replace(self, **overrides) -> "ModelConfig":
+        return dataclasses.replace(self, **overrides)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                        ffn_hidden_size=128, vocab_size=512, seq_length=64),
+    "125m": ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048),
+    "350m": ModelConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816),
+    # TinyLlama-1.1B's shape.
+    "1b": ModelConfig(num_layers=22, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
+                      ffn_hidden_size=5632),
+    # Llama-2 shapes.
+    "7b": ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+                      seq_length=4096),
+    "13b": ModelConfig(num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824,
+                       seq_length=4096),
+    "70b": ModelConfig(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                       ffn_hidden_size=28672, seq_length=4096),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})

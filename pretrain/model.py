@@ -1,0 +1,268 @@
+"""The GPT decoder, read top to bottom: embedding -> N transformer layers -> final norm -> output layer.
+
+Built from megatron-core parts: VocabParallelEmbedding, megatron's TransformerLayer (from its local layer
+spec with RMSNorm, SwiGLU and GQA, and our SDPA core attention), ColumnParallelLinear for the output layer and
+vocab-parallel cross-entropy. Tensor parallelism lives inside those layers.
+
+Why a flat list of stages instead of megatron's GPTModel: DeepSpeed's PipelineModule cuts a flat list of layers
+into pipeline stages, while GPTModel owns its pipeline split through megatron's own schedules. A single list
+serves both PP=1 (`GPT`, a plain module) and PP>1 (`build_pipeline`), with identical parameter names, so
+checkpoints, export and initialisation do not care about the layout. (Megatron-DeepSpeed's GPTModelPipe does
+the same.)
+
+Hidden states are [sequence, batch, hidden], megatron's layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from pretrain.compat import apply_cpu_compat
+from pretrain.config import ModelConfig
+from pretrain import sharding
+
+apply_cpu_compat()
+
+
+def transformer_config(cfg: ModelConfig, tp: int = 1, recompute: str = "none") -> TransformerConfig:
+    """megatron-core's config for one layer. Our pipeline split is DeepSpeed's, so megatron sees PP=1."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=cfg.norm_eps, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=cfg.add_bias, hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        sequence_parallel=False, params_dtype=torch.float32,
+        # We initialise every weight ourselves, layout-independently (init_parameters below).
+        perform_initialization=False, use_cpu_initialization=not torch.cuda.is_available(),
+        # Fused kernels need Apex/TE; plain PyTorch paths are what runs everywhere.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        recompute_granularity="selective" if recompute == "selective" else None,
+    )
+
+
+class SDPAttention(MegatronModule):
+    """Causal core attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+
+    Drop-in for megatron's DotProductAttention, which materialises the [b, heads, s, s] score matrix.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None, **_):
+        super().__init__(config=config)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout_p = self.dropout_p if self.training else 0.0
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+        with rng:  # heads differ across TP ranks, so their dropout masks must too (megatron's TP stream)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                                 scale=self.softmax_scale, enable_gqa=q.size(1) != k.size(1))
+        s, b = query.size(0), query.size(1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def layer_spec():
+    """megatron-core's local GPT layer (RMSNorm, SwiGLU MLP, GQA self-attention) with SDPA core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+class Embedding(nn.Module):
+    """Token ids [b, s] -> hidden [s, b, h]; the vocabulary is split across TP ranks."""
+
+    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig):
+        super().__init__()
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=tconfig.init_method, config=tconfig)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens):
+        return self.dropout(self.word_embeddings(tokens).transpose(0, 1).contiguous())
+
+
+class Block(nn.Module):
+    """One megatron TransformerLayer with RoPE; `recompute="full"` recomputes the whole layer in backward."""
+
+    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, layer_number: int, recompute: str = "none"):
+        super().__init__()
+        self.layer = build_module(layer_spec(), config=tconfig, layer_number=layer_number)
+        self.rotary = RotaryEmbedding(kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta,
+                                      use_cpu_initialization=not torch.cuda.is_available())
+        self.recompute = recompute
+
+    def _layer(self, hidden, rotary_pos_emb):
+        return self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb)[0]
+
+    def forward(self, hidden):
+        rotary_pos_emb = self.rotary(hidden.size(0))
+        if self.recompute == "full" and self.training:
+            # megatron's checkpoint replays its RNG tracker, so dropout is identical in the recompute.
+            return tensor_parallel.checkpoint(self._layer, False, hidden, rotary_pos_emb)
+        return self._layer(hidden, rotary_pos_emb)
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+    def forward(self, hidden):
+        return self.norm(hidden)
+
+
+class OutputLayer(nn.Module):
+    """hidden [s, b, h] -> this TP rank's slice of the logits [s, b, vocab/tp]."""
+
+    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, tied_embedding: Embedding | None = None):
+        super().__init__()
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.padded_vocab_size, config=tconfig, init_method=tconfig.init_method,
+            bias=False, gather_output=False, skip_weight_param_allocation=tied_embedding is not None)
+        # A plain attribute, not a submodule: the tied weight is registered once, under the embedding.
+        self._tied = [tied_embedding] if tied_embedding is not None else []
+
+    def forward(self, hidden):
+        weight = self._tied[0].word_embeddings.weight if self._tied else None
+        return self.output_layer(hidden, weight=weight)[0]
+
+
+def lm_loss(logits, labels, loss_mask):
+    """Mean cross-entropy over unmasked tokens; logits are vocab-parallel [s, b, v/tp], labels [b, s]."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
+    loss_mask = loss_mask.float()
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def pipeline_loss(logits, labels_and_mask):
+    """DeepSpeed PipelineModule's loss_fn: labels travel as (labels, loss_mask)."""
+    labels, loss_mask = labels_and_mask
+    return lm_loss(logits, labels, loss_mask)
+
+
+class GPT(nn.Module):
+    """The whole model on one pipeline stage. Children are named "0".."L+2" exactly as in PipelineModule."""
+
+    def __init__(self, cfg: ModelConfig, tp: int = 1, recompute: str = "none"):
+        super().__init__()
+        self.cfg = cfg
+        tconfig = transformer_config(cfg, tp, recompute)
+        embedding = Embedding(cfg, tconfig)
+        stages = [embedding]
+        stages += [Block(cfg, tconfig, i + 1, recompute) for i in range(cfg.num_layers)]
+        stages += [FinalNorm(cfg), OutputLayer(cfg, tconfig, embedding if cfg.tie_embeddings else None)]
+        for i, stage in enumerate(stages):
+            self.add_module(str(i), stage)
+        if cfg.tie_embeddings:
+            self._register_tied_weight_for_zero3(stages[-1], embedding.word_embeddings.weight)
+
+    @staticmethod
+    def _register_tied_weight_for_zero3(module, param):
+        if hasattr(param, "ds_id"):  # built under deepspeed.zero.Init
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(module, param)
+
+    def logits(self, tokens):
+        hidden = tokens
+        for stage in self.children():
+            hidden = stage(hidden)
+        return hidden
+
+    def forward(self, tokens, labels=None, loss_mask=None):
+        logits = self.logits(tokens)
+        if labels is None:
+            return logits
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels)
+        return lm_loss(logits, labels, loss_mask)
+
+
+def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, recompute: str = "none", seed: int = 1234):
+    """The same stages as `GPT`, cut into `pp` DeepSpeed pipeline stages (blocks balanced across stages)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    tconfig = transformer_config(cfg, tp, recompute)
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", Embedding, cfg, tconfig, tied_weight_attr="word_embeddings.weight")
+        last = TiedLayerSpec("embed", Embedding, cfg, tconfig, forward_fn=_tied_logits,
+                             tied_weight_attr="word_embeddings.weight")
+    else:
+        first = LayerSpec(Embedding, cfg, tconfig)
+        last = LayerSpec(OutputLayer, cfg, tconfig)
+    specs = [first] + [LayerSpec(Block, cfg, tconfig, i + 1, recompute) for i in range(cfg.num_layers)]
+    specs += [LayerSpec(FinalNorm, cfg), last]
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    return PipelineModule(layers=specs, loss_fn=pipeline_loss, topology=topology, partition_method="type:Block",
+                          activation_checkpoint_interval=0, seed_layers=False, base_seed=seed)
+
+
+def _tied_logits(embedding: Embedding, hidden):
+    """Output projection with the (vocab-parallel) input embedding's weight: [s, b, h] -> [s, b, v/tp]."""
+    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    return F.linear(hidden, embedding.word_embeddings.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Initialisation that does not depend on the layout: every parameter's full (unsharded) value is drawn from a
+# generator seeded by (seed, canonical name), and each rank keeps its TP slice. Same seed -> same model under
+# any TP / PP / ZeRO layout, which is what makes the layout-equivalence tests (and reproducible runs) possible.
+# ---------------------------------------------------------------------------------------------------------
+
+def _full_init(name: str, shape, cfg: ModelConfig, seed: int, device) -> torch.Tensor:
+    if name.endswith("norm.weight") or "layernorm" in name:
+        return torch.ones(shape, device=device)
+    if name.endswith("bias"):
+        return torch.zeros(shape, device=device)
+    std = cfg.init_std
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / (2.0 * cfg.num_layers) ** 0.5  # Megatron/GPT-2 scaled init of residual projections
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=gen)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for raw_name, param in model.named_parameters():
+        name = sharding.canonical_name(raw_name)
+        # megatron marks TP-split weights only inside its own init, which we replace; DeepSpeed's gradient
+        # norm and our own read this mark to count each shard once (not only TP rank 0's).
+        dim, _ = sharding.split_rule(name)
+        tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=dim is not None,
+                                                             dim=-1 if dim is None else dim, stride=1)
+        with _gathered(param):
+            if param.numel() == 0:
+                continue
+            full_shape = sharding.full_shape(name, tuple(param.shape), tp)
+            full = _full_init(name, full_shape, cfg, seed, param.device)
+            param.copy_(sharding.shard(name, full, tp_rank, tp))
+
+
+def _gathered(param):
+    """Under ZeRO-3 a parameter is a partition: gather it, modify on DP rank 0, re-partition (broadcast)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    return contextlib.nullcontext()

@@ -1,0 +1,138 @@
+"""Parallel layout: validate it, start torch.distributed, build megatron-core's groups, adapt them for DeepSpeed.
+
+Rank order is megatron's and DeepSpeed's pipeline topology's alike: tensor-parallel fastest, then data, then
+pipeline. So megatron's TP/DP groups and DeepSpeed's PipeModelDataParallelTopology agree rank for rank.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.compat import apply_cpu_compat
+from pretrain.config import ModelConfig
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout, with what to change."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    global_batch_size: int
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+
+def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 1, zero_stage: int = 0,
+                    micro_batch_size: int = 1, global_batch_size: int | None = None,
+                    recompute: str = "none") -> Layout:
+    """Check a layout before anything is built; the trainer and the planner both call this."""
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"--tp ({tp}) and --pp ({pp}) must be >= 1")
+    if world_size % (tp * pp):
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}; world size must equal "
+            f"TP x PP x DP, so pick TP and PP whose product divides the number of GPUs")
+    dp = world_size // (tp * pp)
+    if model.num_attention_heads % tp:
+        raise LayoutError(f"num_attention_heads={model.num_attention_heads} is not divisible by --tp {tp}")
+    if model.num_query_groups % tp:
+        raise LayoutError(
+            f"num_query_groups={model.num_query_groups} is not divisible by --tp {tp}: each TP rank must own "
+            f"whole key/value groups; lower --tp or raise --num-query-groups")
+    if model.ffn_hidden_size % tp:
+        raise LayoutError(f"ffn_hidden_size={model.ffn_hidden_size} is not divisible by --tp {tp}")
+    if model.padded_vocab_size % tp:
+        raise LayoutError(f"padded vocabulary {model.padded_vocab_size} is not divisible by --tp {tp}; raise "
+                          f"make_vocab_size_divisible_by")
+    if model.num_layers % pp:
+        raise LayoutError(f"num_layers={model.num_layers} is not divisible by --pp {pp}")
+    if pp > 1 and zero_stage > 1:
+        raise LayoutError(
+            f"pipeline parallelism (--pp {pp}) cannot run with ZeRO stage {zero_stage}: DeepSpeed's pipeline "
+            f"engine partitions gradients per micro-batch itself and refuses ZeRO-2/3. Use ds_configs/"
+            f"zero1_pp.json (ZeRO-1) with --pp, or --pp 1 with ZeRO-3")
+    if zero_stage not in (0, 1, 2, 3):
+        raise LayoutError(f"ZeRO stage must be 0-3, got {zero_stage}")
+    if recompute not in RECOMPUTE_MODES:
+        raise LayoutError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    if micro_batch_size < 1:
+        raise LayoutError(f"--micro-batch-size must be >= 1, got {micro_batch_size}")
+    if global_batch_size is None:
+        global_batch_size = micro_batch_size * dp
+    if global_batch_size % (micro_batch_size * dp):
+        raise LayoutError(
+            f"--global-batch-size {global_batch_size} is not divisible by micro-batch-size x data-parallel "
+            f"size = {micro_batch_size} x {dp}; choose a multiple of {micro_batch_size * dp}")
+    return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size)
+
+
+def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: int = 10) -> None:
+    """Start torch.distributed through DeepSpeed (env://, Slurm or MPI) and build megatron-core's groups."""
+    import deepspeed
+    from datetime import timedelta
+    from megatron.core import parallel_state
+
+    apply_cpu_compat()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not torch.distributed.is_initialized():
+        # A bounded timeout: a dead peer makes the others fail instead of hanging forever.
+        deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes),
+                                   auto_mpi_discovery="OMPI_COMM_WORLD_SIZE" in os.environ
+                                   or "PMI_SIZE" in os.environ)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp)
+    # Same default stream on every rank (data order, sampling); megatron's tracker adds a per-TP-rank stream
+    # for dropout inside tensor-parallel regions.
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class MegatronMpu:
+    """megatron-core's parallel_state as DeepSpeed's `mpu`.
+
+    DeepSpeed's ZeRO optimizers and checkpoint naming call get_model_parallel_rank/world_size, which
+    megatron-core's parallel_state no longer has; everything else is delegated unchanged.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def __getattr__(self, name):
+        return getattr(self._ps, name)
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()

@@ -1,0 +1,66 @@
+"""How each parameter is split across tensor-parallel ranks, by canonical name.
+
+Canonical names are the PP=1 model's: "0.word_embeddings.weight", "3.layer.mlp.linear_fc1.weight",
+"<L+1>.norm.weight", "<L+2>.output_layer.weight". Initialisation, TP conversion and Hugging Face export all use
+this one table, so they agree with megatron-core's layers by construction.
+"""
+from __future__ import annotations
+
+import torch
+
+# suffix -> (split dim, gated). Gated: the tensor is [gate; up] and each half is split on its own, because
+# megatron's SwiGLU chunks each rank's *local* fc1 output into gate and up.
+_SPLITS = {
+    "word_embeddings.weight": (0, False),  # VocabParallelEmbedding
+    "output_layer.weight": (0, False),  # ColumnParallelLinear over the vocabulary
+    "linear_qkv.weight": (0, False),  # ColumnParallelLinear; rows grouped by query group, so a plain split
+    "linear_qkv.bias": (0, False),
+    "linear_fc1.weight": (0, True),
+    "linear_fc1.bias": (0, True),
+    "linear_proj.weight": (1, False),  # RowParallelLinear
+    "linear_fc2.weight": (1, False),
+}
+
+
+def canonical_name(name: str) -> str:
+    """Strip DeepSpeed's wrappers ("module.") and map PipelineModule's tied embedding to stage 0."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name.replace("tied_modules.embed.", "0.")
+
+
+def split_rule(name: str):
+    for suffix, rule in _SPLITS.items():
+        if name.endswith(suffix):
+            return rule
+    return None, False  # replicated (norms, row-parallel biases)
+
+
+def full_shape(name: str, local_shape: tuple, tp: int) -> tuple:
+    dim, _ = split_rule(name)
+    if dim is None:
+        return local_shape
+    shape = list(local_shape)
+    shape[dim] *= tp
+    return tuple(shape)
+
+
+def shard(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    dim, gated = split_rule(name)
+    if dim is None or tp == 1:
+        return full
+    if gated:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `shard`: TP slices (rank order) -> the full tensor."""
+    dim, gated = split_rule(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if gated:
+        halves = [s.chunk(2, dim=dim) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(shards, dim=dim)
