@@ -49,7 +49,10 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, recompute: str = "none") -
         # Fused kernels need Apex/TE; plain PyTorch paths are what runs everywhere.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        # "selective": megatron's per-module recompute of core attention and the MLP. With SDPA/flash there is
+        # no s x s score matrix left to save, so the MLP (the widest activations) is what is worth recomputing.
         recompute_granularity="selective" if recompute == "selective" else None,
+        recompute_modules=["core_attn", "mlp"] if recompute == "selective" else None,
     )
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from pretrain.config import preset  # noqa: E402
 from pretrain.engine import OptimConfig, build_engine, load_ds_config  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
+from pretrain.memory import SavedActivations  # noqa: E402
 from pretrain.step import train_step  # noqa: E402
 
 
@@ -44,7 +45,8 @@ def main():
                           OptimConfig(lr=a.lr, weight_decay=0.1), a.recompute, seed=7)
     dp_rank, b = ps.get_data_parallel_rank(), layout.micro_batch_size
     gen = torch.Generator().manual_seed(123)
-    losses, norms = [], []
+    losses, norms, activation_bytes = [], [], []
+    param_dtype = str(next(engine.module.parameters()).dtype)
     for _ in range(a.steps):
         # Learnable sequences (arithmetic progressions mod vocab), so descending loss is visible in 5 steps.
         start = torch.randint(0, cfg.vocab_size, (layout.global_batch_size, 1), generator=gen)
@@ -58,12 +60,19 @@ def main():
                 yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:],
                        "loss_mask": torch.ones(b, cfg.seq_length)}
 
-        r = train_step(engine, micro_batches())
+        if not activation_bytes:  # the first step's forward passes
+            meter = SavedActivations(engine.module)
+            with meter.measure():
+                r = train_step(engine, micro_batches())
+            activation_bytes.append(meter.bytes)
+        else:
+            r = train_step(engine, micro_batches())
         losses.append(r.loss)
         norms.append(r.grad_norm)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:  # last PP stage owns the loss
         with open(a.out, "w") as f:
-            json.dump({"losses": losses, "grad_norms": norms}, f)
+            json.dump({"losses": losses, "grad_norms": norms, "param_dtype": param_dtype,
+                       "activation_bytes": activation_bytes[0]}, f)
 
 
 if __name__ == "__main__":
