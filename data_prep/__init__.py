@@ -1,0 +1,1 @@
+"""data_prep: raw corpora -> cleaned, deduplicated, tokenized Megatron indexed shards with a manifest."""

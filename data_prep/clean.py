@@ -1,0 +1,108 @@
+"""Turn a raw record into clean text or a drop reason: parse, normalise, then Gopher/C4-style quality filters.
+
+Every filter is configurable and can be switched off (its threshold set to None). Reasons are stable strings
+that the manifest counts.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+
+# Control characters except tab and newline (C0, DEL, C1). NUL bytes included.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_WORD = re.compile(r"\S+")
+
+
+@dataclass
+class FilterConfig:
+    normalize: bool = True  # NFC, strip control characters, collapse whitespace runs
+    min_chars: int | None = 1
+    max_chars: int | None = 1_000_000
+    min_words: int | None = None
+    min_alpha_word_fraction: float | None = None  # Gopher: >= 0.8 of words contain a letter
+    min_mean_word_length: float | None = None  # Gopher: 3..10
+    max_mean_word_length: float | None = None
+    max_symbol_ratio: float | None = None  # Gopher: '#' and '...' per word <= 0.1
+    max_duplicate_line_fraction: float | None = None  # Gopher: <= 0.3 of lines duplicated
+
+    @classmethod
+    def gopher(cls) -> "FilterConfig":
+        return cls(min_words=50, min_alpha_word_fraction=0.8, min_mean_word_length=3, max_mean_word_length=10,
+                   max_symbol_ratio=0.1, max_duplicate_line_fraction=0.3)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_json_line(raw: bytes, text_key: str) -> tuple[str | None, str | None]:
+    """-> (text, None) or (None, reason)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "bad_json"
+    if not isinstance(obj, dict):
+        return None, "bad_json"
+    text = obj.get(text_key)
+    if not isinstance(text, str):
+        return None, "bad_text_field"
+    return text, None
+
+
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def quality_reason(text: str, cfg: FilterConfig) -> str | None:
+    """The first filter the text fails, or None. Cheap checks first."""
+    n = len(text)
+    if n == 0:
+        return "empty"
+    if cfg.min_chars is not None and n < cfg.min_chars:
+        return "too_short"
+    if cfg.max_chars is not None and n > cfg.max_chars:
+        return "too_long"
+    needs_words = any(v is not None for v in (cfg.min_words, cfg.min_alpha_word_fraction, cfg.min_mean_word_length,
+                                              cfg.max_mean_word_length, cfg.max_symbol_ratio))
+    if needs_words:
+        words = _WORD.findall(text)
+        if cfg.min_words is not None and len(words) < cfg.min_words:
+            return "too_few_words"
+        if words:
+            if cfg.min_alpha_word_fraction is not None:
+                alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+                if alpha / len(words) < cfg.min_alpha_word_fraction:
+                    return "low_alpha_words"
+            mean_len = sum(map(len, words)) / len(words)
+            if cfg.min_mean_word_length is not None and mean_len < cfg.min_mean_word_length:
+                return "mean_word_length"
+            if cfg.max_mean_word_length is not None and mean_len > cfg.max_mean_word_length:
+                return "mean_word_length"
+            if cfg.max_symbol_ratio is not None:
+                symbols = text.count("#") + text.count("...") + text.count("\u2026")
+                if symbols / len(words) > cfg.max_symbol_ratio:
+                    return "symbol_ratio"
+    if cfg.max_duplicate_line_fraction is not None:
+        lines = [line for line in text.split("\n") if line]
+        if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > cfg.max_duplicate_line_fraction:
+            return "repeated_lines"
+    return None
+
+
+def clean(text: str, cfg: FilterConfig) -> tuple[str | None, str | None]:
+    """-> (clean text, None) or (None, reason)."""
+    if cfg.normalize:
+        text = normalize(text)
+    reason = quality_reason(text, cfg)
+    return (None, reason) if reason else (text, None)

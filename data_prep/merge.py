@@ -1,0 +1,104 @@
+"""Combine per-rank outputs: one manifest, exact dedup made global, optionally one .bin/.idx prefix.
+
+Ranks own contiguous blocks of the sorted inputs, so walking ranks in order walks the input in order; a
+document whose hash already appeared in an earlier rank is a cross-rank duplicate and is removed (its shard
+is rewritten). The result holds the same tokens as a single-process run (with --dedup exact).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from data_prep.indexed import IndexedWriter, read_index
+from data_prep.pipeline import MANIFEST, _write_json
+
+
+def _documents(prefix: str):
+    idx = read_index(prefix)
+    data = np.memmap(f"{prefix}.bin", dtype=idx["dtype"], mode="r")
+    item = idx["dtype"].itemsize
+    for ptr, n in zip(idx["pointers"], idx["lengths"]):
+        yield data[ptr // item: ptr // item + n]
+
+
+def merge(directory: str, into: str | None = None) -> dict:
+    paths = sorted(glob.glob(os.path.join(directory, "manifest-r*.json")))
+    if not paths:
+        raise FileNotFoundError(f"{directory}: no manifest-r*.json; run `prepare` with --world-size > 1 first")
+    manifests = [json.load(open(p)) for p in paths]
+    world = manifests[0]["world_size"]
+    ranks = sorted(m["rank"] for m in manifests)
+    if ranks != list(range(world)):
+        missing = sorted(set(range(world)) - set(ranks))
+        raise ValueError(f"{directory}: manifests of ranks {missing} are missing (world size {world}); rerun those "
+                         f"ranks before merging")
+    base = {k: v for k, v in manifests[0]["options"].items() if k != "rank"}
+    for m in manifests[1:]:
+        if {k: v for k, v in m["options"].items() if k != "rank"} != base or \
+                m["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
+            raise ValueError(f"{directory}: rank {m['rank']} ran with different options or tokenizer")
+    dedup = base.get("dedup", "exact") != "none"
+    seen: set[int] = set()
+    counts = {"documents_read": 0, "documents_kept": 0, "tokens": 0, "dropped": {}, "empty_files": 0}
+    shards, writer, merged = [], None, []
+    if into:
+        writer = IndexedWriter(os.path.join(directory, into), np.dtype(_dtype_of(directory, manifests)))
+    for m in sorted(manifests, key=lambda m: m["rank"]):
+        c = m["counts"]
+        counts["documents_read"] += c["documents_read"]
+        counts["empty_files"] += c["empty_files"]
+        for reason, n in c["dropped"].items():
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+        for shard in m["shards"]:
+            prefix = os.path.join(directory, shard["path"])
+            hashes = np.load(f"{prefix}.hashes.npy")
+            keep = []
+            for h in hashes.tolist():
+                keep.append(not (dedup and h in seen))
+                seen.add(h)
+            n_dup = keep.count(False)
+            if n_dup:
+                counts["dropped"]["exact_duplicate"] = counts["dropped"].get("exact_duplicate", 0) + n_dup
+            docs = [d for d, k in zip(_documents(prefix), keep) if k]
+            counts["documents_kept"] += len(docs)
+            counts["tokens"] += int(sum(len(d) for d in docs))
+            if writer is not None:
+                for d in docs:
+                    writer.add(d)
+            elif n_dup:
+                shards.append(_rewrite(prefix, docs, hashes[np.asarray(keep)], shard))
+            else:
+                shards.append(shard)
+    if writer is not None:
+        info = writer.close()
+        shards = [{"path": into, **info}]
+        merged = [m["rank"] for m in manifests]
+    if counts["documents_read"] != counts["documents_kept"] + sum(counts["dropped"].values()):
+        raise RuntimeError("accounting error while merging: read != kept + dropped")
+    manifest = {**manifests[0], "shards": shards, "counts": counts, "rank": None, "world_size": world,
+                "inputs": [f for m in manifests for f in m["inputs"]], "merged_ranks": merged or ranks}
+    _write_json(os.path.join(directory, MANIFEST), manifest)
+    return manifest
+
+
+def _dtype_of(directory: str, manifests) -> str:
+    for m in manifests:
+        for s in m["shards"]:
+            return str(read_index(os.path.join(directory, s["path"]))["dtype"])
+    return "uint16"
+
+
+def _rewrite(prefix: str, docs, hashes, shard) -> dict:
+    writer = IndexedWriter(prefix + ".dedup", read_index(prefix)["dtype"])
+    for d in docs:
+        writer.add(d)
+    info = writer.close()
+    for ext in (".bin", ".idx"):
+        os.replace(prefix + ".dedup" + ext, prefix + ext)
+    tmp = prefix + ".hashes.tmp.npy"
+    np.save(tmp, hashes)
+    os.replace(tmp, prefix + ".hashes.npy")
+    return {"path": shard["path"], **info}

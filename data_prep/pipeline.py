@@ -1,0 +1,340 @@
+"""prepare: readers -> clean/filter -> dedup -> tokenize -> indexed shards + manifest.
+
+Determinism: records are cut into fixed-size chunks in input order; workers clean, hash and tokenize whole
+chunks (Pool.imap keeps order); the main process makes every keep/drop decision in input order and writes.
+So the output is byte-identical whatever --workers is.
+
+Resume: a shard is committed by writing its .state.json last (atomically), holding the input position (chunk
+count) and the running counts at that point, plus a .hashes.npy (and .minhash.npy) of its documents. A rerun
+verifies committed shards, restores the dedup state from them, skips the consumed chunks and continues; the
+final output equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from data_prep import readers, tokenizer as tok
+from data_prep.clean import FilterConfig, clean, parse_json_line
+from data_prep.dedup import MinHasher, NearDupIndex, exact_hash
+from data_prep.indexed import IndexedWriter, read_index, token_dtype
+
+log = logging.getLogger("data_prep")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    workers: int = 1
+    text_key: str = "text"
+    txt_mode: str = "file"  # "file": one document per .txt file; "block": per blank-line-separated block
+    text_suffixes: tuple[str, ...] = ()  # more extensions read as plain text (".py", ".md", ...)
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of paths to leave out
+    include: tuple[str, ...] = ()  # if given, only paths matching one of these patterns
+    shard_tokens: int = 256 * 2**20  # a shard is closed at the first chunk boundary past this many tokens
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: str = "exact"  # none | exact | near (near also does exact)
+    near_threshold: float = 0.8
+    num_perm: int = 128
+    strict: bool = False
+    rank: int = 0
+    world_size: int = 1
+    chunk_docs: int = 512
+    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+
+    def fingerprint(self) -> dict:
+        """What determines the output (the worker count does not)."""
+        d = asdict(self)
+        for k in ("workers", "progress", "output"):
+            d.pop(k)
+        return d
+
+
+# ------------------------------------------------------------------------------------------ worker side
+_W: dict = {}
+
+
+def _init_worker(opts: PrepareOptions) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process; the pool is the parallelism
+    _W["tok"] = tok.load(opts.tokenizer)
+    _W["opts"] = opts
+    _W["minhash"] = MinHasher(opts.num_perm) if opts.dedup == "near" else None
+
+
+def _process_chunk(records: list[readers.Record]):
+    """-> (per-record outcomes, concatenated token ids). An outcome is a drop reason (str) or
+    (exact hash, minhash signature or None, token count)."""
+    opts: PrepareOptions = _W["opts"]
+    outcomes, texts = [], []
+    for rec in records:
+        if rec.drop:
+            outcomes.append(rec.drop)
+            continue
+        text, reason = (rec.text, None) if rec.raw is None else parse_json_line(rec.raw, opts.text_key)
+        if reason is None:
+            text, reason = clean(text, opts.filters)
+        if reason is not None:
+            if opts.strict and reason in ("bad_json", "bad_text_field", "bad_utf8"):
+                raise readers.InputError(f"{rec.source}:{rec.line}: {reason.replace('_', ' ')} (--strict)")
+            outcomes.append(reason)
+            continue
+        sig = _W["minhash"].signature(text) if _W["minhash"] is not None else None
+        outcomes.append([exact_hash(text), sig, 0])
+        texts.append(text)
+    encodings = _W["tok"].encode_batch_fast(texts, add_special_tokens=False) if texts else []
+    ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+    it = iter(ids)
+    for o in outcomes:
+        if isinstance(o, list):
+            o[2] = len(next(it))
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    return outcomes, flat
+
+
+# ------------------------------------------------------------------------------------------ main side
+class _ShardSet:
+    """The shards of one rank: the one being written, and commit markers for resume."""
+
+    def __init__(self, opts: PrepareOptions, dtype, eod: int):
+        self.opts, self.dtype, self.eod = opts, dtype, eod
+        self.dir = opts.output
+        self.index = 0
+        self.writer: IndexedWriter | None = None
+        self.hashes: list[int] = []
+        self.sigs: list[np.ndarray] = []
+        self.committed: list[dict] = []
+
+    def prefix(self, i: int) -> str:
+        return os.path.join(self.dir, f"shard-r{self.opts.rank:03d}-{i:05d}")
+
+    def add(self, ids: np.ndarray, h: int, sig) -> None:
+        if self.writer is None:
+            self.writer = IndexedWriter(self.prefix(self.index), self.dtype)
+        self.writer.add(np.append(ids, self.eod))
+        self.hashes.append(h)
+        if sig is not None:
+            self.sigs.append(sig)
+
+    @property
+    def open_tokens(self) -> int:
+        return self.writer.tokens if self.writer else 0
+
+    def commit(self, cursor: int, counts: dict) -> None:
+        if self.writer is None:
+            return
+        prefix = self.prefix(self.index)
+        info = self.writer.close()
+        _save_npy(f"{prefix}.hashes.npy", np.asarray(self.hashes, dtype=np.uint64))
+        if self.sigs:
+            _save_npy(f"{prefix}.minhash.npy", np.stack(self.sigs))
+        shard = {"path": os.path.basename(prefix), **info}
+        _write_json(f"{prefix}.state.json", {"shard": shard, "cursor": cursor, "counts": counts})
+        self.committed.append(shard)
+        self.index += 1
+        self.writer, self.hashes, self.sigs = None, [], []
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _records(files: list[str], opts: PrepareOptions, empty_files: list[str]):
+    for path in files:
+        n = 0
+        for n, rec in enumerate(readers.read_file(path, opts.text_key, opts.txt_mode, opts.strict), start=1):
+            yield rec
+        if n == 0:
+            if opts.strict:
+                raise readers.InputError(f"{path}: empty file (--strict)")
+            empty_files.append(path)
+
+
+def _chunks(records, size: int):
+    while True:
+        chunk = list(itertools.islice(records, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def files_for_rank(files: list[str], rank: int, world_size: int) -> list[str]:
+    """Contiguous blocks of the sorted inputs, so that rank order is input order (merge relies on it)."""
+    n = len(files)
+    return files[rank * n // world_size:(rank + 1) * n // world_size]
+
+
+def _restore(shards: _ShardSet, fingerprint: dict, dedup: NearDupIndex | None, seen: set):
+    """Verify committed shards of an earlier run and restore counts, dedup state and input position."""
+    state_path = os.path.join(shards.dir, f".prepare-r{shards.opts.rank:03d}.json")
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            previous = json.load(f)
+        if previous != fingerprint:
+            raise ValueError(f"{shards.dir} holds output of a run with different options; use a new --output "
+                             f"directory (or delete it) to start over")
+    _write_json(state_path, fingerprint)
+    cursor, counts = 0, {}
+    while os.path.exists(f"{shards.prefix(shards.index)}.state.json"):
+        prefix = shards.prefix(shards.index)
+        with open(f"{prefix}.state.json") as f:
+            state = json.load(f)
+        verify_shard(prefix, state["shard"])
+        for h in np.load(f"{prefix}.hashes.npy"):
+            seen.add(int(h))
+        if dedup is not None and os.path.exists(f"{prefix}.minhash.npy"):
+            for sig in np.load(f"{prefix}.minhash.npy"):
+                dedup.seen_similar(sig)
+        shards.committed.append(state["shard"])
+        cursor, counts = state["cursor"], state["counts"]
+        shards.index += 1
+    return cursor, counts
+
+
+def verify_shard(prefix: str, shard: dict) -> None:
+    """A committed shard must be intact: document count from the index, and the .bin's size and sha256."""
+    idx = read_index(prefix)
+    if len(idx["lengths"]) != shard["documents"]:
+        raise ValueError(f"{prefix}.idx: {len(idx['lengths'])} documents, the commit record says "
+                         f"{shard['documents']}; delete the output directory and rerun")
+    if tok.file_sha256(f"{prefix}.bin") != shard["bin_sha256"]:
+        raise ValueError(f"{prefix}.bin: checksum differs from its commit record; delete it and rerun")
+
+
+class _Progress:
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar, self.t0, self.last = None, time.time(), 0.0
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", smoothing=0.1)
+
+    def update(self, docs: int, total_docs: int, tokens: int) -> None:
+        elapsed = max(time.time() - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(docs)
+            self.bar.set_postfix_str(f"{tokens / elapsed / 1e6:.2f}M tok/s")
+        elif time.time() - self.last > 10:
+            self.last = time.time()
+            log.info("%d docs read, %.0f docs/s, %.2fM tokens/s", total_docs, total_docs / elapsed,
+                     tokens / elapsed / 1e6)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    if opts.dedup not in ("none", "exact", "near"):
+        raise ValueError(f"--dedup must be none, exact or near, got {opts.dedup!r}")
+    files = files_for_rank(readers.expand_inputs(opts.inputs, tuple(opts.text_suffixes), tuple(opts.exclude),
+                                                 tuple(opts.include)), opts.rank,
+                           opts.world_size)
+    os.makedirs(opts.output, exist_ok=True)
+    tokenizer_path = tok.resolve(opts.tokenizer)
+    tokenizer = tok.load(tokenizer_path)
+    eod = tok.eod_id(tokenizer, tokenizer_path)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    shards = _ShardSet(opts, token_dtype(vocab), eod)
+    near = NearDupIndex(opts.near_threshold, opts.num_perm) if opts.dedup == "near" else None
+    seen: set[int] = set()
+    cursor, counts = _restore(shards, opts.fingerprint(), near, seen)
+    counts = Counter(counts)
+    if cursor:
+        log.info("resuming after %d committed shard(s), at input chunk %d", shards.index, cursor)
+
+    empty_files: list[str] = []
+    chunks = itertools.islice(_chunks(_records(files, opts, empty_files), opts.chunk_docs), cursor, None)
+    if opts.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(opts.workers, initializer=_init_worker, initargs=(opts,))
+        results = pool.imap(_process_chunk, chunks, chunksize=1)
+    else:
+        pool = None
+        _init_worker(opts)
+        results = map(_process_chunk, chunks)
+
+    progress = _Progress(opts.progress)
+    tokens_done = 0
+    try:
+        for chunk_index, (outcomes, flat) in enumerate(results, start=cursor):
+            offset = 0
+            for o in outcomes:
+                counts["read"] += 1
+                if isinstance(o, str):
+                    counts["dropped:" + o] += 1
+                    continue
+                h, sig, n = o
+                ids = flat[offset:offset + n]
+                offset += n
+                if opts.dedup != "none" and h in seen:
+                    counts["dropped:exact_duplicate"] += 1
+                    continue
+                if near is not None and near.seen_similar(sig):
+                    counts["dropped:near_duplicate"] += 1
+                    continue
+                if opts.dedup != "none":
+                    seen.add(h)
+                shards.add(ids, h, sig)
+                counts["kept"] += 1
+                counts["tokens"] += n + 1
+                tokens_done += n + 1
+            progress.update(len(outcomes), counts["read"], tokens_done)
+            if shards.open_tokens >= opts.shard_tokens:
+                shards.commit(chunk_index + 1, dict(counts))
+        shards.commit(-1, dict(counts))
+    except BaseException:
+        if shards.writer is not None:
+            shards.writer.abort()
+        raise
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    counts["empty_files"] += len(empty_files)
+    return _write_manifest(opts, shards, counts, tokenizer_path, vocab, eod, files)
+
+
+def _write_manifest(opts, shards: _ShardSet, counts: Counter, tokenizer_path, vocab, eod, files) -> dict:
+    dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
+    read, kept = counts["read"], counts["kept"]
+    if read != kept + sum(dropped.values()):
+        raise RuntimeError(f"accounting error: read {read} != kept {kept} + dropped {sum(dropped.values())}")
+    manifest = {
+        "format": "megatron-indexed-dataset",
+        "shards": [{**s, "path": s["path"]} for s in shards.committed],
+        "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": vocab, "eod_id": eod,
+                      "sha256": tok.file_sha256(tokenizer_path)},
+        "options": {**opts.fingerprint(), "filters": opts.filters.to_dict(), "tokenizer": None},
+        "inputs": files,
+        "counts": {"documents_read": read, "documents_kept": kept, "tokens": counts["tokens"],
+                   "dropped": dropped, "empty_files": counts["empty_files"]},
+        "rank": opts.rank,
+        "world_size": opts.world_size,
+    }
+    name = MANIFEST if opts.world_size == 1 else f"manifest-r{opts.rank:03d}.json"
+    _write_json(os.path.join(opts.output, name), manifest)
+    return manifest
