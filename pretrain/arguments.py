@@ -1,0 +1,118 @@
+"""Command line of pretrain/main.py, in Megatron's spirit, plus a YAML/JSON run config (flags override it)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from pretrain.config import PRESETS
+
+# Model fields that can be overridden flag by flag: --num-layers, --hidden-size, ...
+MODEL_OVERRIDES = {
+    "num_layers": int, "hidden_size": int, "num_attention_heads": int, "num_query_groups": int,
+    "ffn_hidden_size": int, "rope_theta": float, "norm_eps": float, "init_std": float,
+    "hidden_dropout": float, "attention_dropout": float, "make_vocab_size_divisible_by": int,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepspeed pretrain/main.py",
+                                description="Pretrain a GPT/Llama model with megatron-core layers under DeepSpeed.")
+    p.add_argument("--config", help="YAML or JSON file of options (keys as flag names); flags override it")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default="ds_configs/zero3.json", help="DeepSpeed JSON config (batch fields may be \"auto\")")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="named preset (default: tiny)")
+    for name, typ in MODEL_OVERRIDES.items():
+        g.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override the preset's {name}")
+    g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")
+    g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the data manifest's)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="data_prep output dirs or shard prefixes, optionally weighted: "
+                                                  "0.7 dirA 0.3 dirB")
+    g.add_argument("--split", default="98,1,1", help="train,valid,test proportions of the documents")
+    g.add_argument("--valid-data-path", nargs="+", help="separate validation data (instead of --split)")
+    g.add_argument("--test-data-path", nargs="+", help="separate test data (instead of --split)")
+    g.add_argument("--data-cache-dir", help="index cache directory (default: <data dir>/.index_cache)")
+    g.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    g.add_argument("--seq-length", type=int, help="tokens per sample (default: the preset's)")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, help="default: micro-batch-size x data-parallel size")
+    g.add_argument("--train-iters", type=int, help="optimizer steps")
+    g.add_argument("--train-tokens", type=int, help="alternative to --train-iters")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, help="default: train iterations")
+    g.add_argument("--wsd-decay-fraction", type=float, default=0.2, help="WSD: final fraction spent decaying")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only (not norms or biases)")
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (needs ZeRO 0/1)")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                   help="activation checkpointing")
+    g.add_argument("--dist-timeout-minutes", type=int, default=10,
+                   help="a collective waiting this long fails the run instead of hanging")
+
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10, help="global batches per evaluation")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=1000)
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--load", help="resume from here (default: --save, if it holds a checkpoint)")
+    g.add_argument("--no-load-optim", action="store_true", help="load weights only")
+    g.add_argument("--max-skipped-steps", type=int, default=5,
+                   help="stop after this many consecutive non-finite steps")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-dir", default="runs/latest", help="metrics.jsonl, loss curve")
+    g.add_argument("--tensorboard-dir", help="default: <log-dir>/tensorboard")
+    g.add_argument("--peak-tflops", type=float, help="device dense bf16 peak per GPU for MFU "
+                                                     "(default: known for H100/H200/A100)")
+    g.add_argument("--sample-prompt", help="print a generated sample for this prompt at the end")
+    g.add_argument("--sample-tokens", type=int, default=64)
+    g.add_argument("--plot", action="store_true", help="write <log-dir>/loss.png at the end")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        file_values = _read_config(args.config)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            parser.error(f"{args.config}: unknown option(s) {', '.join(unknown)}")
+        parser.set_defaults(**file_values)
+        args = parser.parse_args(argv)  # flags given on the command line still win
+    if args.train_iters is None and args.train_tokens is None:
+        parser.error("give --train-iters or --train-tokens")
+    if not args.data_path:
+        parser.error("--data-path is required")
+    return args
+
+
+def _read_config(path: str) -> dict:
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    return {k.replace("-", "_"): v for k, v in values.items()}
