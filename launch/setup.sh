@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the project needs. Idempotent: a second run with unchanged requirements
+# returns at once. torch is installed first and pinned, so nothing pulls a multi-GB CUDA build by accident
+# (on a GPU cluster, `pip install torch==2.13.0` gets the CUDA build of the same version).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+  done
+fi
+[ -n "$PYTHON" ] || { echo "setup: no python3 found; install Python 3.11" >&2; exit 1; }
+
+stamp=".venv/.installed-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+echo "setup: installing into .venv (one time, about a minute)"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+.venv/bin/python -m pip install -q "torch==$(sed -n 's/^torch==//p' requirements.txt)"
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+rm -f .venv/.installed-*
+touch "$stamp"
+echo "setup: done"
