@@ -69,7 +69,7 @@ def merge(directory: str, into: str | None = None) -> dict:
                 for d in docs:
                     writer.add(d)
             elif n_dup:
-                shards.append(_rewrite(prefix, docs, hashes[np.asarray(keep)], shard))
+                shards.append(_rewrite(prefix, docs, shard))
             else:
                 shards.append(shard)
     if writer is not None:
@@ -91,14 +91,10 @@ def _dtype_of(directory: str, manifests) -> str:
     return "uint16"
 
 
-def _rewrite(prefix: str, docs, hashes, shard) -> dict:
-    writer = IndexedWriter(prefix + ".dedup", read_index(prefix)["dtype"])
+def _rewrite(prefix: str, docs, shard) -> dict:
+    """A copy of the shard without its cross-rank duplicates. Rank outputs stay untouched, so merging again
+    (say with --into) sees the same inputs."""
+    writer = IndexedWriter(prefix + "-global", read_index(prefix)["dtype"])
     for d in docs:
         writer.add(d)
-    info = writer.close()
-    for ext in (".bin", ".idx"):
-        os.replace(prefix + ".dedup" + ext, prefix + ext)
-    tmp = prefix + ".hashes.tmp.npy"
-    np.save(tmp, hashes)
-    os.replace(tmp, prefix + ".hashes.npy")
-    return {"path": shard["path"], **info}
+    return {"path": shard["path"] + "-global", **writer.close()}

@@ -58,7 +58,7 @@ class PrepareOptions:
         d = asdict(self)
         for k in ("workers", "progress", "output"):
             d.pop(k)
-        return d
+        return json.loads(json.dumps(d))  # as it reads back from disk (tuples become lists)
 
 
 # ------------------------------------------------------------------------------------------ worker side

@@ -1,0 +1,346 @@
+"""data_prep: readers, cleaning, filters, dedup, bad input, determinism, resume, MPI ranks, megatron read-back."""
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_prep.clean import FilterConfig, normalize
+from data_prep.pipeline import PrepareOptions, prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the of and to in is for that with on as by this are from at be or an was model data train token "
+         "layer parallel shard rank node batch sequence memory kernel python corpus filter").split()
+
+
+def make_doc(rng: random.Random, n_words: int = 60) -> str:
+    lines = []
+    while n_words > 0:
+        k = min(n_words, rng.randint(6, 14))
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        n_words -= k
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from data_prep.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    out = tmp_path_factory.mktemp("tok")
+    train_bpe((make_doc(rng) for _ in range(300)), vocab_size=400, output_dir=str(out))
+    return str(out)
+
+
+def run_prepare(inputs, tokenizer, out, **kw):
+    kw.setdefault("progress", False)
+    return prepare(PrepareOptions(inputs=[str(i) for i in inputs], tokenizer=tokenizer, output=str(out), **kw))
+
+
+def read_back(out) -> list[list[int]]:
+    """Every document of every shard, through megatron-core's own reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    docs = []
+    for shard in man["shards"]:
+        ds = IndexedDataset(os.path.join(out, shard["path"]))
+        docs += [ds[i].tolist() for i in range(len(ds))]
+    return docs
+
+
+def expected_ids(tokenizer_dir, texts):
+    from data_prep.tokenizer import eod_id, load
+
+    tok = load(tokenizer_dir)
+    eod = eod_id(tok, tokenizer_dir)
+    return [tok.encode(normalize(t), add_special_tokens=False).ids + [eod] for t in texts]
+
+
+def write_jsonl(path, texts, key="text"):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({key: t, "id": 1}) + "\n")
+
+
+def assert_accounting(man):
+    c = man["counts"]
+    assert c["documents_read"] == c["documents_kept"] + sum(c["dropped"].values())
+
+
+# ----------------------------------------------------------------------------------------------- readers
+@pytest.fixture(scope="module")
+def texts():
+    rng = random.Random(1)
+    return [make_doc(rng) for _ in range(12)]
+
+
+def _write_format(fmt: str, d, texts):
+    d.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        write_jsonl(d / "a.jsonl", texts)
+    elif fmt == "jsonl.gz":
+        write_jsonl(d / "a.jsonl.gz", texts)
+    elif fmt == "jsonl.zst":
+        import zstandard
+
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        (d / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), d / "a.parquet", row_group_size=5)
+    elif fmt == "txt-file":
+        for i, t in enumerate(texts):
+            (d / f"{i:03d}.txt").write_text(t)
+    elif fmt == "txt-block":
+        (d / "all.txt").write_text("\n\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    elif fmt == "hf-saved":
+        import datasets
+
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(d / "saved"))
+    elif fmt == "arrow":
+        import pyarrow as pa
+
+        table = pa.table({"text": texts})
+        with pa.OSFile(str(d / "a.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt-file", "txt-block",
+                                 "hf-saved", "arrow"])
+def test_every_reader_round_trips_through_megatron(tmp_path, tokenizer_dir, texts, fmt):
+    _write_format(fmt, tmp_path / "in", texts)
+    man = run_prepare([tmp_path / "in"], tokenizer_dir, tmp_path / "out", txt_mode="block" if fmt == "txt-block"
+                      else "file")
+    want = [t.replace("\n", " ") for t in texts] if fmt == "txt-block" else texts
+    assert read_back(tmp_path / "out") == expected_ids(tokenizer_dir, want)
+    assert man["counts"]["documents_kept"] == len(texts)
+    assert_accounting(man)
+
+
+def test_manifest_lists_shards_tokenizer_options_and_hashes(tmp_path, tokenizer_dir, texts):
+    write_jsonl(tmp_path / "a.jsonl", texts * 20)
+    man = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out", shard_tokens=2000, chunk_docs=16,
+                      dedup="none")
+    assert len(man["shards"]) > 1
+    from data_prep.tokenizer import file_sha256
+
+    for s in man["shards"]:
+        assert file_sha256(str(tmp_path / "out" / (s["path"] + ".bin"))) == s["bin_sha256"]
+    assert sum(s["tokens"] for s in man["shards"]) == man["counts"]["tokens"]
+    from data_prep.tokenizer import load
+
+    assert man["tokenizer"]["vocab_size"] == load(tokenizer_dir).get_vocab_size(with_added_tokens=True)
+    assert man["options"]["dedup"] == "none"
+    assert os.path.basename(man["tokenizer"]["path"]) == "tokenizer.json"
+
+
+def test_uint16_for_small_vocab_int32_for_large():
+    from data_prep.indexed import token_dtype
+
+    assert token_dtype(32000) == np.uint16 and token_dtype(128256) == np.int32
+
+
+# ----------------------------------------------------------------------------------------------- cleaning
+def test_normalize_nfc_control_chars_whitespace():
+    assert normalize("Cafe\u0301\x00 \x07  bar\t\tbaz  \n\n\n\nend\r\n") == "Caf\u00e9 bar baz\n\nend"
+
+
+@pytest.mark.parametrize("text, cfg, reason", [
+    ("", FilterConfig(), "empty"),
+    ("short", FilterConfig(min_chars=10), "too_short"),
+    ("x" * 101, FilterConfig(max_chars=100), "too_long"),
+    ("a b c", FilterConfig(min_words=5), "too_few_words"),
+    ("1 2 3 4 5 six", FilterConfig(min_alpha_word_fraction=0.8), "low_alpha_words"),
+    ("a b c d e", FilterConfig(min_mean_word_length=3), "mean_word_length"),
+    ("supercalifragilistic words", FilterConfig(max_mean_word_length=10), "mean_word_length"),
+    ("# # # hello world", FilterConfig(max_symbol_ratio=0.1), "symbol_ratio"),
+    ("same\nsame\nsame\nother", FilterConfig(max_duplicate_line_fraction=0.3), "repeated_lines"),
+])
+def test_each_filter_drops_with_its_reason(text, cfg, reason):
+    from data_prep.clean import clean
+
+    assert clean(text, cfg) == (None, reason)
+    off = FilterConfig(min_chars=None, max_chars=None)
+    if reason != "empty":
+        assert clean(text, off)[1] is None  # every filter can be switched off
+
+
+def test_gopher_preset_keeps_prose_drops_junk(tmp_path, tokenizer_dir):
+    rng = random.Random(3)
+    good = [make_doc(rng, 80) for _ in range(5)]
+    junk = ["### ### ### ... " * 30, "12 34 56 78 " * 30]
+    write_jsonl(tmp_path / "a.jsonl", good + junk)
+    man = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out", filters=FilterConfig.gopher())
+    assert man["counts"]["documents_kept"] == 5
+    assert sum(man["counts"]["dropped"].values()) == 2
+
+
+# ----------------------------------------------------------------------------------------------- dedup
+def test_exact_dedup_across_files_first_occurrence_wins(tmp_path, tokenizer_dir, texts):
+    write_jsonl(tmp_path / "a.jsonl", texts[:6])
+    write_jsonl(tmp_path / "b.jsonl", [texts[0] + "  ", texts[7], texts[2]])  # same after normalisation
+    man = run_prepare([tmp_path], tokenizer_dir, tmp_path / "out")
+    assert man["counts"]["dropped"] == {"exact_duplicate": 2}
+    assert read_back(tmp_path / "out") == expected_ids(tokenizer_dir, texts[:6] + [texts[7]])
+
+
+def test_near_dedup_catches_90_percent_copy_and_keeps_distinct(tmp_path, tokenizer_dir):
+    rng = random.Random(5)
+    originals = [make_doc(rng, 300) for _ in range(8)]
+    words = originals[0].split(" ")
+    keep = len(words) * 9 // 10  # 90% of the text shared, the last 10% rewritten (Jaccard of 5-grams ~0.8)
+    near_copy = " ".join(words[:keep] + [f"new{i}" for i in range(len(words) - keep)])
+    write_jsonl(tmp_path / "a.jsonl", originals + [near_copy])
+    man = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out", dedup="near",
+                      near_threshold=0.7)
+    assert man["counts"]["dropped"] == {"near_duplicate": 1}
+    assert man["counts"]["documents_kept"] == 8  # every distinct document survives
+    man_exact = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out2", dedup="exact")
+    assert man_exact["counts"]["documents_kept"] == 9
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.fixture()
+def bad_inputs(tmp_path, texts):
+    d = tmp_path / "bad"
+    d.mkdir()
+    lines = [json.dumps({"text": texts[0]}), "{not json", json.dumps({"other": 1}), json.dumps({"text": 5}),
+             json.dumps({"text": "nul\x00byte " + texts[1]})]
+    (d / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff utf8"}\n')
+    (d / "empty.jsonl").write_bytes(b"")
+    big = "word " * (50 * 2**20 // 5)  # a 50 MB single document
+    (d / "big.jsonl").write_text(json.dumps({"text": big}) + "\n")
+    data = gzip.compress(("".join(json.dumps({"text": t}) + "\n" for t in texts[2:10])).encode())
+    (d / "trunc.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), d / "nocol.parquet")
+    return d
+
+
+def test_bad_inputs_are_counted_skips(tmp_path, tokenizer_dir, bad_inputs):
+    man = run_prepare([bad_inputs], tokenizer_dir, tmp_path / "out")
+    dropped = man["counts"]["dropped"]
+    assert dropped["bad_json"] == 1 and dropped["bad_text_field"] == 2 and dropped["bad_utf8"] == 1
+    assert dropped["too_long"] == 1 and dropped["truncated_file"] == 1 and dropped["missing_text_column"] == 1
+    assert man["counts"]["empty_files"] == 1
+    assert_accounting(man)
+    docs = read_back(tmp_path / "out")
+    assert len(docs) == man["counts"]["documents_kept"] >= 2  # the good line, the NUL one, the gz prefix
+    from data_prep.tokenizer import load
+
+    assert "\x00" not in load(tokenizer_dir).decode(docs[1])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.jsonl", b'{"text": "ok"}\n{broken\n', "a.jsonl:2: bad json"),
+    ("a.jsonl", b'{"other": 1}\n', "a.jsonl:1: bad text field"),
+    ("a.jsonl", b'{"text": "\xff"}\n', "a.jsonl:1: bad utf8"),
+    ("e.jsonl", b"", "e.jsonl: empty file"),
+])
+def test_strict_mode_errors_name_file_and_line(tmp_path, tokenizer_dir, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    from data_prep.readers import InputError
+
+    with pytest.raises(InputError, match=message):
+        run_prepare([tmp_path / name], tokenizer_dir, tmp_path / "out", strict=True)
+
+
+def test_strict_truncated_gzip_and_missing_column(tmp_path, tokenizer_dir, bad_inputs):
+    from data_prep.readers import InputError
+
+    with pytest.raises(InputError, match="trunc.jsonl.gz:.*truncated"):
+        run_prepare([bad_inputs / "trunc.jsonl.gz"], tokenizer_dir, tmp_path / "o1", strict=True)
+    with pytest.raises(InputError, match="nocol.parquet: no column 'text'.*--text-key"):
+        run_prepare([bad_inputs / "nocol.parquet"], tokenizer_dir, tmp_path / "o2", strict=True)
+
+
+def test_unreadable_or_missing_path_is_a_clear_error(tmp_path, tokenizer_dir):
+    res = subprocess.run([sys.executable, "-m", "data_prep", "prepare", "--input", str(tmp_path / "nope.jsonl"),
+                          "--tokenizer", tokenizer_dir, "--output", str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "nope.jsonl: no such file or directory" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------- scale out
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(7)
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [make_doc(rng, rng.randint(20, 200)) for _ in range(1500)]
+    docs += docs[:100]  # duplicates across files
+    rng.shuffle(docs)
+    for i in range(6):
+        write_jsonl(d / f"part{i}.jsonl", docs[i::6])
+    return d
+
+
+def _bytes_of(out) -> dict:
+    return {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if f.endswith((".bin", ".idx", ".json"))
+            and not f.startswith(".")}
+
+
+def test_output_identical_whatever_the_worker_count(tmp_path, tokenizer_dir, corpus):
+    run_prepare([corpus], tokenizer_dir, tmp_path / "w1", workers=1, shard_tokens=20000, chunk_docs=64)
+    run_prepare([corpus], tokenizer_dir, tmp_path / "w2", workers=2, shard_tokens=20000, chunk_docs=64)
+    a, b = _bytes_of(tmp_path / "w1"), _bytes_of(tmp_path / "w2")
+    assert len(a) > 4 and a == b
+
+
+def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path, tokenizer_dir, corpus):
+    args = [sys.executable, "-m", "data_prep", "prepare", "--input", str(corpus), "--tokenizer", tokenizer_dir,
+            "--workers", "2", "--shard-size", "5000", "--chunk-docs", "16", "--progress", "log"]
+    subprocess.run(args + ["--output", str(tmp_path / "ref")], check=True, capture_output=True, cwd=ROOT)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--output", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "shard-r000-00002.state.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    committed = len(list(out.glob("*.state.json")))
+    assert committed >= 2
+    res = subprocess.run(args + ["--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "resuming after" in res.stderr
+    assert _bytes_of(out) == _bytes_of(tmp_path / "ref")
+
+
+def test_two_mpi_ranks_plus_merge_equal_a_single_process(tmp_path, tokenizer_dir, corpus):
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    if mpiexec is None:
+        pytest.fail("mpiexec not found next to the Python interpreter: the mpich wheel is in requirements.txt")
+    base = ["-m", "data_prep", "prepare", "--input", str(corpus), "--tokenizer", tokenizer_dir,
+            "--workers", "1", "--shard-size", "20000", "--progress", "log"]
+    subprocess.run([sys.executable, *base, "--output", str(tmp_path / "single")], check=True, cwd=ROOT,
+                   capture_output=True)
+    res = subprocess.run([mpiexec, "-n", "2", sys.executable, *base, "--output", str(tmp_path / "mpi")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "mpi").glob("manifest-r*.json")) == \
+        ["manifest-r000.json", "manifest-r001.json"]
+    res = subprocess.run([sys.executable, "-m", "data_prep", "merge", "--output", str(tmp_path / "mpi")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    single, merged = read_back(tmp_path / "single"), read_back(tmp_path / "mpi")
+    assert merged == single  # cross-rank duplicates removed by merge: same tokens, same order
+    man = json.load(open(tmp_path / "mpi" / "manifest.json"))
+    assert man["counts"]["dropped"]["exact_duplicate"] == 100
+    assert_accounting(man)
+    subprocess.run([sys.executable, "-m", "data_prep", "merge", "--output", str(tmp_path / "mpi"), "--into",
+                    "merged"], check=True, cwd=ROOT, capture_output=True)
+    assert read_back(tmp_path / "mpi") == single
