@@ -108,7 +108,8 @@ class _Tokenizer:
     """The little of a tokenizer megatron's GPTDataset uses."""
 
     def __init__(self, vocab_size: int, eod: int):
-        self.vocab_size, self.eod, self.pad = vocab_size, eod, eod
+        # No pad token in packed pretraining data: -1 never matches, so no real token is masked as padding.
+        self.vocab_size, self.eod, self.pad = vocab_size, eod, -1
         self.unique_identifiers = {"class": "data_prep", "vocab_size": vocab_size, "eod": eod}
 
 
@@ -129,12 +130,14 @@ class DataConfig:
 @contextlib.contextmanager
 def _megatron_sees_one_process():
     """megatron's dataset code builds only where get_rank() == 0; we decide who builds, so hide the group."""
-    original = torch.distributed.is_initialized
+    # blended_dataset.py calls get_rank() without asking is_initialized() first, so both are hidden.
+    originals = torch.distributed.is_initialized, torch.distributed.get_rank
     torch.distributed.is_initialized = lambda: False
+    torch.distributed.get_rank = lambda *a, **k: 0
     try:
         yield
     finally:
-        torch.distributed.is_initialized = original
+        torch.distributed.is_initialized, torch.distributed.get_rank = originals
 
 
 def _cache_is_shared(cache_dir: str) -> bool:

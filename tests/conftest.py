@@ -45,3 +45,51 @@ def train_layout(tmp_path_factory):
         return cache[key]
 
     return run
+
+
+WORDS = ("the of and to in is for that with on as by this are from at be or an was model data train token "
+         "layer parallel shard rank node batch sequence memory kernel python corpus filter").split()
+
+
+def make_doc(rng, n_words: int = 60) -> str:
+    lines = []
+    while n_words > 0:
+        k = min(n_words, rng.randint(6, 14))
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        n_words -= k
+    return "\n".join(lines)
+
+
+def prepare_corpus(out_dir, tokenizer_dir, n_docs: int, seed: int, words=None, shard_tokens=20000):
+    import random
+
+    from data_prep.pipeline import PrepareOptions, prepare
+
+    rng = random.Random(seed)
+    raw = Path(out_dir) / "raw.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with open(raw, "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"text": f"doc {seed}-{i}. " + make_doc(rng, rng.randint(30, 120))}) + "\n")
+    prepare(PrepareOptions(inputs=[str(raw)], tokenizer=str(tokenizer_dir), output=str(out_dir),
+                           shard_tokens=shard_tokens, chunk_docs=64, progress=False))
+    raw.unlink()
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    import random
+
+    from data_prep.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_bpe((make_doc(rng) for _ in range(300)), vocab_size=400, output_dir=str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_tokenizer):
+    """A data_prep output directory (about 100k tokens, several shards) for training tests."""
+    return prepare_corpus(tmp_path_factory.mktemp("data"), tiny_tokenizer, n_docs=1200, seed=11)

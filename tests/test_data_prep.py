@@ -15,28 +15,12 @@ import pytest
 from data_prep.clean import FilterConfig, normalize
 from data_prep.pipeline import PrepareOptions, prepare
 
+from conftest import make_doc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the of and to in is for that with on as by this are from at be or an was model data train token "
-         "layer parallel shard rank node batch sequence memory kernel python corpus filter").split()
-
-
-def make_doc(rng: random.Random, n_words: int = 60) -> str:
-    lines = []
-    while n_words > 0:
-        k = min(n_words, rng.randint(6, 14))
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
-        n_words -= k
-    return "\n".join(lines)
-
-
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    from data_prep.tokenizer import train_bpe
-
-    rng = random.Random(0)
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe((make_doc(rng) for _ in range(300)), vocab_size=400, output_dir=str(out))
-    return str(out)
+def tokenizer_dir(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def run_prepare(inputs, tokenizer, out, **kw):
