@@ -6,6 +6,7 @@ complete, and only then replace `latest` (temp + rename).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,10 +17,29 @@ import torch.distributed as dist
 
 LATEST = "latest"
 COMPLETE = "complete"
+META = "meta.json"
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_meta(load_dir: str) -> dict | None:
+    """The latest checkpoint's layout, or None when there is no checkpoint."""
+    tag = read_latest(load_dir)
+    if tag is None:
+        return None
+    with open(os.path.join(load_dir, tag, META)) as f:
+        return {**json.load(f), "tag": tag}
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     from megatron.core import tensor_parallel
@@ -30,7 +50,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -56,13 +77,21 @@ def read_latest(save_dir: str) -> str | None:
     return tag
 
 
-def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: int) -> str:
+def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: int, layout: dict,
+         add_bias: bool = False) -> str:
+    """`layout`: {"tp", "pp", "dp", "zero_stage", "world_size"}, recorded in meta.json for resharding."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from pretrain.sharding import universal_checkpoint_info
+
     tag = f"iter_{iteration:07d}"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(add_bias)}
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), os.path.join(save_dir, tag, f"rng_rank{rank:05d}.pt"))
     _barrier()  # every rank's shards and RNG are on disk
     if rank == 0:
+        _write_json(os.path.join(save_dir, tag, META), {**layout, "iteration": iteration, "universal": False})
         with open(os.path.join(save_dir, tag, COMPLETE), "w") as f:
             f.write(str(iteration))
         tmp = os.path.join(save_dir, LATEST + ".tmp")
@@ -89,6 +118,9 @@ def load(engine, load_dir: str, load_optimizer: bool = True) -> dict | None:
     tag = read_latest(load_dir)
     if tag is None:
         return None
+    meta = read_meta(load_dir)
+    if meta.get("universal") and not engine.load_universal_checkpoint():
+        raise RuntimeError(f"{load_dir}/{tag} is a universal checkpoint but DeepSpeed was not told to load one")
     _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
                                              load_lr_scheduler_states=load_optimizer,
                                              load_module_only=not load_optimizer)
@@ -97,7 +129,6 @@ def load(engine, load_dir: str, load_optimizer: bool = True) -> dict | None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     rng_path = os.path.join(load_dir, tag, f"rng_rank{rank:05d}.pt")
-    saved_world = client_state.get("world_size", world)
-    if os.path.exists(rng_path) and saved_world == world:
-        _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: python/numpy states
+    if os.path.exists(rng_path) and not meta.get("universal") and meta.get("world_size") == world:
+        _set_rng_state(torch.load(rng_path, weights_only=True))
     return client_state

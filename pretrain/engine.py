@@ -86,6 +86,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def restore_group_hyperparameters(engine, opt: OptimConfig) -> None:
+    """Group 0 decays, group 1 (norms, biases) does not. DeepSpeed's ZeRO-3 universal-checkpoint loader copies
+    group 0's hyperparameters onto every group, which would silently decay the norms after a reshard."""
+    groups = engine.optimizer.param_groups
+    if len(groups) == 2:
+        groups[0]["weight_decay"], groups[1]["weight_decay"] = opt.weight_decay, 0.0
+        for g in groups:
+            g["betas"], g["eps"] = (opt.beta1, opt.beta2), opt.eps
+
+
 def build_optimizer(groups: list[dict], ds_config: dict, opt: OptimConfig):
     kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     if offloads_optimizer(ds_config):

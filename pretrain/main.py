@@ -89,6 +89,46 @@ def _nan_injection():
     return steps
 
 
+def resolve_resume(load_dir: str | None, layout, ds_config: dict) -> str | None:
+    """Where to resume from, converting to a universal checkpoint when the data-parallel size changed.
+
+    Same layout: load as saved. Another DP size: rank 0 converts the checkpoint once (the others wait), and
+    DeepSpeed loads the universal form. Another TP/PP: the user converts explicitly (python -m pretrain.convert).
+    """
+    if not load_dir:
+        return None
+    meta = checkpoint.read_meta(load_dir)
+    if meta is None:
+        return None
+    saved = (meta["tp"], meta["pp"], meta["dp"])
+    if not meta.get("universal") and saved != (layout.tp, layout.pp, layout.dp):
+        if (meta["tp"], meta["pp"]) != (layout.tp, layout.pp):
+            raise LayoutError(
+                f"{load_dir}/{meta['tag']} was saved with TP={meta['tp']} PP={meta['pp']}, this run has "
+                f"TP={layout.tp} PP={layout.pp}: convert it first with `python -m pretrain.convert --load "
+                f"{load_dir} --output <dir>` and pass --load <dir>")
+        universal_dir = os.path.join(load_dir, "universal")
+        if _rank0():
+            converted = checkpoint.read_meta(universal_dir) if os.path.exists(
+                os.path.join(universal_dir, checkpoint.LATEST)) else None
+            if not converted or converted["tag"] != meta["tag"]:
+                from pretrain.convert import convert
+
+                log(f"data-parallel size changed ({meta['dp']} -> {layout.dp}): converting {meta['tag']} to a "
+                    f"universal checkpoint in {universal_dir}")
+                convert(load_dir, universal_dir, meta["tag"])
+        if dist.is_initialized():
+            dist.barrier()
+        load_dir, meta = universal_dir, checkpoint.read_meta(universal_dir)
+    if meta.get("universal"):
+        if layout.zero_stage == 3 and layout.tp > 1:
+            raise LayoutError("resuming a universal (converted) checkpoint into ZeRO-3 with TP > 1 is not supported "
+                              "by DeepSpeed's ZeRO-3 loader (it cannot re-slice megatron TP shards); resume at "
+                              "--tp 1, or with ZeRO-1/2")
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return load_dir
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from data_prep.tokenizer import eod_id, load as load_tokenizer
@@ -99,7 +139,8 @@ def main(argv=None) -> int:
     cfg = model_config(args, vocab)
     world = int(os.environ.get("WORLD_SIZE", 1))
 
-    from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero_stage_of
+    from pretrain.engine import (OptimConfig, build_engine, load_ds_config, restore_group_hyperparameters,
+                                 zero_stage_of)
 
     try:
         layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
@@ -115,6 +156,14 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state as ps
 
     ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad)
+    if args.fp32:
+        ds_config["bf16"] = {"enabled": False}
+        ds_config.pop("fp16", None)
+    try:
+        load_dir = resolve_resume(args.load or args.save, layout, ds_config)
+    except LayoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     opt = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1, beta2=args.adam_beta2,
                       eps=args.adam_eps, clip_grad=args.clip_grad)
     engine = build_engine(cfg, layout, ds_config, opt, args.recompute, args.seed)
@@ -133,10 +182,10 @@ def main(argv=None) -> int:
         data_cfg, (train_iters * gbs, n_evals * args.eval_iters * gbs, args.eval_iters * gbs))
 
     iteration, consumed = 0, 0
-    load_dir = args.load or args.save
-    if load_dir and checkpoint.read_latest(load_dir):
+    if load_dir:
         state = checkpoint.load(engine, load_dir, load_optimizer=not args.no_load_optim)
         iteration, consumed = state["iteration"], state["consumed_samples"]
+        restore_group_hyperparameters(engine, opt)
         log(f"resumed from {load_dir} at iteration {iteration} ({consumed} samples consumed)")
     dp_rank, dp = ps.get_data_parallel_rank(), layout.dp
     train_iter = micro_batches(train_ds, consumed, layout.micro_batch_size, dp_rank, dp, args.num_workers)
@@ -169,7 +218,9 @@ def main(argv=None) -> int:
         saved_at["iteration"] = iteration
         client = {"iteration": iteration, "consumed_samples": consumed, "run_config": run_config,
                   "world_size": world}
-        path = checkpoint.save(engine, args.save, iteration, client, args.keep_last)
+        path = checkpoint.save(engine, args.save, iteration, client, args.keep_last,
+                               {"tp": layout.tp, "pp": layout.pp, "dp": dp, "zero_stage": layout.zero_stage,
+                                "world_size": world}, add_bias=cfg.add_bias)
         log(f"saved checkpoint {path} ({reason})")
         return path
 
