@@ -129,6 +129,27 @@ def resolve_resume(load_dir: str | None, layout, ds_config: dict) -> str | None:
     return load_dir
 
 
+@torch.no_grad()
+def _dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:
+    """Test hook (PRETRAIN_DUMP_LOGITS=file): full-vocabulary logits of the trained model, as sharded, on the
+    first micro-batch of `dataset`, for comparison with an exported model."""
+    from megatron.core import tensor_parallel
+
+    from pretrain.compat import device
+    from pretrain.data import micro_batches
+    from pretrain.step import is_pipeline
+
+    if is_pipeline(engine):
+        return
+    batch = next(micro_batches(dataset, 0, micro_batch_size, 0, 1, num_workers=0))
+    engine.eval()
+    logits = engine(batch["tokens"].to(device()))
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
+    engine.train()
+    if _rank0():
+        torch.save({"tokens": batch["tokens"], "logits": logits.transpose(0, 1).cpu()}, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from data_prep.tokenizer import eod_id, load as load_tokenizer
@@ -197,7 +218,8 @@ def main(argv=None) -> int:
     metrics = MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=_rank0())
     peak, device_name = (args.peak_tflops, "") if args.peak_tflops else device_peak_tflops()
     flops_per_token = cfg.flops_per_token(seq)
-    run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": dp}
+    run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": dp,
+                  "tokenizer_path": os.path.abspath(tok_path)}
     nan_steps = _nan_injection()
 
     def evaluate(dataset, name: str) -> dict:
@@ -296,6 +318,8 @@ def main(argv=None) -> int:
 
             text = generate(engine, tokenizer, args.sample_prompt, args.sample_tokens, cfg, seed=args.seed)
             log(f"sample: {args.sample_prompt!r} -> {text!r}")
+    if exit_code == 0 and os.environ.get("PRETRAIN_DUMP_LOGITS"):
+        _dump_logits(engine, valid_ds or train_ds, layout.micro_batch_size, os.environ["PRETRAIN_DUMP_LOGITS"])
     plot_path = None
     if args.plot and _rank0():
         from pretrain.plot import plot_losses
