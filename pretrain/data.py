@@ -178,6 +178,7 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int]):
         blend_kw = {"blend_per_split": blend_per_split}
     else:
         blend_kw = {"blend": blend(cfg.data_path), "split": cfg.split}
+        _check_split_sizes(blend_kw["blend"][0], cfg.split, num_samples)
     cache = cfg.cache_dir or os.path.join(_first_dir(cfg.data_path), ".index_cache")
     os.makedirs(cache, exist_ok=True)
     gpt_cfg = GPTDatasetConfig(
@@ -208,6 +209,29 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int]):
     if datasets is None:
         datasets = build()  # cache hits: only loads the index files
     return datasets
+
+
+def _check_split_sizes(prefixes: list[str], split: str, num_samples) -> None:
+    """megatron splits every shard by --split; a shard whose valid or test part holds no document makes its
+    GPTDataset loop forever (_get_num_epochs adds zero-token epochs until it reaches the request). Refuse it."""
+    from megatron.core.datasets.utils import Split
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    from data_prep.indexed import read_index
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        n_docs = len(read_index(prefix)["lengths"])
+        for part, bounds in zip(Split, matrix):
+            if bounds is None or not num_samples[part.value]:
+                continue
+            beg, end = (int(round(b * float(n_docs))) for b in bounds)
+            if end <= beg:
+                raise DataError(
+                    f"shard {prefix} has {n_docs} documents, none of which fall in the {part.name} part of --split "
+                    f"{split}; use bigger shards (data_prep --shard-size), a larger {part.name} share, or "
+                    f"--valid-data-path/--test-data-path")
 
 
 def _first_dir(data_path: list[str]) -> str:

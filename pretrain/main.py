@@ -139,9 +139,13 @@ def _dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:
     from pretrain.data import micro_batches
     from pretrain.step import is_pipeline
 
-    if is_pipeline(engine):
-        return
     batch = next(micro_batches(dataset, 0, micro_batch_size, 0, 1, num_workers=0))
+    if is_pipeline(engine):  # logits stay on the last stage: record the loss of this micro-batch instead
+        feed = iter([(batch["tokens"], (batch["labels"], batch["loss_mask"]))] * 64)
+        loss = float(engine.eval_batch(data_iter=feed))
+        if _rank0():
+            torch.save({"tokens": batch["tokens"], "labels": batch["labels"], "loss": loss}, path)
+        return
     engine.eval()
     logits = engine(batch["tokens"].to(device()))
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
@@ -151,6 +155,16 @@ def _dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from pretrain.data import DataError
+
+    try:
+        return _main(argv)
+    except (LayoutError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from data_prep.tokenizer import eod_id, load as load_tokenizer
 
@@ -163,12 +177,8 @@ def main(argv=None) -> int:
     from pretrain.engine import (OptimConfig, build_engine, load_ds_config, restore_group_hyperparameters,
                                  zero_stage_of)
 
-    try:
-        layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
-                                 args.micro_batch_size, args.global_batch_size, args.recompute)
-    except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
+                             args.micro_batch_size, args.global_batch_size, args.recompute)
     stop = _StopSignal()
 
     from pretrain.parallel import init_distributed
@@ -180,11 +190,7 @@ def main(argv=None) -> int:
     if args.fp32:
         ds_config["bf16"] = {"enabled": False}
         ds_config.pop("fp16", None)
-    try:
-        load_dir = resolve_resume(args.load or args.save, layout, ds_config)
-    except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    load_dir = resolve_resume(args.load or args.save, layout, ds_config)
     opt = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1, beta2=args.adam_beta2,
                       eps=args.adam_eps, clip_grad=args.clip_grad)
     engine = build_engine(cfg, layout, ds_config, opt, args.recompute, args.seed)

@@ -127,3 +127,10 @@ def test_missing_or_truncated_shard_fails_fast_naming_it(two_corpora, tmp_path):
         check_shard(str(victim)[:-4])
     with pytest.raises(DataError, match="weight/path pairs"):
         blend(["0.5", str(d), "0.5"])
+
+
+def test_a_shard_too_small_for_the_split_is_refused_not_hung(tiny_data, tmp_path):
+    # megatron splits every shard; tiny_data's last shard has too few documents for a 1% test split, and
+    # megatron's GPTDataset would loop forever building it.
+    with pytest.raises(DataError, match="none of which fall in the test part of --split 98,1,1"):
+        _build([tiny_data], tmp_path, split="98,1,1")
