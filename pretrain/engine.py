@@ -86,14 +86,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def restore_group_hyperparameters(engine, opt: OptimConfig) -> None:
-    """Group 0 decays, group 1 (norms, biases) does not. DeepSpeed's ZeRO-3 universal-checkpoint loader copies
-    group 0's hyperparameters onto every group, which would silently decay the norms after a reshard."""
+def repair_after_load(engine, opt: OptimConfig) -> None:
+    """Undo two things DeepSpeed's ZeRO-3 universal-checkpoint loader (0.19.8) gets wrong, both silent:
+    - it copies group 0's hyperparameters onto every group, so norms (group 1, no decay) would be decayed;
+    - it gives every group's optimizer state the *same* `step` tensor, which torch's AdamW increments in place,
+      so the counter advances once per group per step and Adam's bias correction drifts.
+    Harmless after a regular load."""
     groups = engine.optimizer.param_groups
     if len(groups) == 2:
         groups[0]["weight_decay"], groups[1]["weight_decay"] = opt.weight_decay, 0.0
         for g in groups:
             g["betas"], g["eps"] = (opt.beta1, opt.beta2), opt.eps
+    inner = getattr(engine.optimizer, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def build_optimizer(groups: list[dict], ds_config: dict, opt: OptimConfig):

@@ -174,7 +174,7 @@ def _main(argv=None) -> int:
     cfg = model_config(args, vocab)
     world = int(os.environ.get("WORLD_SIZE", 1))
 
-    from pretrain.engine import (OptimConfig, build_engine, load_ds_config, restore_group_hyperparameters,
+    from pretrain.engine import (OptimConfig, build_engine, load_ds_config, repair_after_load,
                                  zero_stage_of)
 
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
@@ -212,7 +212,7 @@ def _main(argv=None) -> int:
     if load_dir:
         state = checkpoint.load(engine, load_dir, load_optimizer=not args.no_load_optim)
         iteration, consumed = state["iteration"], state["consumed_samples"]
-        restore_group_hyperparameters(engine, opt)
+        repair_after_load(engine, opt)
         log(f"resumed from {load_dir} at iteration {iteration} ({consumed} samples consumed)")
     dp_rank, dp = ps.get_data_parallel_rank(), layout.dp
     train_iter = micro_batches(train_ds, consumed, layout.micro_batch_size, dp_rank, dp, args.num_workers)
@@ -312,6 +312,9 @@ def _main(argv=None) -> int:
                 f"(exit code {EXIT_PREEMPTED}; rerun to resume)")
             last_ckpt = save("preemption") or last_ckpt
             exit_code = EXIT_PREEMPTED
+            if args.save and _rank0():  # tells slurm/common.sh to requeue the job
+                with open(os.path.join(args.save, "requeue"), "w") as f:
+                    f.write(str(iteration))
             break
 
     results = {}

@@ -221,8 +221,10 @@ def reference_8_steps(tiny_data, tmp_path_factory):
 def _assert_continues(reference, resumed):
     want, got = train_losses(metrics(reference)), train_losses(metrics(resumed))
     assert got[5] == want[5]  # weights restored exactly
-    for s in range(6, 9):  # optimizer restored: the trajectory continues (universal load is fp32, not bitwise)
-        assert abs(got[s] - want[s]) <= 1e-4 * abs(want[s]), (s, got[s], want[s])
+    # Optimizer restored: the trajectory continues. Not bitwise: another layout reduces gradients in another
+    # order. (Before repair_after_load, DeepSpeed's universal loader drifted by ~3e-4 here.)
+    for s in range(6, 9):
+        assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got[s], want[s])
 
 
 def test_dp2_to_dp1_resume(tiny_data, tmp_path, reference_8_steps):
