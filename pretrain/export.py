@@ -23,6 +23,14 @@ from pretrain.checkpoint import read_meta
 from pretrain.config import ModelConfig
 
 
+def _client_state(tag_dir: str) -> dict:
+    """The engine-level model-states file (it carries our client state); per-layer PP files do not."""
+    states = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
+    if not states:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+    return torch.load(states[0], map_location="cpu", weights_only=False)  # written by our own trainer
+
+
 def _universal_tensors(tag_dir: str) -> dict[str, torch.Tensor]:
     out = {}
     for path in glob.glob(os.path.join(tag_dir, "zero", "*", "fp32.pt")):
@@ -48,10 +56,7 @@ def full_state_dict(load_dir: str) -> tuple[dict[str, torch.Tensor], dict, dict]
     if meta is None:
         raise FileNotFoundError(f"{load_dir}: no checkpoint ('latest' is missing)")
     tag_dir = os.path.join(load_dir, meta["tag"])
-    states = glob.glob(os.path.join(tag_dir, "*model_states.pt"))
-    if not states:
-        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states")
-    client = torch.load(sorted(states)[0], map_location="cpu", weights_only=False)  # our own checkpoint
+    client = _client_state(tag_dir)
     cfg = client["run_config"]["model_config"] if "run_config" in client else None
     if meta.get("universal"):
         tensors = _universal_tensors(tag_dir)
@@ -136,9 +141,7 @@ def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: s
 def _tokenizer_dir(load_dir: str, meta: dict, override: str | None) -> str | None:
     if override:
         return override if os.path.isdir(override) else os.path.dirname(override)
-    tag_dir = os.path.join(load_dir, meta["tag"])
-    states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-    run = torch.load(states[0], map_location="cpu", weights_only=False).get("run_config", {})
+    run = _client_state(os.path.join(load_dir, meta["tag"])).get("run_config", {})
     path = run.get("tokenizer_path")
     return os.path.dirname(path) if path else None
 
