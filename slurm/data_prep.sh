@@ -2,7 +2,7 @@
 # Data prep on Slurm: a job array over slices of the inputs, then a merge job that runs after all succeed.
 # Submit both with one command, from the repo root:
 #   bash slurm/data_prep.sh submit --tasks 16 --output /data/tokens -- --input /raw/*.jsonl.zst --tokenizer tok/
-# (add --wait before -- to block until the merge finished). Inside the array, each task reads its rank from
+# (add --wait before -- to block until the merge finished; SBATCH_EXTRA_ARGS adds sbatch options to both jobs). Inside the array, each task reads its rank from
 # SLURM_ARRAY_TASK_ID/COUNT; exact dedup is made global by the merge.
 #SBATCH --job-name=data-prep
 #SBATCH --nodes=1
@@ -29,8 +29,10 @@ case "$mode" in
     done
     [ "${1:-}" = "--" ] && shift
     [ -n "$out" ] || { echo "data_prep.sh: --output DIR is required" >&2; exit 2; }
-    array=$(sbatch --parsable --array=0-$((tasks - 1)) "$0" rank --output "$out" "$@")
-    merge=$(sbatch --parsable "${wait[@]}" --dependency=afterok:"$array" --job-name=data-prep-merge "$0" merge --output "$out")
+    # SBATCH_EXTRA_ARGS: options for both jobs, e.g. "--account=X --partition=Y --cpus-per-task=16".
+    read -r -a extra <<< "${SBATCH_EXTRA_ARGS:-}"
+    array=$(sbatch --parsable "${extra[@]}" --array=0-$((tasks - 1)) "$0" rank --output "$out" "$@")
+    merge=$(sbatch --parsable "${extra[@]}" "${wait[@]}" --dependency=afterok:"$array" --job-name=data-prep-merge "$0" merge --output "$out")
     echo "submitted array job $array ($tasks tasks) and merge job $merge"
     ;;
   rank)
