@@ -1,0 +1,163 @@
+"""Training throughput on one device: our stack vs a plain PyTorch loop around HF LlamaForCausalLM.
+
+Ours: pretrain.model (megatron-core layers, SDPA) under DeepSpeed (bf16, ZeRO stage as given, recompute as given).
+Baseline: the same shape, batch and sequence in transformers' LlamaForCausalLM (SDPA attention), fp32 master
+weights with bf16 autocast, torch's fused AdamW: what a user would write by hand.
+Reports tokens/s, model TFLOP/s per GPU (6N + attention, as pretrain.config.flops_per_token), MFU against the
+device's dense bf16 peak (named in the output), and peak memory. Synthetic tokens.
+
+  python bench/gpu_throughput.py --model 1b --seq-length 2048 --micro-batch-size 8 --zero 1
+  python bench/gpu_throughput.py --model tiny --steps 2 --warmup 1   # CPU smoke run (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+from pretrain.config import preset  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _batches(cfg, b, s, device):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g).to(device)
+        yield {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": torch.ones(b, s, device=device)}
+
+
+def _timed(step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def run_ours(cfg, b, s, zero, recompute, steps, warmup):
+    from pretrain.engine import OptimConfig, build_engine
+    from pretrain.parallel import init_distributed, validate_layout
+    from pretrain.step import train_step
+
+    init_distributed(1, 1)
+    layout = validate_layout(cfg, 1, 1, 1, zero, b, b, recompute)
+    ds = {"train_batch_size": b, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1,
+          "bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9,
+          "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
+                                "stage3_param_persistence_threshold": 1e6}}
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute)
+    from pretrain.compat import device
+
+    data = _batches(cfg, b, s, device())
+    losses = []
+    sec = _timed(lambda: losses.append(train_step(engine, data).loss), steps, warmup)
+    if os.environ.get("BENCH_PROFILE"):
+        _profile(lambda: train_step(engine, data))
+    return sec, losses[-1]
+
+
+def _profile(step, n: int = 3) -> None:
+    """Top GPU kernels over n steps (torch.profiler), to see what stands between us and the peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        _sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def run_baseline(cfg, b, s, steps, warmup):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.export import hf_config
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf = LlamaConfig(**{k: v for k, v in hf_config(cfg, "float32").items() if k not in ("architectures",
+                                                                                       "model_type")})
+    hf._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev.type == "cuda")
+    data = _batches(cfg, b, s, dev)
+    losses = []
+
+    def step():
+        batch = next(data)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = model(input_ids=batch["tokens"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    return _timed(step, steps, warmup), losses[-1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="1b")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--which", choices=["both", "ours", "baseline"], default="both")
+    p.add_argument("--json", help="append the result as a JSON line to this file")
+    a = p.parse_args(argv)
+    os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0"), os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29611")
+    cfg = preset(a.model, seq_length=a.seq_length)
+    from pretrain.metrics import device_peak_tflops
+
+    peak, name = device_peak_tflops()
+    tokens = a.micro_batch_size * a.seq_length
+    flops = cfg.flops_per_token(a.seq_length) * tokens
+    result = {"model": a.model, "params_M": round(cfg.num_params() / 1e6, 1), "seq": a.seq_length,
+              "micro_batch": a.micro_batch_size, "zero": a.zero, "recompute": a.recompute, "device": name,
+              "peak_bf16_tflops": peak}
+    runs = {"ours": lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps, a.warmup),
+            "baseline": lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup)}
+    for which in (["ours", "baseline"] if a.which == "both" else [a.which]):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            sec, loss = runs[which]()
+        except torch.OutOfMemoryError:
+            result[which] = "out of memory"
+            continue
+        tflops = flops / sec / 1e12
+        result[which] = {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 1),
+                         "mfu": round(tflops / peak, 3) if peak else None, "loss": round(loss, 3),
+                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                         if torch.cuda.is_available() else None}
+    if isinstance(result.get("ours"), dict) and isinstance(result.get("baseline"), dict):
+        result["ours_over_baseline"] = round(result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
+    print(json.dumps(result))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
