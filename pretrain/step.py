@@ -106,13 +106,14 @@ def _drop_gradients(engine, micro_steps_taken: int) -> None:
     engine.micro_steps -= micro_steps_taken
 
 
-def _pipeline_step(engine, micro_batches) -> StepResult:
-    def feed():
-        while True:
-            b = next(micro_batches)
-            yield b["tokens"], (b["labels"], b["loss_mask"])
+def _pipeline_feed(micro_batches):
+    """DeepSpeed's pipeline engine takes (inputs, labels) pairs; our labels travel as (labels, loss_mask)."""
+    for b in micro_batches:
+        yield b["tokens"], (b["labels"], b["loss_mask"])
 
-    loss = engine.train_batch(data_iter=feed())
+
+def _pipeline_step(engine, micro_batches) -> StepResult:
+    loss = engine.train_batch(data_iter=_pipeline_feed(micro_batches))
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else math.nan
     return StepResult(loss=float(loss), grad_norm=grad_norm, skipped=False)
@@ -124,12 +125,7 @@ def eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
     engine.eval()
     try:
         if is_pipeline(engine):
-            def feed():
-                while True:
-                    b = next(micro_batches)
-                    yield b["tokens"], (b["labels"], b["loss_mask"])
-
-            it = feed()
+            it = _pipeline_feed(micro_batches)
             total, n = 0.0, 0
             # eval_batch consumes gradient_accumulation_steps micro-batches per call.
             for _ in range(max(1, num_micro_batches // engine.gradient_accumulation_steps())):

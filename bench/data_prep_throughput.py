@@ -1,0 +1,72 @@
+"""End-to-end `data_prep prepare` throughput against the raw tokenizer limit, on a real corpus.
+
+Raw limit: HF tokenizers' encode_batch_fast over the same (already extracted) documents with N threads.
+End to end: `prepare` with --workers N (read, clean, dedup, tokenize, write), wall time including start-up.
+Default corpus: this Python's standard library sources (~34 MB), tokenized with a tokenizer trained on them.
+
+  python bench/data_prep_throughput.py [--input DIR ...] [--tokenizer DIR] [--workers 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", default=[sysconfig.get_paths()["stdlib"]])
+    p.add_argument("--tokenizer")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--vocab-size", type=int, default=32000)
+    a = p.parse_args(argv)
+    corpus = ["--input", *a.input, "--text-suffix", ".py", "--include", "*.py", "--exclude", "*/site-packages/*"]
+    work = tempfile.mkdtemp(prefix="bench-dp-")
+    tok = a.tokenizer
+    if tok is None:
+        tok = os.path.join(work, "tok")
+        subprocess.run([sys.executable, "-m", "data_prep", "train-tokenizer", *corpus, "--vocab-size",
+                        str(a.vocab_size), "--output", tok], check=True, capture_output=True)
+    from data_prep.clean import FilterConfig, clean
+    from data_prep.readers import expand_inputs, read_file
+    from data_prep.tokenizer import load
+
+    texts = []
+    for path in expand_inputs(a.input, (".py",), ("*/site-packages/*",), ("*.py",)):
+        for rec in read_file(path):
+            if rec.text:
+                t, _ = clean(rec.text, FilterConfig())
+                if t:
+                    texts.append(t)
+    mb = sum(len(t.encode()) for t in texts) / 2**20
+    results = {"corpus_mb": round(mb, 1), "documents": len(texts)}
+    for n in a.workers:
+        os.environ["RAYON_NUM_THREADS"] = str(n)
+        tokenizer = load(tok)  # a fresh tokenizer picks up the thread count
+        t0 = time.perf_counter()
+        tokens = sum(len(e.ids) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+        raw = tokens / (time.perf_counter() - t0)
+        out = os.path.join(work, f"out{n}")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "data_prep", "prepare", *corpus, "--tokenizer", tok, "--output", out,
+                        "--workers", str(n), "--progress", "log"], check=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        written = json.load(open(os.path.join(out, "manifest.json")))["counts"]["tokens"]
+        e2e = written / wall
+        results[f"workers_{n}"] = {"raw_tokens_per_s": round(raw), "end_to_end_tokens_per_s": round(e2e),
+                                   "ratio": round(e2e / raw, 3), "wall_s": round(wall, 2)}
+        print(f"{n} worker(s): raw encode_batch_fast {raw / 1e6:.2f}M tok/s, prepare end to end "
+              f"{e2e / 1e6:.2f}M tok/s ({e2e / raw:.2f}x), {wall:.1f} s", flush=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
