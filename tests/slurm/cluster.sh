@@ -86,8 +86,15 @@ CONF
   for _ in $(seq 1 60); do
     if [ "$(sinfo -h -o '%T' 2>/dev/null | grep -c idle || true)" -ge 1 ] && \
        [ "$(sinfo -h -N -o '%N %T' 2>/dev/null | grep -c idle || true)" -ge 2 ]; then
-      echo "cluster.sh: up: $(sinfo -h -N -o '%N:%T' | tr '\n' ' ')"
-      return 0
+      # "idle" in sinfo is not yet "runs jobs": wait until a trivial job on both nodes succeeds.
+      for _ in $(seq 1 30); do
+        if timeout 20 srun -N2 -n2 --time=1 true >/dev/null 2>&1; then
+          echo "cluster.sh: up: $(sinfo -h -N -o '%N:%T' | tr '\n' ' ')"
+          return 0
+        fi
+        sleep 1
+      done
+      break
     fi
     sleep 0.5
   done
