@@ -89,6 +89,12 @@ CONF
       # "idle" in sinfo is not yet "runs jobs": wait until a trivial job on both nodes succeeds.
       for _ in $(seq 1 30); do
         if timeout 20 srun -N2 -n2 --time=1 true >/dev/null 2>&1; then
+          # ...and until that job has left the nodes: a job submitted while they are still "completing" is
+          # rejected with "No nodes satisfy requirements" (seen in CI).
+          for _ in $(seq 1 30); do
+            [ -z "$(squeue -h)" ] && [ "$(sinfo -h -N -o '%T' | grep -vc '^idle$')" = 0 ] && break
+            sleep 0.5
+          done
           echo "cluster.sh: up: $(sinfo -h -N -o '%N:%T' | tr '\n' ' ')"
           return 0
         fi
