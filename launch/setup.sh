@@ -23,6 +23,12 @@ echo "setup: installing into .venv (one time, about a minute)"
 .venv/bin/python -m pip install -q "torch==$(sed -n 's/^torch==//p' requirements.txt)"
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# DeepSpeed JIT-builds its shared-memory all-reduce op on first use on CPU; two ranks building it at once in a
+# fresh environment fail ("Error building extension 'deepspeed_shm_comm'"). Build it once here.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  .venv/bin/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 \
+    || echo "setup: note: could not prebuild DeepSpeed's shm comm op (it will be built on first use)"
+fi
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "setup: done"
