@@ -40,7 +40,10 @@ start() {
   chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
   chmod 0700 /etc/munge; chmod 0400 /etc/munge/munge.key
   pgrep -x munged >/dev/null || runuser -u munge -- munged
-  cpus=$(nproc)
+  # A fixed node shape, not this machine's: CI runners differ in cores and topology, and a job asking for
+  # --cpus-per-task=2 was refused there ("CPU count per node can not be satisfied"). config_overrides makes
+  # slurmd trust the config over detected hardware; tasks are not bound (task/none), so oversubscribing is fine.
+  cpus=4
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
   {
     echo "$MARK"
@@ -60,7 +63,8 @@ TmpFS=$ROOT/tmp-%n
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$ROOT/jobcomp.log
@@ -70,8 +74,8 @@ MinJobAge=5
 KillWait=20
 SchedulerParameters=sched_interval=1
 SlurmdTimeout=60
-NodeName=node1 NodeAddr=127.0.1.1 Port=17001 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-NodeName=node2 NodeAddr=127.0.1.2 Port=17002 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=node1 NodeAddr=127.0.1.1 Port=17001 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
+NodeName=node2 NodeAddr=127.0.1.2 Port=17002 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=ci Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 CONF
   } > "$CONF"
