@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass
 
 # Control characters except tab and newline (C0, DEL, C1). NUL bytes included.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
+_CONTROL_ASCII = bytes([*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f])  # the same set, for bytes.translate
 _WORD = re.compile(r"\S+")
 
 
@@ -57,11 +56,19 @@ def parse_json_line(raw: bytes, text_key: str) -> tuple[str | None, str | None]:
 
 
 def normalize(text: str) -> str:
+    """NFC; CRLF/CR -> LF; control characters removed; within each line, runs of Unicode whitespace become one
+    space and the ends are stripped; 3+ newlines become 2. Plain str methods, not regexes, where they do the
+    same job: on source code (indentation, aligned comments) the regex substitutions cost 2x as much."""
     text = unicodedata.normalize("NFC", text)
-    text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", text).strip()
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():  # bytes.translate deletes in one C pass, 2x faster than the regex
+        text = text.encode("ascii").translate(None, _CONTROL_ASCII).decode("ascii")
+    else:
+        text = _CONTROL.sub("", text)
+    text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.strip()
 
 
 def quality_reason(text: str, cfg: FilterConfig) -> str | None:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per shard (closed at the next chunk boundary past it)")
     p.add_argument("--chunk-docs", type=int, default=512,
                    help="documents per work unit; shards close (and resume restarts) at unit boundaries")
+    p.add_argument("--chunk-mb", type=float, default=1.0,
+                   help="a work unit also closes past this many MB of input (keeps workers evenly loaded)")
     p.add_argument("--dedup", choices=["none", "exact", "near"], default="exact",
                    help="exact: hash of the normalised text (default); near: also MinHash-LSH")
     p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity for near duplicates")
@@ -154,7 +156,7 @@ def _prepare(a) -> int:
                           text_suffixes=tuple(a.text_suffix), exclude=tuple(a.exclude),
                           include=tuple(a.include), shard_tokens=a.shard_size,
                           filters=_filters(a), dedup=a.dedup, near_threshold=a.near_threshold,
-                          num_perm=a.num_perm, strict=a.strict, chunk_docs=a.chunk_docs, rank=rank, world_size=world,
+                          num_perm=a.num_perm, strict=a.strict, chunk_docs=a.chunk_docs, chunk_bytes=int(a.chunk_mb * 2**20), rank=rank, world_size=world,
                           progress={"auto": None, "bar": True, "log": False}[a.progress])
     man = prepare(opts)
     c = man["counts"]

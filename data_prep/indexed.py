@@ -42,6 +42,14 @@ class IndexedWriter:
         self.lengths.append(len(ids))
         self.tokens += len(ids)
 
+    def add_many(self, flat: np.ndarray, lengths: list[int]) -> None:
+        """Several documents at once: `flat` holds them back to back."""
+        data = np.ascontiguousarray(flat, dtype=self.dtype).tobytes()
+        self._bin.write(data)
+        self._sha.update(data)
+        self.lengths += lengths
+        self.tokens += len(flat)
+
     def close(self) -> dict:
         self._bin.flush()
         os.fsync(self._bin.fileno())

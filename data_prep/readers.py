@@ -48,9 +48,9 @@ def expand_inputs(inputs: list[str], text_suffixes: tuple[str, ...] = (), exclud
             if not matches:
                 raise InputError(f"--input {item!r}: the glob matches no file")
             for m in matches:
-                files += _expand_one(m, suffixes)
+                files += _expand_one(m, suffixes, exclude)
         elif os.path.isdir(item):
-            files += _expand_one(item, suffixes)
+            files += _expand_one(item, suffixes, exclude)
         elif os.path.exists(item):
             if not os.access(item, os.R_OK):
                 raise InputError(f"--input {item}: file is not readable (permission denied)")
@@ -59,11 +59,12 @@ def expand_inputs(inputs: list[str], text_suffixes: tuple[str, ...] = (), exclud
             raise InputError(f"--input {item}: no such file or directory")
     seen, out = set(), []
     for f in files:
-        key = os.path.realpath(f)
         if any(fnmatch.fnmatch(f, pat) for pat in exclude):
             continue
         if include and not any(fnmatch.fnmatch(f, pat) for pat in include):
             continue
+        st = os.stat(f)  # the same file named twice (or through a link) is read once; cheaper than realpath
+        key = (st.st_dev, st.st_ino)
         if key not in seen:
             seen.add(key)
             out.append(f)
@@ -73,14 +74,20 @@ def expand_inputs(inputs: list[str], text_suffixes: tuple[str, ...] = (), exclud
     return out
 
 
-def _expand_one(path: str, suffixes: tuple[str, ...]) -> list[str]:
+def _pruned(directory: str, exclude: tuple[str, ...]) -> bool:
+    """A directory whose every path is excluded is not walked at all (a stdlib walk spent most of its time in
+    site-packages only to drop it). Only patterns ending in "*" can exclude everything below a directory."""
+    return any(pat.endswith("*") and fnmatch.fnmatch(directory + os.sep, pat) for pat in exclude)
+
+
+def _expand_one(path: str, suffixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
         return [path]  # a saved HF dataset is one input
     found = []
     for root, dirs, names in os.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not _pruned(os.path.join(root, d), exclude))
         if "dataset_info.json" in names or "state.json" in names:
             found.append(root)
             dirs[:] = []

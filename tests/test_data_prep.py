@@ -138,6 +138,9 @@ def test_uint16_for_small_vocab_int32_for_large():
 # ----------------------------------------------------------------------------------------------- cleaning
 def test_normalize_nfc_control_chars_whitespace():
     assert normalize("Cafe\u0301\x00 \x07  bar\t\tbaz  \n\n\n\nend\r\n") == "Caf\u00e9 bar baz\n\nend"
+    # the ASCII fast path and the Unicode path agree
+    assert normalize("  a\x01 \x7f b \n\n\n\n\n\nc\x0b") == normalize("  a\x01 \x7f b \n\n\n\n\n\nc\x0b\u00e9")[:-1] == "a b\n\nc"
+    assert normalize("x\u00a0\u3000y\x85 ") == "x y"
 
 
 @pytest.mark.parametrize("text, cfg, reason", [
@@ -249,6 +252,35 @@ def test_strict_truncated_gzip_and_missing_column(tmp_path, tokenizer_dir, bad_i
         run_prepare([bad_inputs / "trunc.jsonl.gz"], tokenizer_dir, tmp_path / "o1", strict=True)
     with pytest.raises(InputError, match="nocol.parquet: no column 'text'.*--text-key"):
         run_prepare([bad_inputs / "nocol.parquet"], tokenizer_dir, tmp_path / "o2", strict=True)
+
+
+def test_excluded_directories_are_not_walked_but_other_files_stay(tmp_path):
+    from data_prep import readers
+
+    for rel in ("a.txt", "site-packages/b.txt", "deep/site-packages/c.txt", "keep/d.txt", "keep/e.log.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    walked = []
+    real_walk = os.walk
+    readers.os.walk = lambda p: (walked.append(r) or (r, d, f) for r, d, f in real_walk(p))
+    try:
+        files = readers.expand_inputs([str(tmp_path), str(tmp_path / "a.txt")],
+                                      exclude=("*/site-packages/*", "*/keep/*.log.txt"))
+    finally:
+        readers.os.walk = real_walk
+    assert [os.path.relpath(f, tmp_path) for f in files] == ["a.txt", "keep/d.txt"]  # a.txt once
+    assert not any("site-packages" in w for w in walked) and str(tmp_path / "keep") in walked
+
+
+def test_work_units_cut_by_record_count_and_by_bytes():
+    from data_prep.pipeline import _chunks
+    from data_prep.readers import Record
+
+    recs = [Record("f", i, text="x" * n) for i, n in enumerate([10, 10, 100, 5, 5, 5, 5])]
+    sizes = [[r.line for r in c] for c in _chunks(iter(recs), max_records=3, max_bytes=50)]
+    assert sizes == [[0, 1, 2], [3, 4, 5], [6]]
+    sizes = [[r.line for r in c] for c in _chunks(iter(recs), max_records=10, max_bytes=15)]
+    assert sizes == [[0, 1], [2], [3, 4, 5], [6]]
 
 
 def test_unreadable_or_missing_path_is_a_clear_error(tmp_path, tokenizer_dir):
