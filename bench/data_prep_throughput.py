@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--json", help="append the results as one JSON line to this file")
     a = p.parse_args(argv)
     corpus = ["--input", *a.input, "--text-suffix", ".py", "--include", "*.py", "--exclude", "*/site-packages/*"]
     work = tempfile.mkdtemp(prefix="bench-dp-")
@@ -87,6 +88,9 @@ def main(argv=None) -> int:
         print(f"{n} worker(s): raw encode_batch_fast {raw / 1e6:.2f}M tok/s, prepare end to end "
               f"{e2e / 1e6:.2f}M tok/s ({e2e / raw:.2f}x), {wall:.1f} s", flush=True)
     print(json.dumps(results))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(results) + "\n")
     return 0
 
 

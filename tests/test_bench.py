@@ -16,3 +16,24 @@ def test_gpu_throughput_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
     for side in ("ours", "baseline"):
         assert result[side]["tokens_per_s"] > 0 and result[side]["step_s"] > 0
     assert result["ours_over_baseline"] > 0
+
+
+def test_loader_benchmark_runs_at_tiny_size(tmp_path):
+    res = subprocess.run([sys.executable, "bench/loader_throughput.py", "--tokens", "3e5", "--shards", "1", "--seq-length", "128",
+                          "--batches", "5", "--num-workers", "0", "1", "--json", str(tmp_path / "r.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "r.jsonl").read_text())
+    assert result["train_samples"] > 0 and result["index_build_cold_s"] > 0
+    assert result["workers_0_tokens_per_s"] > 0 and result["workers_1_tokens_per_s"] > 0
+
+
+def test_data_prep_benchmark_runs_at_tiny_size(tmp_path):
+    res = subprocess.run([sys.executable, "bench/data_prep_throughput.py", "--input", str(ROOT / "data_prep"),
+                          "--vocab-size", "400", "--workers", "1", "2", "--json", str(tmp_path / "r.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "r.jsonl").read_text())
+    for n in (1, 2):
+        r = result[f"workers_{n}"]
+        assert r["raw_tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and r["ratio"] > 0
