@@ -23,6 +23,9 @@ import torch  # noqa: E402
 from pretrain.config import preset  # noqa: E402
 
 
+MEASURED: dict = {}  # extra figures a run reports (GPU memory of the model states)
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -60,6 +63,8 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup):
                                 "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
                                 "stage3_param_persistence_threshold": 1e6}}
     engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute)
+    if torch.cuda.is_available():  # model states (and buffers) before any activation exists
+        MEASURED["model_states_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     from pretrain.compat import device
 
     data = _batches(cfg, b, s, device())
@@ -149,7 +154,8 @@ def main(argv=None) -> int:
         result[which] = {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 1),
                          "mfu": round(tflops / peak, 3) if peak else None, "loss": round(loss, 3),
                          "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                         if torch.cuda.is_available() else None}
+                         if torch.cuda.is_available() else None, **MEASURED}
+        MEASURED.clear()
     if isinstance(result.get("ours"), dict) and isinstance(result.get("baseline"), dict):
         result["ours_over_baseline"] = round(result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
     print(json.dumps(result))

@@ -30,3 +30,81 @@ class SavedActivations:
     def measure(self):
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
+
+
+# ------------------------------------------------------------------------------ per-layer activation model
+# The planner's activation estimate is a linear model in the layer's dimensions, with coefficients measured
+# (not derived on paper) from this code base's own Block and head, because what autograd keeps depends on the
+# kernels: e.g. an unfused RMSNorm keeps fp32 copies of its input. `fit_activation_model` re-measures them;
+# tests check the stored CPU coefficients still match the code, and bench/activation_memory.py the CUDA ones.
+LAYER_TERMS = ("h", "f", "q", "kv", "heads", "one")  # per token: hidden, ffn, a*d, g*d, a, 1
+POSITION_TERMS = ("d",)  # per sequence position (b-independent): RoPE tables, d = head dim
+HEAD_TERMS = ("h", "v", "one")  # final norm + output layer + loss, per token: hidden, vocab slice, 1
+
+_LAYER_SHAPES = [  # (h, a, g, f, d, s, b): independent variations of every term
+    (256, 4, 2, 704, 64, 128, 2), (256, 4, 4, 704, 64, 128, 2), (256, 8, 2, 704, 32, 128, 2),
+    (384, 4, 2, 704, 96, 128, 2), (256, 4, 2, 1024, 64, 128, 2), (256, 4, 2, 704, 64, 64, 2),
+    (256, 4, 2, 704, 64, 128, 4), (256, 2, 1, 704, 64, 128, 2), (256, 4, 2, 704, 32, 128, 2)]
+_HEAD_SHAPES = [(256, 1024, 128, 2), (384, 1024, 128, 2), (256, 2048, 128, 2), (256, 1024, 64, 4)]  # h, v, s, b
+
+
+def layer_saved_bytes(h, a, g, f, d, s, b, recompute, device, dtype=torch.bfloat16) -> int:
+    """Bytes autograd keeps for one Block's backward (one TP rank with a/g/f its own slices)."""
+    from pretrain.config import ModelConfig
+    from pretrain.model import Block, transformer_config
+
+    cfg = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=a, num_query_groups=g, ffn_hidden_size=f,
+                      vocab_size=128, seq_length=s)
+    tconfig = transformer_config(cfg, 1, recompute)
+    tconfig.kv_channels = d  # a TP rank's slice: a/tp heads of the full head dim, the full hidden size
+    block = Block(cfg, tconfig, 1, recompute)
+    block.rotary = type(block.rotary)(kv_channels=d, rotary_percent=1.0, rotary_base=cfg.rope_theta,
+                                      use_cpu_initialization=device.type == "cpu")
+    block = block.to(device=device, dtype=dtype).train()
+    x = torch.randn(s, b, h, dtype=dtype, device=device, requires_grad=True)
+    meter = SavedActivations(block)
+    with meter.measure():
+        block(x)
+    return meter.bytes
+
+
+def head_saved_bytes(h, v, s, b, device, dtype=torch.bfloat16) -> int:
+    """Bytes kept for backward by the final norm, the output layer (a TP rank's v columns) and the loss."""
+    from pretrain.config import ModelConfig
+    from pretrain.model import FinalNorm, OutputLayer, lm_loss, transformer_config
+
+    cfg = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=4, vocab_size=v,
+                      make_vocab_size_divisible_by=1, seq_length=s)
+    tconfig = transformer_config(cfg, 1)
+    norm = FinalNorm(cfg).to(device=device, dtype=dtype)
+    out = OutputLayer(cfg, tconfig).to(device=device, dtype=dtype)
+    x = torch.randn(s, b, h, dtype=dtype, device=device, requires_grad=True)
+    labels = torch.randint(0, v, (b, s), device=device)
+    meter = SavedActivations(torch.nn.ModuleList([norm, out]))
+    with meter.measure():
+        lm_loss(out(norm(x)), labels, torch.ones(b, s, device=device))
+    return meter.bytes
+
+
+def _lstsq(rows, cols) -> dict:
+    import numpy as np
+
+    coef, *_ = np.linalg.lstsq(np.array([r[0] for r in rows], float), np.array([r[1] for r in rows], float),
+                               rcond=None)
+    return {c: round(float(x), 3) for c, x in zip(cols, coef)}
+
+
+def fit_activation_model(device: torch.device | None = None) -> dict:
+    """Measure saved bytes over shapes that vary each dimension and fit the per-token / per-position terms."""
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    out = {}
+    for mode in ("none", "selective", "full"):
+        rows = []
+        for h, a, g, f, d, s, b in _LAYER_SHAPES:
+            t = s * b
+            rows.append(([t * h, t * f, t * a * d, t * g * d, t * a, t, s * d],
+                         layer_saved_bytes(h, a, g, f, d, s, b, mode, device)))
+        out[mode] = _lstsq(rows, [f"token_{k}" for k in LAYER_TERMS] + [f"position_{k}" for k in POSITION_TERMS])
+    rows = [([s * b * h, s * b * v, s * b], head_saved_bytes(h, v, s, b, device)) for h, v, s, b in _HEAD_SHAPES]
+    out["head"] = _lstsq(rows, [f"token_{k}" for k in HEAD_TERMS])
+    return out

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -104,3 +105,35 @@ def tiny_tokenizer(tmp_path_factory):
 def tiny_data(tmp_path_factory, tiny_tokenizer):
     """A data_prep output directory (about 100k tokens, several shards) for training tests."""
     return prepare_corpus(tmp_path_factory.mktemp("data"), tiny_tokenizer, n_docs=1200, seed=11)
+
+
+@pytest.fixture(scope="session")
+def meta_model_builder():
+    """Build models with megatron-core's layers allocating on the meta device (no memory, even for 70B)."""
+    from pretrain.compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    from pretrain.model import GPT
+
+    def build(cfg, device="meta"):
+        if device != "meta":  # real CPU tensors (tiny configs only)
+            return GPT(cfg)
+        original = torch.cuda.current_device
+        torch.cuda.current_device = lambda: "meta"
+        try:
+            with torch.device("meta"):
+                return GPT(cfg)
+        finally:
+            torch.cuda.current_device = original
+
+    return build

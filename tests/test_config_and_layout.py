@@ -7,36 +7,6 @@ from pretrain.config import PRESETS, ModelConfig, preset
 from pretrain.parallel import LayoutError, validate_layout
 
 
-@pytest.fixture(scope="module")
-def meta_model_builder():
-    """Build models with megatron-core's layers allocating on the meta device (no memory, even for 70B)."""
-    from pretrain.compat import apply_cpu_compat
-
-    apply_cpu_compat()
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    from pretrain.model import GPT
-
-    def build(cfg):
-        original = torch.cuda.current_device
-        torch.cuda.current_device = lambda: "meta"
-        try:
-            with torch.device("meta"):
-                return GPT(cfg)
-        finally:
-            torch.cuda.current_device = original
-
-    return build
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("tied", [False, True])
 def test_preset_parameter_count_matches_formula(meta_model_builder, name, tied):

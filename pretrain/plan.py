@@ -1,0 +1,261 @@
+"""Will it fit, and how fast? Per-GPU memory and step time for a model, layout and GPU, before any cluster hour.
+
+  python -m pretrain.plan --model 7b --nodes 4 --gpus-per-node 8 --gpu h100-80gb --tp 2 --pp 1 --zero 3 \
+      --micro-batch-size 1 --seq-length 4096 --recompute selective
+
+Memory per GPU, in the same terms as DeepSpeed's estimators (Psi = parameters on this GPU's model-parallel
+rank, d = data-parallel size, L = the largest single module's parameters, bytes per parameter):
+  ZeRO-1     params 2 Psi   grads 2 Psi + 4 Psi/d   optimizer 12 Psi/d   (bf16 grads are whole until reduced)
+  ZeRO-2     params 2 Psi   grads (2+4) Psi/d       optimizer 12 Psi/d   = DeepSpeed's 2 Psi + 18 Psi/d
+  ZeRO-3     params 2 Psi/d grads 4 Psi/d           optimizer 12 Psi/d   + 4 L gathered = DeepSpeed's 4 L + 18 Psi/d
+             (bf16 gradients are reduce-scattered out of the bucket into the fp32 partition)
+  offload_optimizer moves the fp32 grads and optimizer states (16 Psi/d) to CPU, and (stage 2/3) the bf16 grads
+  leave as they are reduced; offload_params (ZeRO-3) also moves the bf16 parameters. ZeRO-0 (DeepSpeed's bf16
+  optimizer) keeps whole bf16 and fp32 grads: 2 + 2 + 4 Psi + 12 Psi/d. optimizer = fp32 master (4) + Adam (8).
+Activations: a linear model in the layer's dimensions whose coefficients were measured from this code base's own
+layers (pretrain.memory.fit_activation_model; bench/activation_memory.py re-measures them on a GPU).
+The peak is the larger of two moments: the end of the forward pass (all activations, no gradients yet) and the
+optimizer step (all gradients and communication buckets, no activations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+from pretrain.config import PRESETS, ModelConfig, preset
+from pretrain.parallel import LayoutError, validate_layout
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    memory_gib: float  # what the device reports as total (nvidia-smi)
+    bf16_tflops: float  # dense peak
+
+
+GPUS = {
+    "h100-80gb": GPU(79.6, 989.0), "h100-94gb": GPU(93.6, 835.0), "h200-141gb": GPU(140.4, 989.0),
+    "a100-80gb": GPU(80.0, 312.0), "a100-40gb": GPU(40.0, 312.0), "l40s-48gb": GPU(44.4, 362.0),
+}
+# Outside PyTorch's allocator: CUDA context, NCCL communicators, cuBLAS workspaces; and allocator fragmentation.
+RESERVED_GIB = 2.5
+FRAGMENTATION = 0.05
+
+# Bytes kept for backward, per token and per sequence position, by recompute mode (see pretrain.memory).
+# Measured with bench/activation_memory.py: "cuda" on an H100 with torch 2.11 (2026-11-23; torch's CUDA RMSNorm
+# keeps its input and rstd only), "cpu" here with torch 2.13 (the CPU RMSNorm keeps fp32 intermediates).
+ACTIVATION_COEFFICIENTS = {
+    "cuda": {
+        "none": {"token_h": 8, "token_f": 10, "token_q": 6, "token_kv": 6, "token_heads": 4, "token_one": 8,
+                 "position_d": 8},
+        "selective": {"token_h": 8, "token_f": 0, "token_q": 6, "token_kv": 6, "token_heads": 0, "token_one": 8,
+                      "position_d": 8},
+        "full": {"token_h": 2, "token_f": 0, "token_q": 0, "token_kv": 0, "token_heads": 0, "token_one": 0,
+                 "position_d": 4},
+        "head": {"token_h": 4, "token_v": 4, "token_one": 17},
+    },
+    "cpu": {
+        "none": {"token_h": 20, "token_f": 10, "token_q": 6, "token_kv": 6, "token_heads": 4, "token_one": 8,
+                 "position_d": 8},
+        "selective": {"token_h": 20, "token_f": 0, "token_q": 6, "token_kv": 6, "token_heads": 0, "token_one": 8,
+                      "position_d": 8},
+        "full": {"token_h": 2, "token_f": 0, "token_q": 0, "token_kv": 0, "token_heads": 0, "token_one": 0,
+                 "position_d": 4},
+        "head": {"token_h": 10, "token_v": 4, "token_one": 17},
+    },
+}
+
+
+@dataclass
+class PlanInput:
+    model: ModelConfig
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu: str = "h100-80gb"
+    tp: int = 1
+    pp: int = 1
+    zero: int = 3
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None
+    seq_length: int = 2048
+    recompute: str = "selective"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket_size: float = 5e7  # elements, as in ds_configs/zero3.json
+    prefetch_bucket_size: float = 5e7
+    overlap_comm: bool = True
+    mfu: float = 0.35
+    device_type: str = "cuda"  # which measured activation coefficients
+
+
+def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
+    """Parameters held by the busiest model-parallel rank (first or last pipeline stage) and the largest single
+    module (what ZeRO-3 gathers at once)."""
+    h, v = cfg.hidden_size, cfg.padded_vocab_size
+    norms = 2 * h  # RMSNorm weights are replicated across TP ranks
+    layer = (cfg.layer_params() - norms) // tp + norms
+    layers = cfg.num_layers // pp * layer
+    embed = v * h // tp
+    first = embed + layers
+    last = layers + h + (0 if cfg.tie_embeddings and pp == 1 else embed)
+    per_stage = first + last - layers if pp == 1 else max(first, last)
+    d = cfg.head_dim
+    largest = max(embed, 2 * cfg.ffn_hidden_size * h // tp, cfg.ffn_hidden_size * h // tp,
+                  h * d * (cfg.num_attention_heads + 2 * cfg.num_query_groups) // tp)
+    return {"per_gpu": per_stage, "largest_module": largest}
+
+
+def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: str, device_type: str) -> float:
+    c = ACTIVATION_COEFFICIENTS[device_type][mode]
+    d = cfg.head_dim
+    per_token = (c["token_h"] * cfg.hidden_size + c["token_f"] * cfg.ffn_hidden_size / tp
+                 + c["token_q"] * cfg.num_attention_heads * d / tp + c["token_kv"] * cfg.num_query_groups * d / tp
+                 + c["token_heads"] * cfg.num_attention_heads / tp + c["token_one"])
+    return seq * mb * per_token + seq * c["position_d"] * d
+
+
+def plan(p: PlanInput) -> dict:
+    cfg = p.model.replace(seq_length=p.seq_length)
+    world = p.nodes * p.gpus_per_node
+    layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute)
+    if p.gpu not in GPUS:
+        raise LayoutError(f"--gpu {p.gpu!r} is not known; choose one of {', '.join(GPUS)}")
+    if p.offload_params and p.zero != 3:
+        raise LayoutError("--offload-params needs ZeRO-3 (DeepSpeed offloads parameters only in stage 3)")
+    if p.offload_optimizer and p.zero == 0:
+        raise LayoutError("--offload-optimizer needs ZeRO stage 1, 2 or 3")
+    gpu, dp = GPUS[p.gpu], layout.dp
+    counts = rank_params(cfg, p.tp, p.pp)
+    psi, big = counts["per_gpu"], counts["largest_module"]
+
+    # model states (bytes per GPU), DeepSpeed's accounting
+    params = 2 * psi / dp if p.zero == 3 else 2 * psi
+    grads16 = 0 if p.zero == 3 else 2 * psi / dp if p.zero == 2 else 2 * psi
+    grads32 = 4 * psi / dp if p.zero >= 1 else 4 * psi
+    optim = 12 * psi / dp
+    gathered = 4 * big if p.zero == 3 else 0
+    cpu = 0.0
+    if p.offload_optimizer:
+        cpu += grads32 + optim
+        grads32 = optim = 0
+        if p.zero >= 2:  # each gradient streams to CPU as it is reduced
+            grads16 = 0
+    if p.offload_params:
+        cpu += params
+        params = 0
+    buckets = 2 * p.reduce_bucket_size * (2 if p.overlap_comm else 1) if p.zero >= 1 else 0
+    if p.zero == 3:
+        buckets += 2 * p.prefetch_bucket_size
+
+    # activations: layers on the busiest stage x micro-batches in flight (1F1B keeps up to pp on stage 0)
+    in_flight = min(p.pp, layout.grad_accum_steps) if p.pp > 1 else 1
+    layers = cfg.num_layers // p.pp
+    per_layer = layer_activation_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, p.recompute, p.device_type)
+    acts = layers * per_layer * in_flight
+    if p.recompute == "full":  # backward re-runs one layer at a time with everything kept
+        acts += layer_activation_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, "none", p.device_type)
+    tokens = p.seq_length * p.micro_batch_size
+    ch = ACTIVATION_COEFFICIENTS[p.device_type]["head"]
+    v = cfg.padded_vocab_size / p.tp
+    head = tokens * (ch["token_h"] * cfg.hidden_size + ch["token_v"] * v + ch["token_one"])
+    logits = tokens * v * 6  # not saved but alive: bf16 logits in forward, their fp32 gradient in backward
+
+    forward_peak = params + optim + (grads32 if p.zero == 3 else 0) + gathered + acts + head + logits
+    step_peak = params + grads16 + grads32 + optim + gathered + buckets
+    peak = max(forward_peak, step_peak)
+    need = peak * (1 + FRAGMENTATION) + RESERVED_GIB * GiB
+
+    flops_per_token = cfg.flops_per_token(p.seq_length)
+    tokens_per_gpu_s = gpu.bf16_tflops * 1e12 * p.mfu / flops_per_token
+    # model-parallel ranks share their micro-batch: DP ranks each consume global/dp samples
+    step_tokens = layout.global_batch_size * p.seq_length
+    tokens_per_s = tokens_per_gpu_s * world
+    gib = lambda x: round(x / GiB, 2)  # noqa: E731
+    return {
+        "model": {"parameters": cfg.num_params(), "parameters_per_gpu": psi, "largest_module": big,
+                  "flops_per_token": flops_per_token},
+        "layout": {**asdict(layout), "grad_accum_steps": layout.grad_accum_steps, "gpu": p.gpu,
+                   "recompute": p.recompute, "offload_optimizer": p.offload_optimizer,
+                   "offload_params": p.offload_params},
+        "memory_gib": {"parameters": gib(params), "gradients": gib(grads16 + grads32), "optimizer_states": gib(optim),
+                       "zero3_gathered": gib(gathered), "communication_buckets": gib(buckets),
+                       "activations": gib(acts), "output_and_loss": gib(head + logits),
+                       "model_states": gib(params + grads16 + grads32 + optim + gathered),
+                       "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
+                       "with_reserve": gib(need), "device": gpu.memory_gib, "cpu_offload_per_node":
+                           gib(cpu * p.gpus_per_node * 1.5)},
+        "model_states_bytes": int(params + grads16 + grads32 + optim + gathered),
+        "fits": need <= gpu.memory_gib * GiB,
+        "speed": {"mfu": p.mfu, "tokens_per_s_per_gpu": round(tokens_per_gpu_s),
+                  "tokens_per_s": round(tokens_per_s), "step_s": round(step_tokens / tokens_per_s, 3),
+                  "tokens_per_step": step_tokens},
+    }
+
+
+def format_plan(r: dict) -> str:
+    m, lay, s = r["memory_gib"], r["layout"], r["speed"]
+    rows = [("parameters (bf16)", m["parameters"]), ("gradients (bf16 + fp32)", m["gradients"]),
+            ("optimizer states (fp32 master + Adam)", m["optimizer_states"]),
+            ("ZeRO-3 gathered working set", m["zero3_gathered"]),
+            ("communication buckets", m["communication_buckets"]),
+            (f"activations (recompute {lay['recompute']})", m["activations"]),
+            ("output layer + loss", m["output_and_loss"])]
+    out = [f"model: {r['model']['parameters'] / 1e9:.2f}B parameters, {r['model']['parameters_per_gpu'] / 1e9:.3f}B "
+           f"on the busiest GPU; layout TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} ZeRO-{lay['zero_stage']} on "
+           f"{lay['world_size']} x {lay['gpu']}, micro-batch {lay['micro_batch_size']}, global batch "
+           f"{lay['global_batch_size']} ({lay['grad_accum_steps']} accumulation steps)",
+           "memory per GPU (GiB):"]
+    out += [f"  {name:<40} {v:>8.2f}" for name, v in rows]
+    out += [f"  {'peak: end of forward':<40} {m['forward_peak']:>8.2f}",
+            f"  {'peak: optimizer step':<40} {m['step_peak']:>8.2f}",
+            f"  {'needed (+5% fragmentation, +2.5 reserved)':<40} {m['with_reserve']:>8.2f}  of {m['device']}"]
+    if m["cpu_offload_per_node"]:
+        out.append(f"  CPU memory per node for offload (x1.5 buffer): {m['cpu_offload_per_node']:.1f} GiB")
+    out.append("fits: YES" if r["fits"] else "fits: NO (lower the micro-batch, recompute more, raise ZeRO stage or "
+                                              "TP/PP, or offload)")
+    out.append(f"at {s['mfu']:.0%} MFU: {s['tokens_per_s_per_gpu']:,} tokens/s per GPU, {s['tokens_per_s']:,} "
+               f"tokens/s in all, {s['step_s']} s per step of {s['tokens_per_step']:,} tokens")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="1b", choices=sorted(PRESETS))
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--zero", type=int, default=3)
+    ap.add_argument("--micro-batch-size", type=int, default=1)
+    ap.add_argument("--global-batch-size", type=int)
+    ap.add_argument("--seq-length", type=int, default=2048)
+    ap.add_argument("--recompute", default="selective")
+    ap.add_argument("--offload-optimizer", action="store_true")
+    ap.add_argument("--offload-params", action="store_true")
+    ap.add_argument("--reduce-bucket-size", type=float, default=5e7)
+    ap.add_argument("--prefetch-bucket-size", type=float, default=5e7)
+    ap.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary (default: the preset's)")
+    ap.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation to predict speed at")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    a = ap.parse_args(argv)
+    model = preset(a.model, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
+    try:
+        r = plan(PlanInput(model=model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu, tp=a.tp, pp=a.pp,
+                           zero=a.zero, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+                           seq_length=a.seq_length, recompute=a.recompute, offload_optimizer=a.offload_optimizer,
+                           offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
+                           prefetch_bucket_size=a.prefetch_bucket_size, mfu=a.mfu))
+    except LayoutError as e:
+        print(f"plan: invalid layout: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=1) if a.json else format_plan(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

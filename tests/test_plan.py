@@ -1,0 +1,132 @@
+"""pretrain.plan: model-state memory against DeepSpeed's own estimators, parameter counts against the presets
+and the real model, the trainer's layout validation, and the activation coefficients against a fresh
+measurement of our layers."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pretrain.config import PRESETS, preset
+from pretrain.parallel import LayoutError, validate_layout
+from pretrain.plan import ACTIVATION_COEFFICIENTS, PlanInput, plan, rank_params
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_counts_agree_with_the_presets(name):
+    cfg = preset(name)
+    assert rank_params(cfg, 1, 1)["per_gpu"] == cfg.num_params()
+    # model-parallel ranks: every weight matrix is split, the norms are replicated
+    tp, pp = 2, 2
+    if cfg.num_attention_heads % tp == 0 and cfg.num_query_groups % tp == 0 and cfg.num_layers % pp == 0:
+        split = rank_params(cfg, tp, 1)["per_gpu"]
+        replicated = (2 * cfg.num_layers + 1) * cfg.hidden_size
+        assert split * tp - (tp - 1) * replicated == cfg.num_params()
+        stage = rank_params(cfg, 1, pp)["per_gpu"]
+        assert cfg.num_params() / pp < stage < cfg.num_params()
+
+
+def test_parameter_counts_and_largest_module_agree_with_the_built_model(meta_model_builder):
+    from deepspeed.runtime.zero.stage3 import model_to_params  # what DeepSpeed's *_all_live estimators count
+
+    for cfg in (preset("tiny"), preset("tiny", tie_embeddings=True),
+                preset("tiny", num_layers=3, hidden_size=96, num_attention_heads=6, num_query_groups=3,
+                       ffn_hidden_size=200, vocab_size=1000)):
+        total, largest = model_to_params(meta_model_builder(cfg, device="cpu"))
+        counts = rank_params(cfg, 1, 1)
+        assert (counts["per_gpu"], counts["largest_module"]) == (total, largest), cfg
+
+
+def _ds_estimate(zero, psi, largest, gpus_per_node, nodes, offload_optimizer, offload_params):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    if zero == 3:
+        return estimate_zero3_model_states_mem_needs(psi, largest, gpus_per_node, nodes, offload_optimizer,
+                                                     offload_params)[1]
+    return estimate_zero2_model_states_mem_needs(psi, gpus_per_node, nodes, offload_optimizer)[1]
+
+
+@pytest.mark.parametrize("model, nodes, tp, pp, zero, offload_optimizer, offload_params", [
+    ("1b", 1, 1, 1, 2, False, False), ("7b", 4, 1, 1, 2, False, False), ("7b", 4, 1, 1, 2, True, False),
+    ("1b", 1, 1, 1, 3, False, False), ("7b", 4, 1, 1, 3, False, False), ("13b", 2, 1, 1, 3, True, False),
+    ("13b", 2, 1, 1, 3, True, True), ("7b", 4, 2, 1, 3, False, False), ("70b", 16, 8, 1, 3, False, False),
+    ("70b", 8, 4, 1, 3, True, True), ("13b", 4, 2, 1, 2, False, False),
+])
+def test_model_state_memory_agrees_with_deepspeed_estimators(model, nodes, tp, pp, zero, offload_optimizer,
+                                                             offload_params):
+    """DeepSpeed's estimators see one model-parallel rank's shard replicated over the data-parallel ranks."""
+    cfg = preset(model)
+    r = plan(PlanInput(model=cfg, nodes=nodes, gpus_per_node=8, tp=tp, pp=pp, zero=zero, micro_batch_size=1,
+                       seq_length=2048, offload_optimizer=offload_optimizer, offload_params=offload_params))
+    counts = rank_params(cfg, tp, pp)
+    dp = nodes * 8 // (tp * pp)
+    ds = _ds_estimate(zero, counts["per_gpu"], counts["largest_module"], dp, 1, offload_optimizer, offload_params)
+    assert r["model_states_bytes"] == pytest.approx(ds, rel=1e-6, abs=8)
+
+
+def test_zero1_keeps_whole_bf16_gradients_more_than_zero2():
+    cfg = preset("7b")
+    one, two = (plan(PlanInput(model=cfg, nodes=2, zero=z, micro_batch_size=1)) for z in (1, 2))
+    psi, dp = rank_params(cfg, 1, 1)["per_gpu"], 16
+    assert one["model_states_bytes"] - two["model_states_bytes"] == pytest.approx(2 * psi * (1 - 1 / dp), abs=8)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model="7b", nodes=1, tp=3),  # 32 heads not divisible by 3 (and 8 GPUs not by 3)
+    dict(model="7b", nodes=1, tp=2, pp=2, zero=3),  # ZeRO-3 with pipeline parallelism
+    dict(model="70b", nodes=1, tp=16),  # more TP than GPUs
+    dict(model="1b", nodes=1, tp=1, micro_batch_size=2, global_batch_size=20),  # 20 % (2 x 8)
+    dict(model="1b", nodes=1, recompute="some"),
+])
+def test_invalid_layouts_refused_with_the_trainers_message(kw):
+    kw = {"zero": 1, "pp": 1, "tp": 1, "micro_batch_size": 1, "global_batch_size": None, "recompute": "none", **kw}
+    cfg = preset(kw["model"])
+    with pytest.raises(LayoutError) as trainer:
+        validate_layout(cfg, kw["nodes"] * 8, kw["tp"], kw["pp"], kw["zero"], kw["micro_batch_size"],
+                        kw["global_batch_size"], kw["recompute"])
+    args = [sys.executable, "-m", "pretrain.plan", "--model", kw["model"], "--nodes", str(kw["nodes"]),
+            "--tp", str(kw["tp"]), "--pp", str(kw["pp"]), "--zero", str(kw["zero"]),
+            "--micro-batch-size", str(kw["micro_batch_size"]), "--recompute", kw["recompute"]]
+    if kw["global_batch_size"]:
+        args += ["--global-batch-size", str(kw["global_batch_size"])]
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and str(trainer.value) in res.stderr, res.stderr
+
+
+def test_the_issue_command_prints_memory_fit_and_speed():
+    res = subprocess.run([sys.executable, "-m", "pretrain.plan", "--model", "7b", "--nodes", "4", "--gpus-per-node",
+                          "8", "--gpu", "h100-80gb", "--tp", "2", "--pp", "1", "--zero", "3", "--micro-batch-size", "1",
+                          "--seq-length", "4096", "--recompute", "selective"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    for text in ("parameters (bf16)", "gradients", "optimizer states", "activations (recompute selective)",
+                 "communication buckets", "fits: YES", "tokens/s per GPU", "s per step"):
+        assert text in res.stdout, res.stdout
+
+
+def test_more_recompute_less_memory_and_a_big_model_on_few_gpus_does_not_fit():
+    base = dict(model=preset("7b"), nodes=1, zero=3, micro_batch_size=4, seq_length=4096)
+    acts = {m: plan(PlanInput(**base, recompute=m))["memory_gib"]["activations"] for m in ("none", "selective", "full")}
+    assert acts["none"] > acts["selective"] > acts["full"] > 0
+    assert not plan(PlanInput(model=preset("70b"), nodes=1, zero=1, micro_batch_size=1))["fits"]
+    assert plan(PlanInput(model=preset("125m"), nodes=1, zero=1, micro_batch_size=1))["fits"]
+    r = plan(PlanInput(model=preset("1b"), nodes=2, zero=1, micro_batch_size=2, mfu=0.5))
+    # speed: tokens/s scale with GPUs and MFU; the step is the global batch at that rate
+    assert r["speed"]["tokens_per_s"] == pytest.approx(16 * r["speed"]["tokens_per_s_per_gpu"], rel=1e-3)
+    assert r["speed"]["step_s"] == pytest.approx(32 * 2048 / r["speed"]["tokens_per_s"], rel=1e-2)
+
+
+def test_cpu_activation_coefficients_match_a_fresh_measurement_of_our_layers(tmp_path):
+    """What autograd keeps per layer, measured now on CPU, equals what the planner stores for CPU: a change to
+    the model (say, a new MLP) that moves activation memory must update the planner too."""
+    res = subprocess.run([sys.executable, "bench/activation_memory.py", "--json", str(tmp_path / "a.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    fitted = json.loads((tmp_path / "a.jsonl").read_text())["fitted"]
+    stored = ACTIVATION_COEFFICIENTS["cpu"]
+    for mode, coef in fitted.items():
+        for k, v in coef.items():
+            assert v == pytest.approx(stored[mode].get(k, 0), abs=0.05), (mode, k, v)
