@@ -49,20 +49,23 @@ def _timed(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def run_ours(cfg, b, s, zero, recompute, steps, warmup):
+def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fuse_swiglu=False, gas=1):
     from pretrain.engine import OptimConfig, build_engine
     from pretrain.parallel import init_distributed, validate_layout
     from pretrain.step import train_step
 
     init_distributed(1, 1)
-    layout = validate_layout(cfg, 1, 1, 1, zero, b, b, recompute)
-    ds = {"train_batch_size": b, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1,
+    layout = validate_layout(cfg, 1, 1, 1, zero, b, b * gas, recompute)
+    ds = {"train_batch_size": b * gas, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": gas,
           "bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
           "steps_per_print": 10**9,
           "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
                                 "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
                                 "stage3_param_persistence_threshold": 1e6}}
     engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute)
+    from pretrain.model import apply_speedups
+
+    apply_speedups(engine.module, compile_layers, fuse_swiglu)
     if torch.cuda.is_available():  # model states (and buffers) before any activation exists
         MEASURED["model_states_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     from pretrain.compat import device
@@ -86,7 +89,7 @@ def _profile(step, n: int = 3) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def run_baseline(cfg, b, s, steps, warmup):
+def run_baseline(cfg, b, s, steps, warmup, gas=1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pretrain.export import hf_config
@@ -102,11 +105,12 @@ def run_baseline(cfg, b, s, steps, warmup):
     losses = []
 
     def step():
-        batch = next(data)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            logits = model(input_ids=batch["tokens"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-        loss.backward()
+        for _ in range(gas):
+            batch = next(data)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                logits = model(input_ids=batch["tokens"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+            (loss / gas).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,6 +130,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--which", choices=["both", "ours", "baseline"], default="both")
     p.add_argument("--json", help="append the result as a JSON line to this file")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (both sides); real runs accumulate, amortising the step")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile every transformer layer")
+    p.add_argument("--fuse-swiglu", action="store_true", help="ours: megatron's fused SwiGLU")
     a = p.parse_args(argv)
     os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0"), os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -134,13 +142,15 @@ def main(argv=None) -> int:
     from pretrain.metrics import device_peak_tflops
 
     peak, name = device_peak_tflops()
-    tokens = a.micro_batch_size * a.seq_length
+    tokens = a.micro_batch_size * a.seq_length * a.grad_accum  # per optimizer step
     flops = cfg.flops_per_token(a.seq_length) * tokens
     result = {"model": a.model, "params_M": round(cfg.num_params() / 1e6, 1), "seq": a.seq_length,
-              "micro_batch": a.micro_batch_size, "zero": a.zero, "recompute": a.recompute, "device": name,
-              "peak_bf16_tflops": peak}
-    runs = {"ours": lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps, a.warmup),
-            "baseline": lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup)}
+              "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute, "device": name,
+              "peak_bf16_tflops": peak, "compile": a.compile, "fuse_swiglu": a.fuse_swiglu}
+    runs = {"ours": lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps, a.warmup,
+                                     a.compile, a.fuse_swiglu, a.grad_accum),
+            "baseline": lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,
+                                             a.grad_accum)}
     for which in (["ours", "baseline"] if a.which == "both" else [a.which]):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

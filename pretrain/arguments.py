@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (needs ZeRO 0/1)")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                    help="activation checkpointing")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every transformer layer (GPU speed; ZeRO 0-2; first steps are slower)")
+    g.add_argument("--fused-swiglu", action="store_true", help="megatron's fused SwiGLU kernel (torch.compile)")
     g.add_argument("--dist-timeout-minutes", type=int, default=10,
                    help="a collective waiting this long fails the run instead of hanging")
 

@@ -179,6 +179,9 @@ def _main(argv=None) -> int:
 
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute)
+    if args.compile and layout.zero_stage == 3:
+        raise LayoutError("--compile is supported with ZeRO 0-2: DeepSpeed's ZeRO-3 parameter hooks break "
+                          "torch.compile'd layers; drop --compile or use ds_configs/zero2.json")
     stop = _StopSignal()
 
     from pretrain.parallel import init_distributed
@@ -194,6 +197,10 @@ def _main(argv=None) -> int:
     opt = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1, beta2=args.adam_beta2,
                       eps=args.adam_eps, clip_grad=args.clip_grad)
     engine = build_engine(cfg, layout, ds_config, opt, args.recompute, args.seed)
+    if args.compile or args.fused_swiglu:
+        from pretrain.model import apply_speedups
+
+        apply_speedups(engine.module, args.compile, args.fused_swiglu)
 
     gbs, seq = layout.global_batch_size, cfg.seq_length
     train_iters = args.train_iters or math.ceil(args.train_tokens / (gbs * seq))

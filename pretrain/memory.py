@@ -21,6 +21,11 @@ class SavedActivations:
         return sum(self._storages.values())
 
     def _pack(self, t: torch.Tensor):
+        if torch._C._current_graph_task_id() != -1:
+            # Inside backward: activation checkpointing's recompute saves tensors that live only until their
+            # own backward, and whose freed addresses get reused; counting them made "selective" look bigger
+            # than "none" in some runs. Only what forward passes keep is the activation memory.
+            return t
         ptr = t.untyped_storage().data_ptr()
         if ptr not in self._params and t.device.type != "meta":
             self._storages[ptr] = t.untyped_storage().nbytes()
