@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     flops = cfg.flops_per_token(a.seq_length) * tokens
     result = {"model": a.model, "params_M": round(cfg.num_params() / 1e6, 1), "seq": a.seq_length,
               "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute, "device": name,
-              "peak_bf16_tflops": peak, "compile": a.compile, "fuse_swiglu": a.fuse_swiglu}
+              "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile, "fuse_swiglu": a.fuse_swiglu}
     runs = {"ours": lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps, a.warmup,
                                      a.compile, a.fuse_swiglu, a.grad_accum),
             "baseline": lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,

@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -66,9 +67,17 @@ class PrepareOptions:
 _W: dict = {}
 
 
-def _init_worker(opts: PrepareOptions) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process; the pool is the parallelism
-    _W["tok"] = tok.load(opts.tokenizer)
+# Workers are threads first, processes second. The tokenizer releases the GIL while it encodes (90% of the work),
+# so up to THREADS_PER_PROCESS threads share one process and one tokenizer: no process start-up, no pickling,
+# one BPE cache. Cleaning and numpy packing hold the GIL (~10% of the work), so wider runs use several processes
+# of that many threads each. On 2 cores, 2 threads beat 2 processes by ~10% end to end.
+THREADS_PER_PROCESS = 4
+
+
+def _init_worker(opts: PrepareOptions, threads: int = 1, tokenizer=None) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our threads/processes are the parallelism, not rayon's
+    _W["threads"] = ThreadPoolExecutor(threads, thread_name_prefix="prepare") if threads > 1 else None
+    _W["tok"] = tokenizer or tok.load(opts.tokenizer)
     path = tok.resolve(opts.tokenizer)
     _W["eod"] = tok.eod_id(_W["tok"], path)
     _W["dtype"] = token_dtype(_W["tok"].get_vocab_size(with_added_tokens=True))
@@ -110,6 +119,29 @@ def _process_chunk(records: list[readers.Record]):
         if isinstance(o, list):
             o[2] = next(it)
     return outcomes, flat
+
+
+def _process_chunks(chunks: list[list[readers.Record]]) -> list:
+    """A worker process's unit: several chunks, one per thread, results in order."""
+    if _W["threads"] is None:
+        return [_process_chunk(c) for c in chunks]
+    return list(_W["threads"].map(_process_chunk, chunks))
+
+
+def _in_order_on_threads(chunks, executor: ThreadPoolExecutor, window: int):
+    """Like executor.map, but reads ahead only `window` chunks (map would read the whole input first)."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(executor.submit(_process_chunk, chunk))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _groups(items, size: int):
+    while group := list(itertools.islice(items, size)):
+        yield group
 
 
 # ------------------------------------------------------------------------------------------ main side
@@ -271,8 +303,9 @@ def prepare(opts: PrepareOptions) -> dict:
                            opts.world_size)
     os.makedirs(opts.output, exist_ok=True)
     tokenizer_path = tok.resolve(opts.tokenizer)
-    pool = None
-    if opts.workers > 1:  # started first: the workers' start-up overlaps the set-up below
+    pool, processes = None, -(-opts.workers // THREADS_PER_PROCESS)
+    threads = -(-opts.workers // processes)
+    if processes > 1:  # started first: the workers' start-up overlaps the set-up below
         import multiprocessing as mp
 
         # forkserver: workers fork from a clean single-threaded server that has imported this module once,
@@ -280,15 +313,17 @@ def prepare(opts: PrepareOptions) -> dict:
         # without fork's hazards in a parent that has threads (numpy's BLAS pool, a caller's threads).
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["data_prep.pipeline"])
-        pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=(opts,))
+        pool = ctx.Pool(processes, initializer=_init_worker, initargs=(opts, threads))
     try:
-        return _prepare(opts, files, tokenizer_path, pool)
+        return _prepare(opts, files, tokenizer_path, pool, threads)
     finally:
         if pool is not None:
             pool.terminate()
+        if _W.get("threads") is not None:
+            _W.pop("threads").shutdown(cancel_futures=True)
 
 
-def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool) -> dict:
+def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, threads: int) -> dict:
     tokenizer = tok.load(tokenizer_path)
     eod = tok.eod_id(tokenizer, tokenizer_path)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -304,10 +339,11 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool) 
     records = _records(files, opts, empty_files)
     chunks = itertools.islice(_chunks(records, opts.chunk_docs, opts.chunk_bytes), cursor, None)
     if pool is not None:
-        results = pool.imap(_process_chunk, chunks, chunksize=1)
+        results = itertools.chain.from_iterable(pool.imap(_process_chunks, _groups(chunks, threads)))
     else:
-        _init_worker(opts)
-        results = map(_process_chunk, chunks)
+        _init_worker(opts, threads, tokenizer)
+        results = (map(_process_chunk, chunks) if _W["threads"] is None
+                   else _in_order_on_threads(chunks, _W["threads"], window=2 * threads))
 
     progress = _Progress(opts.progress)
     tokens_done = 0

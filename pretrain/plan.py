@@ -161,7 +161,9 @@ def plan(p: PlanInput) -> dict:
     ch = ACTIVATION_COEFFICIENTS[p.device_type]["head"]
     v = cfg.padded_vocab_size / p.tp
     head = tokens * (ch["token_h"] * cfg.hidden_size + ch["token_v"] * v + ch["token_one"])
-    logits = tokens * v * 6  # not saved but alive: bf16 logits in forward, their fp32 gradient in backward
+    # not saved but alive: the bf16 logits while their fp32 copy is made (forward), the bf16 logits gradient
+    # (backward; the fp32 one reuses the saved softmax). Checked against H100 peaks: bench/RESULTS.md.
+    logits = tokens * v * 2
 
     forward_peak = params + optim + (grads32 if p.zero == 3 else 0) + gathered + acts + head + logits
     step_peak = params + grads16 + grads32 + optim + gathered + buckets

@@ -37,3 +37,13 @@ def test_data_prep_benchmark_runs_at_tiny_size(tmp_path):
     for n in (1, 2):
         r = result[f"workers_{n}"]
         assert r["raw_tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and r["ratio"] > 0
+
+
+def test_all_benchmarks_in_one_command_print_one_table(tmp_path):
+    res = subprocess.run([sys.executable, "bench/run_all.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+    for what in ("data_prep prepare end to end, 1 worker", "data_prep prepare end to end, 2 worker",
+                 "GPTDataset index build", "training loader"):
+        assert any(what in line for line in table), res.stdout

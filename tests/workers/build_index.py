@@ -22,4 +22,7 @@ first = train[0]["tokens"].tolist()
 with open(f"{out}.{rank}.json", "w") as f:
     json.dump({"shared": shared, "builder": _is_builder(shared), "cache_files": sorted(os.listdir(cache)),
                "first": first, "n": len(train)}, f)
+# Both ranks reach here before either tears gloo down: a rank destroying its group while the other still
+# holds the connection aborted the other ("terminate called without an active exception"), 1 run in ~5.
+dist.barrier()
 dist.destroy_process_group()
