@@ -10,11 +10,11 @@ RMSNorm, a different attention backend) that moves them shows up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.report import emit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,11 +42,7 @@ def main(argv=None) -> int:
                                                 for m in fitted for k in fitted[m])
     except ImportError:
         pass
-    print(json.dumps(result, indent=1))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, a.json, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.report import emit  # noqa: E402
 
 
 def extracted_documents(inputs: list[str]) -> list[str]:
@@ -87,11 +88,7 @@ def main(argv=None) -> int:
                                    "ratio": round(e2e / raw, 3), "wall_s": round(wall, 2)}
         print(f"{n} worker(s): raw encode_batch_fast {raw / 1e6:.2f}M tok/s, prepare end to end "
               f"{e2e / 1e6:.2f}M tok/s ({e2e / raw:.2f}x), {wall:.1f} s", flush=True)
-    print(json.dumps(results))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(results) + "\n")
-    return 0
+    return emit(results, a.json)
 
 
 if __name__ == "__main__":

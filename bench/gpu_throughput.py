@@ -12,12 +12,12 @@ device's dense bf16 peak (named in the output), and peak memory. Synthetic token
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.report import emit  # noqa: E402
 import torch  # noqa: E402
 
 from pretrain.config import preset  # noqa: E402
@@ -168,11 +168,7 @@ def main(argv=None) -> int:
         MEASURED.clear()
     if isinstance(result.get("ours"), dict) and isinstance(result.get("baseline"), dict):
         result["ours_over_baseline"] = round(result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
-    print(json.dumps(result))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

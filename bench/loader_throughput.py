@@ -14,7 +14,6 @@ Writes a synthetic dataset (random token ids, log-normal document lengths) of --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.report import emit  # noqa: E402
 
 from data_prep.indexed import IndexedWriter  # noqa: E402
 
@@ -111,11 +111,7 @@ def main(argv=None) -> int:
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -47,25 +47,21 @@ FRAGMENTATION = 0.05
 # Bytes kept for backward, per token and per sequence position, by recompute mode (see pretrain.memory).
 # Measured with bench/activation_memory.py: "cuda" on an H100 with torch 2.11 (2026-11-23; torch's CUDA RMSNorm
 # keeps its input and rstd only), "cpu" here with torch 2.13 (the CPU RMSNorm keeps fp32 intermediates).
+_CUDA_LAYER = {"token_h": 8, "token_f": 10, "token_q": 6, "token_kv": 6, "token_heads": 4, "token_one": 8,
+               "position_d": 8}
 ACTIVATION_COEFFICIENTS = {
     "cuda": {
-        "none": {"token_h": 8, "token_f": 10, "token_q": 6, "token_kv": 6, "token_heads": 4, "token_one": 8,
-                 "position_d": 8},
-        "selective": {"token_h": 8, "token_f": 0, "token_q": 6, "token_kv": 6, "token_heads": 0, "token_one": 8,
-                      "position_d": 8},
-        "full": {"token_h": 2, "token_f": 0, "token_q": 0, "token_kv": 0, "token_heads": 0, "token_one": 0,
-                 "position_d": 4},
+        "none": _CUDA_LAYER,
+        "selective": {**_CUDA_LAYER, "token_f": 0, "token_heads": 0},  # the MLP and core attention recomputed
+        "full": {k: 0 for k in _CUDA_LAYER} | {"token_h": 2, "position_d": 4},  # the layer input and RoPE tables
         "head": {"token_h": 4, "token_v": 4, "token_one": 17},
     },
-    "cpu": {
-        "none": {"token_h": 20, "token_f": 10, "token_q": 6, "token_kv": 6, "token_heads": 4, "token_one": 8,
-                 "position_d": 8},
-        "selective": {"token_h": 20, "token_f": 0, "token_q": 6, "token_kv": 6, "token_heads": 0, "token_one": 8,
-                      "position_d": 8},
-        "full": {"token_h": 2, "token_f": 0, "token_q": 0, "token_kv": 0, "token_heads": 0, "token_one": 0,
-                 "position_d": 4},
-        "head": {"token_h": 10, "token_v": 4, "token_one": 17},
-    },
+}
+# The CPU RMSNorm keeps fp32 intermediates: 12 more bytes per hidden unit per norm-using module.
+ACTIVATION_COEFFICIENTS["cpu"] = {
+    **{m: {**c, "token_h": c["token_h"] + 12} for m, c in ACTIVATION_COEFFICIENTS["cuda"].items() if m in ("none", "selective")},
+    "full": ACTIVATION_COEFFICIENTS["cuda"]["full"],
+    "head": {**ACTIVATION_COEFFICIENTS["cuda"]["head"], "token_h": 10},
 }
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT
 from pretrain.config import PRESETS, preset
