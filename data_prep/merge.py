@@ -13,7 +13,8 @@ import os
 import numpy as np
 
 from data_prep.indexed import IndexedWriter, read_index
-from data_prep.pipeline import MANIFEST, _write_json
+from data_prep.atomic import write_json
+from data_prep.pipeline import MANIFEST
 
 
 def _documents(prefix: str):
@@ -80,7 +81,7 @@ def merge(directory: str, into: str | None = None) -> dict:
         raise RuntimeError("accounting error while merging: read != kept + dropped")
     manifest = {**manifests[0], "shards": shards, "counts": counts, "rank": None, "world_size": world,
                 "inputs": [f for m in manifests for f in m["inputs"]], "merged_ranks": merged or ranks}
-    _write_json(os.path.join(directory, MANIFEST), manifest)
+    write_json(os.path.join(directory, MANIFEST), manifest)
     return manifest
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from data_prep import readers, tokenizer as tok
+from data_prep.atomic import save_npy, write_json
 from data_prep.clean import FilterConfig, clean, parse_json_line
 from data_prep.dedup import MinHasher, NearDupIndex, exact_hash
 from data_prep.indexed import IndexedWriter, read_index, token_dtype
@@ -177,29 +178,14 @@ class _ShardSet:
             return
         prefix = self.prefix(self.index)
         info = self.writer.close()
-        _save_npy(f"{prefix}.hashes.npy", np.asarray(self.hashes, dtype=np.uint64))
+        save_npy(f"{prefix}.hashes.npy", np.asarray(self.hashes, dtype=np.uint64))
         if self.sigs:
-            _save_npy(f"{prefix}.minhash.npy", np.stack(self.sigs))
+            save_npy(f"{prefix}.minhash.npy", np.stack(self.sigs))
         shard = {"path": os.path.basename(prefix), **info}
-        _write_json(f"{prefix}.state.json", {"shard": shard, "cursor": cursor, "counts": counts})
+        write_json(f"{prefix}.state.json", {"shard": shard, "cursor": cursor, "counts": counts})
         self.committed.append(shard)
         self.index += 1
         self.writer, self.hashes, self.sigs = None, [], []
-
-
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _records(files: list[str], opts: PrepareOptions, empty_files: list[str]):
@@ -243,7 +229,7 @@ def _restore(shards: _ShardSet, fingerprint: dict, dedup: NearDupIndex | None, s
         if previous != fingerprint:
             raise ValueError(f"{shards.dir} holds output of a run with different options; use a new --output "
                              f"directory (or delete it) to start over")
-    _write_json(state_path, fingerprint)
+    write_json(state_path, fingerprint)
     cursor, counts = 0, {}
     while os.path.exists(f"{shards.prefix(shards.index)}.state.json"):
         prefix = shards.prefix(shards.index)
@@ -409,5 +395,5 @@ def _write_manifest(opts, shards: _ShardSet, counts: Counter, tokenizer_path, vo
         "world_size": opts.world_size,
     }
     name = MANIFEST if opts.world_size == 1 else f"manifest-r{opts.rank:03d}.json"
-    _write_json(os.path.join(opts.output, name), manifest)
+    write_json(os.path.join(opts.output, name), manifest)
     return manifest

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Iterable, Iterator
 
+from data_prep.atomic import write_json
+
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _EOS_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
@@ -27,19 +29,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
     tok.save(tmp)
     os.replace(tmp, path)
     # What transformers.AutoTokenizer needs to load this directory (used by the HF export).
-    _write_json(os.path.join(output_dir, "tokenizer_config.json"), {
+    write_json(os.path.join(output_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN,
         "pad_token": PAD_TOKEN, "unk_token": None, "model_max_length": 1_000_000_000, "add_bos_token": False})
-    _write_json(os.path.join(output_dir, "special_tokens_map.json"),
-                {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": PAD_TOKEN})
+    write_json(os.path.join(output_dir, "special_tokens_map.json"),
+               {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": PAD_TOKEN})
     return path
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def resolve(path: str) -> str:

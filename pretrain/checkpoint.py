@@ -15,16 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.atomic import write_json, write_text
+
 LATEST = "latest"
 COMPLETE = "complete"
 META = "meta.json"
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def read_meta(load_dir: str) -> dict | None:
@@ -91,15 +86,10 @@ def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: i
     torch.save(_rng_state(), os.path.join(save_dir, tag, f"rng_rank{rank:05d}.pt"))
     _barrier()  # every rank's shards and RNG are on disk
     if rank == 0:
-        _write_json(os.path.join(save_dir, tag, META), {**layout, "iteration": iteration, "universal": False})
+        write_json(os.path.join(save_dir, tag, META), {**layout, "iteration": iteration, "universal": False})
         with open(os.path.join(save_dir, tag, COMPLETE), "w") as f:
             f.write(str(iteration))
-        tmp = os.path.join(save_dir, LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(save_dir, LATEST))
+        write_text(os.path.join(save_dir, LATEST), tag)
         _prune(save_dir, keep_last, keep=tag)
     _barrier()
     return os.path.join(save_dir, tag)

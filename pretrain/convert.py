@@ -13,7 +13,8 @@ import shutil
 import sys
 from types import SimpleNamespace
 
-from pretrain.checkpoint import COMPLETE, LATEST, META, _write_json, read_meta
+from data_prep.atomic import write_json, write_text
+from pretrain.checkpoint import COMPLETE, LATEST, META, read_meta
 
 
 def convert(load_dir: str, output_dir: str, tag: str | None = None, workers: int = 1) -> str:
@@ -30,16 +31,14 @@ def convert(load_dir: str, output_dir: str, tag: str | None = None, workers: int
     ds_to_universal(SimpleNamespace(input_folder=os.path.join(load_dir, tag), output_folder=tmp,
                                     num_extract_workers=workers, num_merge_workers=workers,
                                     keep_temp_folder=False, strict=True, inject_missing_state=True))
-    _write_json(os.path.join(tmp, META), {**{k: v for k, v in meta.items() if k != "tag"}, "universal": True,
-                                          "converted_from": os.path.abspath(os.path.join(load_dir, tag))})
+    write_json(os.path.join(tmp, META), {**{k: v for k, v in meta.items() if k != "tag"}, "universal": True,
+                                         "converted_from": os.path.abspath(os.path.join(load_dir, tag))})
     with open(os.path.join(tmp, COMPLETE), "w") as f:
         f.write(str(meta["iteration"]))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     for name in (LATEST, "latest_universal"):  # DeepSpeed reads latest_universal in universal mode
-        with open(os.path.join(output_dir, name + ".tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(output_dir, name + ".tmp"), os.path.join(output_dir, name))
+        write_text(os.path.join(output_dir, name), tag)
     return out
 
 
