@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     where = _where()
     rows: list[tuple[str, str, str]] = []
 
-    dp_args = ["--input", os.path.join(ROOT, "data_prep"), "--vocab-size", "400"] if a.quick else []
+    dp_args = ["--input", os.path.join(ROOT, "data_prep"), "--vocab-size", "400", "--repeat", "1"] if a.quick else []
     dp = _run("data_prep_throughput.py", dp_args, work)
     for n in (1, 2):
         r = dp.get(f"workers_{n}")

@@ -30,13 +30,15 @@ def test_loader_benchmark_runs_at_tiny_size(tmp_path):
 
 def test_data_prep_benchmark_runs_at_tiny_size(tmp_path):
     res = subprocess.run([sys.executable, "bench/data_prep_throughput.py", "--input", str(ROOT / "data_prep"),
-                          "--vocab-size", "400", "--workers", "1", "2", "--json", str(tmp_path / "r.jsonl")],
+                          "--vocab-size", "400", "--workers", "1", "2", "--repeat", "2",
+                          "--json", str(tmp_path / "r.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "r.jsonl").read_text())
     for n in (1, 2):
         r = result[f"workers_{n}"]
         assert r["raw_tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and r["ratio"] > 0
+        assert len(r["ratios"]) == 2 and r["ratio"] in r["ratios"]
 
 
 def test_all_benchmarks_in_one_command_print_one_table(tmp_path):
