@@ -14,16 +14,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.report import emit  # noqa: E402
+from bench.report import emit, single_rank_env  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="append the fitted coefficients as one JSON line to this file")
     a = p.parse_args(argv)
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29612"}.items():
-        os.environ.setdefault(k, v)
+    single_rank_env(29612)
     import torch
 
     from pretrain.memory import fit_activation_model

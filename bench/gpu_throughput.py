@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.report import emit  # noqa: E402
+from bench.report import emit, single_rank_env  # noqa: E402
 import torch  # noqa: E402
 
 from pretrain.config import preset  # noqa: E402
@@ -135,9 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="ours: torch.compile every transformer layer")
     p.add_argument("--fuse-swiglu", action="store_true", help="ours: megatron's fused SwiGLU")
     a = p.parse_args(argv)
-    os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0"), os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29611")
+    single_rank_env(29611)
     cfg = preset(a.model, seq_length=a.seq_length)
     from pretrain.metrics import device_peak_tflops
 

@@ -156,7 +156,8 @@ def _prepare(a) -> int:
                           text_suffixes=tuple(a.text_suffix), exclude=tuple(a.exclude),
                           include=tuple(a.include), shard_tokens=a.shard_size,
                           filters=_filters(a), dedup=a.dedup, near_threshold=a.near_threshold,
-                          num_perm=a.num_perm, strict=a.strict, chunk_docs=a.chunk_docs, chunk_bytes=int(a.chunk_mb * 2**20), rank=rank, world_size=world,
+                          num_perm=a.num_perm, strict=a.strict, chunk_docs=a.chunk_docs,
+                          chunk_bytes=int(a.chunk_mb * 2**20), rank=rank, world_size=world,
                           progress={"auto": None, "bar": True, "log": False}[a.progress])
     man = prepare(opts)
     c = man["counts"]

@@ -87,8 +87,7 @@ def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: i
     _barrier()  # every rank's shards and RNG are on disk
     if rank == 0:
         write_json(os.path.join(save_dir, tag, META), {**layout, "iteration": iteration, "universal": False})
-        with open(os.path.join(save_dir, tag, COMPLETE), "w") as f:
-            f.write(str(iteration))
+        write_text(os.path.join(save_dir, tag, COMPLETE), str(iteration))
         write_text(os.path.join(save_dir, LATEST), tag)
         _prune(save_dir, keep_last, keep=tag)
     _barrier()

@@ -33,8 +33,7 @@ def convert(load_dir: str, output_dir: str, tag: str | None = None, workers: int
                                     keep_temp_folder=False, strict=True, inject_missing_state=True))
     write_json(os.path.join(tmp, META), {**{k: v for k, v in meta.items() if k != "tag"}, "universal": True,
                                          "converted_from": os.path.abspath(os.path.join(load_dir, tag))})
-    with open(os.path.join(tmp, COMPLETE), "w") as f:
-        f.write(str(meta["iteration"]))
+    write_text(os.path.join(tmp, COMPLETE), str(meta["iteration"]))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     for name in (LATEST, "latest_universal"):  # DeepSpeed reads latest_universal in universal mode

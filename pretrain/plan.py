@@ -99,8 +99,8 @@ def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
     last = layers + h + (0 if cfg.tie_embeddings and pp == 1 else embed)
     per_stage = first + last - layers if pp == 1 else max(first, last)
     d = cfg.head_dim
-    largest = max(embed, 2 * cfg.ffn_hidden_size * h // tp, cfg.ffn_hidden_size * h // tp,
-                  h * d * (cfg.num_attention_heads + 2 * cfg.num_query_groups) // tp)
+    largest = max(embed, 2 * cfg.ffn_hidden_size * h // tp,  # embedding / output, fc1 (gate+up)
+                  h * d * (cfg.num_attention_heads + 2 * cfg.num_query_groups) // tp)  # qkv
     return {"per_gpu": per_stage, "largest_module": largest}
 
 

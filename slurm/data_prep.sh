@@ -2,8 +2,8 @@
 # Data prep on Slurm: a job array over slices of the inputs, then a merge job that runs after all succeed.
 # Submit both with one command, from the repo root:
 #   bash slurm/data_prep.sh submit --tasks 16 --output /data/tokens -- --input /raw/*.jsonl.zst --tokenizer tok/
-# (add --wait before -- to block until the merge finished; SBATCH_EXTRA_ARGS adds sbatch options to both jobs). Inside the array, each task reads its rank from
-# SLURM_ARRAY_TASK_ID/COUNT; exact dedup is made global by the merge.
+# (add --wait before -- to block until the merge finished; SBATCH_EXTRA_ARGS adds sbatch options to both jobs).
+# Inside the array, each task reads its rank from SLURM_ARRAY_TASK_ID/COUNT; exact dedup is made global by the merge.
 #SBATCH --job-name=data-prep
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
