@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _CONTROL_ASCII = bytes([*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f])  # the same set, for bytes.translate
 _WORD = re.compile(r"\S+")
+# Whitespace that str.split() knows besides space, tab, newline and the control characters removed first.
+# tests/test_data_prep.py checks this against str.isspace over all of Unicode.
+_OTHER_SPACE = re.compile("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 
 
 @dataclass
@@ -60,15 +63,29 @@ def normalize(text: str) -> str:
     space and the ends are stripped; 3+ newlines become 2. Plain str methods, not regexes, where they do the
     same job: on source code (indentation, aligned comments) the regex substitutions cost 2x as much."""
     text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():  # bytes.translate deletes in one C pass, 2x faster than the regex
         text = text.encode("ascii").translate(None, _CONTROL_ASCII).decode("ascii")
     else:
         text = _CONTROL.sub("", text)
-    text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+    text = _collapse_spaces(text)
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
     return text.strip()
+
+
+def _collapse_spaces(text: str) -> str:
+    """Per line: runs of whitespace -> one space, ends stripped. split/join makes an object per word, so it runs
+    only on lines that need it: when space and tab are the only whitespace left (nearly always), str.strip
+    handles the line ends and only lines with an inner run are split. 1.4x faster on source code, more on prose."""
+    if text.isascii() or not _OTHER_SPACE.search(text):
+        text = text.replace("\t", " ")
+        lines = list(map(str.strip, text.split("\n")))
+        if "  " in text:
+            lines = [" ".join(line.split()) if "  " in line else line for line in lines]
+        return "\n".join(lines)
+    return "\n".join(" ".join(line.split()) for line in text.split("\n"))
 
 
 def quality_reason(text: str, cfg: FilterConfig) -> str | None:

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per shard (closed at the next chunk boundary past it)")
     p.add_argument("--chunk-docs", type=int, default=512,
                    help="documents per work unit; shards close (and resume restarts) at unit boundaries")
-    p.add_argument("--chunk-mb", type=float, default=1.0,
+    p.add_argument("--chunk-mb", type=float, default=0.25,
                    help="a work unit also closes past this many MB of input (keeps workers evenly loaded)")
     p.add_argument("--dedup", choices=["none", "exact", "near"], default="exact",
                    help="exact: hash of the normalised text (default); near: also MinHash-LSH")

@@ -53,7 +53,8 @@ class PrepareOptions:
     rank: int = 0
     world_size: int = 1
     chunk_docs: int = 512  # a work unit closes at this many records...
-    chunk_bytes: int = 2**20  # ...or past this many bytes of input, whichever comes first
+    chunk_bytes: int = 2**18  # ...or past this many bytes of input, whichever comes first (small units leave
+    # less time with a core idle at the end: 0.15-0.2 s of a 6 s run on 2 cores, against 0.3-0.45 s with 1 MB)
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
 
     def fingerprint(self) -> dict:

@@ -143,6 +143,24 @@ def test_normalize_nfc_control_chars_whitespace():
     assert normalize("x\u00a0\u3000y\x85 ") == "x y"
 
 
+def test_collapse_spaces_fast_path_equals_split_join():
+    """The str.strip fast path must give exactly what per-line split/join gives, and it may only be taken when
+    _OTHER_SPACE knows every whitespace character that survives control-character removal."""
+    import random
+    import sys
+
+    from data_prep.clean import _CONTROL, _OTHER_SPACE, _collapse_spaces
+
+    others = {chr(c) for c in range(sys.maxunicode + 1)
+              if chr(c).isspace() and chr(c) not in " \t\n\r" and not _CONTROL.match(chr(c))}
+    assert others and all(_OTHER_SPACE.match(c) for c in others)
+    rng = random.Random(0)
+    for alphabet in (" \t\nab", " \t\nab\u00e9", " \t\nab\u00a0\u2028\u3000\u2009"):
+        for _ in range(5000):
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+            assert _collapse_spaces(s) == "\n".join(" ".join(line.split()) for line in s.split("\n")), repr(s)
+
+
 @pytest.mark.parametrize("text, cfg, reason", [
     ("", FilterConfig(), "empty"),
     ("short", FilterConfig(min_chars=10), "too_short"),
