@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--batches", type=int, default=300, help="micro-batches timed per worker count")
+    p.add_argument("--batches", type=int, default=300, help="micro-batches timed per pass")
+    p.add_argument("--repeat", type=int, default=5, help="timed passes per worker count; the median is reported")
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--dir", help="where to write the dataset (default: a temporary directory, removed after)")
@@ -97,17 +98,21 @@ def main(argv=None) -> int:
             it = micro_batches(train, 0, a.micro_batch_size, 0, 1, num_workers=workers)
             for _ in range(min(10, a.batches)):  # worker start-up and first fetches are not steady state
                 next(it)
-            n, t0 = 0, time.perf_counter()
-            for batch in it:
-                assert batch["tokens"].shape == (a.micro_batch_size, a.seq_length)
-                n += 1
-                if n == a.batches:
-                    break
-            dt = time.perf_counter() - t0
-            tps = n * per_batch / dt
+            rates = []
+            for _ in range(a.repeat):  # one pass of 300 batches takes ~0.1 s at num_workers=0: noisy alone
+                n, t0 = 0, time.perf_counter()
+                for batch in it:
+                    assert batch["tokens"].shape == (a.micro_batch_size, a.seq_length)
+                    n += 1
+                    if n == a.batches:
+                        break
+                rates.append(n / (time.perf_counter() - t0))
+            rate = sorted(rates)[len(rates) // 2]
+            tps = rate * per_batch
             result[f"workers_{workers}_tokens_per_s"] = round(tps)
             print(f"num_workers={workers}: {tps / 1e6:.2f}M tokens/s per rank "
-                  f"({n / dt:.0f} micro-batches/s of {a.micro_batch_size}x{a.seq_length})", flush=True)
+                  f"({rate:.0f} micro-batches/s of {a.micro_batch_size}x{a.seq_length}, median of {a.repeat} passes)",
+                  flush=True)
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
