@@ -329,8 +329,10 @@ def _bytes_of(out) -> dict:
 def test_output_identical_whatever_the_worker_count(tmp_path, tokenizer_dir, corpus):
     run_prepare([corpus], tokenizer_dir, tmp_path / "w1", workers=1, shard_tokens=20000, chunk_docs=64)
     run_prepare([corpus], tokenizer_dir, tmp_path / "w2", workers=2, shard_tokens=20000, chunk_docs=64)
-    a, b = _bytes_of(tmp_path / "w1"), _bytes_of(tmp_path / "w2")
-    assert len(a) > 4 and a == b
+    # 6 workers: past THREADS_PER_PROCESS, so 2 forkserver processes of 3 threads each
+    run_prepare([corpus], tokenizer_dir, tmp_path / "w6", workers=6, shard_tokens=20000, chunk_docs=64)
+    a, b, c = _bytes_of(tmp_path / "w1"), _bytes_of(tmp_path / "w2"), _bytes_of(tmp_path / "w6")
+    assert len(a) > 4 and a == b == c
 
 
 def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path, tokenizer_dir, corpus):
