@@ -22,6 +22,7 @@ _OTHER_SPACE = re.compile("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3
 @dataclass
 class FilterConfig:
     normalize: bool = True  # NFC, strip control characters, collapse whitespace runs
+    keep_indent: bool = False  # with normalize: keep each line's leading whitespace as it is (source code)
     min_chars: int | None = 1
     max_chars: int | None = 1_000_000
     min_words: int | None = None
@@ -58,9 +59,10 @@ def parse_json_line(raw: bytes, text_key: str) -> tuple[str | None, str | None]:
     return text, None
 
 
-def normalize(text: str) -> str:
+def normalize(text: str, keep_indent: bool = False) -> str:
     """NFC; CRLF/CR -> LF; control characters removed; within each line, runs of Unicode whitespace become one
-    space and the ends are stripped; 3+ newlines become 2. Plain str methods, not regexes, where they do the
+    space and the ends are stripped (with keep_indent, a line's leading whitespace stays as it is, so that code
+    keeps its meaning); 3+ newlines become 2. Plain str methods, not regexes, where they do the
     same job: on source code (indentation, aligned comments) the regex substitutions cost 2x as much."""
     text = unicodedata.normalize("NFC", text)
     if "\r" in text:
@@ -69,10 +71,10 @@ def normalize(text: str) -> str:
         text = text.encode("ascii").translate(None, _CONTROL_ASCII).decode("ascii")
     else:
         text = _CONTROL.sub("", text)
-    text = _collapse_spaces(text)
+    text = _collapse_spaces_keep_indent(text) if keep_indent else _collapse_spaces(text)
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
-    return text.strip()
+    return text.strip("\n") if keep_indent else text.strip()
 
 
 def _collapse_spaces(text: str) -> str:
@@ -86,6 +88,21 @@ def _collapse_spaces(text: str) -> str:
             lines = [" ".join(line.split()) if "  " in line else line for line in lines]
         return "\n".join(lines)
     return "\n".join(" ".join(line.split()) for line in text.split("\n"))
+
+
+def _collapse_spaces_keep_indent(text: str) -> str:
+    """As _collapse_spaces, but each line's leading whitespace is kept verbatim (whitespace-only lines empty)."""
+    lines = []
+    for line in text.split("\n"):
+        body = line.lstrip()
+        if body:
+            indent = line[:len(line) - len(body)]
+            body = body.rstrip()
+            lines.append(indent + (" ".join(body.split()) if "  " in body or not body.isascii() or "\t" in body
+                                   else body))
+        else:
+            lines.append("")
+    return "\n".join(lines)
 
 
 def quality_reason(text: str, cfg: FilterConfig) -> str | None:
@@ -127,6 +144,6 @@ def quality_reason(text: str, cfg: FilterConfig) -> str | None:
 def clean(text: str, cfg: FilterConfig) -> tuple[str | None, str | None]:
     """-> (clean text, None) or (None, reason)."""
     if cfg.normalize:
-        text = normalize(text)
+        text = normalize(text, cfg.keep_indent)
     reason = quality_reason(text, cfg)
     return (None, reason) if reason else (text, None)

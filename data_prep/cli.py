@@ -35,9 +35,15 @@ def _add_reader_args(p):
     p.add_argument("--strict", action="store_true", help="bad input is an error instead of a counted skip")
 
 
+def _add_normalize_args(p):
+    p.add_argument("--no-normalize", action="store_true", help="skip NFC / control-char / whitespace cleaning")
+    p.add_argument("--keep-indent", action="store_true",
+                   help="normalise whitespace inside lines but keep each line's indentation (source code)")
+
+
 def _add_filter_args(p):
     d = FilterConfig()
-    p.add_argument("--no-normalize", action="store_true", help="skip NFC / control-char / whitespace cleaning")
+    _add_normalize_args(p)
     p.add_argument("--min-chars", type=int, default=d.min_chars)
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="longer documents are dropped (too_long)")
     p.add_argument("--gopher", action="store_true", help="turn on the Gopher quality heuristics (below)")
@@ -51,7 +57,7 @@ def _add_filter_args(p):
 
 def _filters(a) -> FilterConfig:
     cfg = FilterConfig.gopher() if a.gopher else FilterConfig()
-    cfg.normalize = not a.no_normalize
+    cfg.normalize, cfg.keep_indent = not a.no_normalize, a.keep_indent
     cfg.min_chars, cfg.max_chars = a.min_chars, a.max_chars
     for name in ("min_words", "min_alpha_word_fraction", "min_mean_word_length", "max_mean_word_length",
                  "max_symbol_ratio", "max_duplicate_line_fraction"):
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--output", required=True, help="directory")
     t.add_argument("--max-docs", type=int, help="train on at most this many documents")
+    _add_normalize_args(t)  # train on the text `prepare` will tokenize: give both the same normalisation
 
     p = sub.add_parser("prepare", help="clean, dedup, tokenize and pack into .bin/.idx shards")
     _add_reader_args(p)
@@ -124,7 +131,7 @@ def _train_tokenizer(a) -> int:
     from data_prep.clean import clean, parse_json_line
     from data_prep.readers import expand_inputs, read_file
 
-    cfg = FilterConfig()
+    cfg = FilterConfig(normalize=not a.no_normalize, keep_indent=a.keep_indent)
 
     def texts():
         for path in expand_inputs(a.input, tuple(a.text_suffix), tuple(a.exclude), tuple(a.include)):

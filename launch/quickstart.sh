@@ -10,7 +10,7 @@ PY=.venv/bin/python
 WORK=${QUICKSTART_DIR:-runs/quickstart}
 STEPS=${QUICKSTART_STEPS:-300}
 STDLIB=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-CORPUS=(--input "$STDLIB" --text-suffix .py --include '*.py' --exclude '*/site-packages/*')
+CORPUS=(--input "$STDLIB" --text-suffix .py --include '*.py' --exclude '*/site-packages/*' --keep-indent)
 mkdir -p "$WORK"
 
 echo "== 1/3 tokenizer: byte-level BPE, 4096 tokens, on $STDLIB"

@@ -161,6 +161,45 @@ def test_collapse_spaces_fast_path_equals_split_join():
             assert _collapse_spaces(s) == "\n".join(" ".join(line.split()) for line in s.split("\n")), repr(s)
 
 
+def test_keep_indent_keeps_code_indentation_end_to_end(tmp_path, tokenizer_dir):
+    from data_prep.cli import main
+
+    src = "\n\ndef f(x):\n    if x:   # note \n\treturn  x\t\n\n\n\n   \nclass A:\r\n        pass\u00a0\u00a0y\n"
+    assert normalize(src) == "def f(x):\nif x: # note\nreturn x\n\nclass A:\npass y"
+    kept = normalize(src, keep_indent=True)
+    assert kept == "def f(x):\n    if x: # note\n\treturn x\n\nclass A:\n        pass y"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text(src)
+    assert main(["prepare", "--input", str(tmp_path / "src"), "--text-suffix", ".py", "--keep-indent",
+                 "--tokenizer", tokenizer_dir, "--output", str(tmp_path / "out"), "--progress", "log"]) == 0
+    from data_prep.tokenizer import eod_id, load
+
+    tok = load(tokenizer_dir)
+    assert read_back(tmp_path / "out") == [tok.encode(kept, add_special_tokens=False).ids
+                                           + [eod_id(tok, tokenizer_dir)]]
+    man = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert man["options"]["filters"]["keep_indent"] is True
+
+
+def test_train_tokenizer_cli_sees_the_same_normalisation(tmp_path):
+    """train-tokenizer --keep-indent learns indentation merges; without it, it never sees runs of spaces."""
+    from data_prep.cli import main
+    from data_prep.tokenizer import load
+
+    rng = random.Random(3)
+    (tmp_path / "src").mkdir()
+    for i in range(40):
+        body = "\n".join(f"{' ' * 4 * rng.randint(1, 3)}x{j} = y{j}" for j in range(30))
+        (tmp_path / "src" / f"m{i}.py").write_text(f"def f{i}():\n{body}\n")
+    for flags, name in (([], "plain"), (["--keep-indent"], "indent")):
+        assert main(["train-tokenizer", "--input", str(tmp_path / "src"), "--text-suffix", ".py", "--vocab-size",
+                     "300", "--output", str(tmp_path / name), *flags]) == 0
+    line = "\n            x1 = y1"
+    plain, indent = (len(load(str(tmp_path / n)).encode(line, add_special_tokens=False).ids)
+                     for n in ("plain", "indent"))
+    assert indent < plain - 4, (indent, plain)
+
+
 @pytest.mark.parametrize("text, cfg, reason", [
     ("", FilterConfig(), "empty"),
     ("short", FilterConfig(min_chars=10), "too_short"),
