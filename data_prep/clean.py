@@ -92,17 +92,11 @@ def _collapse_spaces(text: str) -> str:
 
 def _collapse_spaces_keep_indent(text: str) -> str:
     """As _collapse_spaces, but each line's leading whitespace is kept verbatim (whitespace-only lines empty)."""
-    lines = []
-    for line in text.split("\n"):
-        body = line.lstrip()
-        if body:
-            indent = line[:len(line) - len(body)]
-            body = body.rstrip()
-            lines.append(indent + (" ".join(body.split()) if "  " in body or not body.isascii() or "\t" in body
-                                   else body))
-        else:
-            lines.append("")
-    return "\n".join(lines)
+    lines = text.split("\n")
+    bodies = [line.lstrip() for line in lines]
+    collapsed = _collapse_spaces("\n".join(bodies)).split("\n")  # one line in, one line out
+    return "\n".join(line[:len(line) - len(body)] + done if done else ""
+                     for line, body, done in zip(lines, bodies, collapsed))
 
 
 def quality_reason(text: str, cfg: FilterConfig) -> str | None:

@@ -149,7 +149,7 @@ def test_collapse_spaces_fast_path_equals_split_join():
     import random
     import sys
 
-    from data_prep.clean import _CONTROL, _OTHER_SPACE, _collapse_spaces
+    from data_prep.clean import _CONTROL, _OTHER_SPACE, _collapse_spaces, _collapse_spaces_keep_indent
 
     others = {chr(c) for c in range(sys.maxunicode + 1)
               if chr(c).isspace() and chr(c) not in " \t\n\r" and not _CONTROL.match(chr(c))}
@@ -159,6 +159,9 @@ def test_collapse_spaces_fast_path_equals_split_join():
         for _ in range(5000):
             s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
             assert _collapse_spaces(s) == "\n".join(" ".join(line.split()) for line in s.split("\n")), repr(s)
+            indented = "\n".join(line[:len(line) - len(line.lstrip())] + " ".join(line.split()) if line.strip()
+                                 else "" for line in s.split("\n"))
+            assert _collapse_spaces_keep_indent(s) == indented, repr(s)
 
 
 def test_keep_indent_keeps_code_indentation_end_to_end(tmp_path, tokenizer_dir):
