@@ -26,20 +26,16 @@ def main(argv=None) -> int:
 
     from pretrain.memory import fit_activation_model
     from pretrain.parallel import init_distributed
+    from pretrain.plan import ACTIVATION_COEFFICIENTS
 
     init_distributed(1, 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fitted = fit_activation_model()
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "fitted": fitted}
-    try:
-        from pretrain.plan import ACTIVATION_COEFFICIENTS
-
-        stored = ACTIVATION_COEFFICIENTS[device]
-        result["max_abs_diff_vs_planner"] = max(abs(fitted[m][k] - stored[m].get(k, 0.0))
-                                                for m in fitted for k in fitted[m])
-    except ImportError:
-        pass
+    stored = ACTIVATION_COEFFICIENTS[device]
+    result["max_abs_diff_vs_planner"] = max(abs(fitted[m][k] - stored[m].get(k, 0.0))
+                                            for m in fitted for k in fitted[m])
     return emit(result, a.json, indent=1)
 
 

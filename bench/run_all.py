@@ -22,6 +22,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from data_prep.atomic import write_text  # noqa: E402
+
 RECORDED = os.path.join(ROOT, "bench", "results_h100.jsonl")
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 
@@ -40,6 +42,11 @@ def _where() -> str:
     return f"{os.cpu_count()}-core CPU ({platform.machine()}), {datetime.date.today()}"
 
 
+def _kernels(r: dict) -> str:
+    """The opt-in kernels a GPU record was measured with."""
+    return ", ".join(k for k in ("compile", "fuse_swiglu") if r.get(k))
+
+
 def _gpu_rows(records: list[dict], where: str) -> list[tuple[str, str, str]]:
     rows = []
     tagged = [r for r in records if isinstance(r.get("ours"), dict) and r["ours"].get("mfu")]
@@ -47,7 +54,7 @@ def _gpu_rows(records: list[dict], where: str) -> list[tuple[str, str, str]]:
         return rows
     best = max(tagged, key=lambda r: r["ours"]["mfu"] if r["model"] == "1b" and r["seq"] == 2048 else 0)
     o = best["ours"]
-    opts = ", ".join(k for k in ("compile", "fuse_swiglu") if best.get(k))
+    opts = _kernels(best)
     rows.append((f"1b seq {best['seq']}, best measured: micro-batch {best['micro_batch']} x {best['grad_accum']} "
                  f"accumulation, ZeRO-{best['zero']}, recompute {best['recompute']}" + (f", {opts}" if opts else ""),
                  f"{o['tokens_per_s']:,} tok/s, {o['mfu']:.1%} MFU, {o['peak_mem_gb']} GiB",
@@ -55,7 +62,7 @@ def _gpu_rows(records: list[dict], where: str) -> list[tuple[str, str, str]]:
     paired = [r for r in tagged if isinstance(r.get("baseline"), dict)]
     for r in sorted(paired, key=lambda r: (-r["params_M"], r["seq"]))[:6]:
         b = r["baseline"]
-        opts = ", ".join(k for k in ("compile", "fuse_swiglu") if r.get(k))
+        opts = _kernels(r)
         rows.append((f"{r['model']} seq {r['seq']} mb {r['micro_batch']}x{r['grad_accum']} {r['recompute']}"
                      + (f" ({opts})" if opts else "") + ": ours vs HF Llama loop",
                      f"{r['ours']['tokens_per_s']:,} vs {b['tokens_per_s']:,} tok/s ({r['ours_over_baseline']:.2f}x); "
@@ -143,10 +150,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"README.md has no {BEGIN} ... {END} markers to replace")
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-        os.replace(tmp, path)
+        write_text(path, f"{head}{BEGIN}\n{table}\n{END}{tail}")
         print(f"updated {path}")
     return 0
 

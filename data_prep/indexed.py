@@ -36,11 +36,7 @@ class IndexedWriter:
         self.tokens = 0
 
     def add(self, ids: np.ndarray) -> None:
-        data = np.ascontiguousarray(ids, dtype=self.dtype).tobytes()
-        self._bin.write(data)
-        self._sha.update(data)
-        self.lengths.append(len(ids))
-        self.tokens += len(ids)
+        self.add_many(ids, [len(ids)])
 
     def add_many(self, flat: np.ndarray, lengths: list[int]) -> None:
         """Several documents at once: `flat` holds them back to back."""

@@ -361,9 +361,10 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, 
                 sigs.append(sig)
             if lengths:
                 shards.add(flat if keep.all() else flat[keep], lengths, hashes, sigs)
+            kept_tokens = sum(lengths)
             counts["kept"] += len(lengths)
-            counts["tokens"] += sum(lengths)
-            tokens_done += sum(lengths)
+            counts["tokens"] += kept_tokens
+            tokens_done += kept_tokens
             progress.update(len(outcomes), counts["read"], tokens_done)
             if shards.open_tokens >= opts.shard_tokens:
                 shards.commit(chunk_index + 1, dict(counts))

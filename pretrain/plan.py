@@ -162,7 +162,8 @@ def plan(p: PlanInput) -> dict:
     logits = tokens * v * 2
 
     forward_peak = params + optim + (grads32 if p.zero == 3 else 0) + gathered + acts + head + logits
-    step_peak = params + grads16 + grads32 + optim + gathered + buckets
+    states = params + grads16 + grads32 + optim + gathered
+    step_peak = states + buckets
     peak = max(forward_peak, step_peak)
     need = peak * (1 + FRAGMENTATION) + RESERVED_GIB * GiB
 
@@ -181,11 +182,11 @@ def plan(p: PlanInput) -> dict:
         "memory_gib": {"parameters": gib(params), "gradients": gib(grads16 + grads32), "optimizer_states": gib(optim),
                        "zero3_gathered": gib(gathered), "communication_buckets": gib(buckets),
                        "activations": gib(acts), "output_and_loss": gib(head + logits),
-                       "model_states": gib(params + grads16 + grads32 + optim + gathered),
+                       "model_states": gib(states),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
                        "with_reserve": gib(need), "device": gpu.memory_gib, "cpu_offload_per_node":
                            gib(cpu * p.gpus_per_node * 1.5)},
-        "model_states_bytes": int(params + grads16 + grads32 + optim + gathered),
+        "model_states_bytes": int(states),
         "fits": need <= gpu.memory_gib * GiB,
         "speed": {"mfu": p.mfu, "tokens_per_s_per_gpu": round(tokens_per_gpu_s),
                   "tokens_per_s": round(tokens_per_s), "step_s": round(step_tokens / tokens_per_s, 3),
