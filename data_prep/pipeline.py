@@ -31,6 +31,7 @@ from data_prep.indexed import IndexedWriter, read_index, token_dtype
 
 log = logging.getLogger("data_prep")
 MANIFEST = "manifest.json"
+FINISHED = -1  # the input position a run's last commit records: nothing left to read
 
 
 @dataclass
@@ -319,12 +320,17 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, 
     seen: set[int] = set()
     cursor, counts = _restore(shards, opts.fingerprint(), near, seen)
     counts = Counter(counts)
-    if cursor:
+    if cursor == FINISHED:
+        log.info("%d committed shard(s) already hold the whole input; verified, rewriting the manifest",
+                 shards.index)
+    elif cursor:
         log.info("resuming after %d committed shard(s), at input chunk %d", shards.index, cursor)
 
     empty_files: list[str] = []
     records = _records(files, opts, empty_files)
-    chunks = itertools.islice(_chunks(records, opts.chunk_docs, opts.chunk_bytes), cursor, None)
+    # Skipped chunks are still read (not tokenized): the reader counts empty files as it goes.
+    skip = sys.maxsize if cursor == FINISHED else cursor
+    chunks = itertools.islice(_chunks(records, opts.chunk_docs, opts.chunk_bytes), skip, None)
     if pool is not None:
         results = itertools.chain.from_iterable(pool.imap(_process_chunks, _groups(chunks, threads)))
     else:
@@ -368,7 +374,7 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, 
             progress.update(len(outcomes), counts["read"], tokens_done)
             if shards.open_tokens >= opts.shard_tokens:
                 shards.commit(chunk_index + 1, dict(counts))
-        shards.commit(-1, dict(counts))
+        shards.commit(FINISHED, dict(counts))
     except BaseException:
         if shards.writer is not None:
             shards.writer.abort()

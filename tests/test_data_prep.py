@@ -398,6 +398,19 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path, tokenizer_dir, c
     assert _bytes_of(out) == _bytes_of(tmp_path / "ref")
 
 
+def test_rerun_of_a_finished_run_verifies_and_changes_nothing(tmp_path, tokenizer_dir, corpus):
+    """The same command again on a finished output (README command 1 run twice) succeeds, re-tokenizes
+    nothing, and leaves every byte as it was, empty-file count included."""
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "empty.jsonl").write_text("")
+    inputs = [corpus, tmp_path / "extra"]
+    first = run_prepare(inputs, tokenizer_dir, tmp_path / "out", shard_tokens=20000, chunk_docs=64)
+    assert first["counts"]["empty_files"] == 1 and len(first["shards"]) > 1
+    before = _bytes_of(tmp_path / "out")
+    again = run_prepare(inputs, tokenizer_dir, tmp_path / "out", shard_tokens=20000, chunk_docs=64)
+    assert again == first and _bytes_of(tmp_path / "out") == before
+
+
 def test_two_mpi_ranks_plus_merge_equal_a_single_process(tmp_path, tokenizer_dir, corpus):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
     if mpiexec is None:
