@@ -12,6 +12,12 @@ STEPS=${QUICKSTART_STEPS:-300}
 STDLIB=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 CORPUS=(--input "$STDLIB" --text-suffix .py --include '*.py' --exclude '*/site-packages/*' --keep-indent)
 mkdir -p "$WORK"
+# A tokenizer and shards made with other corpus options (an earlier version of this script) are rebuilt, not
+# reused: prepare refuses an output directory written with different options, and the tokenizer would not match.
+if [ "$(cat "$WORK/corpus.args" 2>/dev/null)" != "${CORPUS[*]}" ]; then
+  rm -rf "$WORK/tokenizer" "$WORK/data"
+  printf '%s' "${CORPUS[*]}" > "$WORK/corpus.args"
+fi
 
 echo "== 1/3 tokenizer: byte-level BPE, 4096 tokens, on $STDLIB"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
