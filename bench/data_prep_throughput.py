@@ -48,7 +48,8 @@ def raw_tokens_per_s(texts: list[str], tokenizer: str, threads: int) -> float:
             "texts=json.load(open(sys.argv[1])); best=0\n"
             "for _ in range(2):\n"
             "    tok=load(sys.argv[2])\n"
-            "    t0=time.perf_counter(); n=sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False))\n"
+            "    t0=time.perf_counter()\n"
+            "    n=sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False))\n"
             "    best=max(best, n/(time.perf_counter()-t0))\n"
             "print(best)")
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true"}

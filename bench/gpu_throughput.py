@@ -62,10 +62,8 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
           "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
                                 "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
                                 "stage3_param_persistence_threshold": 1e6}}
-    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute)
-    from pretrain.model import apply_speedups
-
-    apply_speedups(engine.module, compile_layers, fuse_swiglu)
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute, compile_layers=compile_layers,
+                          fused_swiglu=fuse_swiglu)
     if torch.cuda.is_available():  # model states (and buffers) before any activation exists
         MEASURED["model_states_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     from pretrain.compat import device
@@ -143,8 +141,9 @@ def main(argv=None) -> int:
     tokens = a.micro_batch_size * a.seq_length * a.grad_accum  # per optimizer step
     flops = cfg.flops_per_token(a.seq_length) * tokens
     result = {"model": a.model, "params_M": round(cfg.num_params() / 1e6, 1), "seq": a.seq_length,
-              "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute, "device": name,
-              "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile, "fuse_swiglu": a.fuse_swiglu}
+              "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute,
+              "device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile,
+              "fuse_swiglu": a.fuse_swiglu}
     runs = {"ours": lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps, a.warmup,
                                      a.compile, a.fuse_swiglu, a.grad_accum),
             "baseline": lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,

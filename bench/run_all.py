@@ -22,7 +22,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data_prep.atomic import write_text  # noqa: E402
+from common.files import write_text  # noqa: E402
 
 RECORDED = os.path.join(ROOT, "bench", "results_h100.jsonl")
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"

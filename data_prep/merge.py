@@ -7,14 +7,12 @@ is rewritten). The result holds the same tokens as a single-process run (with --
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
 
+from data_prep import manifest as manifest_file
 from data_prep.indexed import IndexedWriter, read_index
-from data_prep.atomic import write_json
-from data_prep.pipeline import MANIFEST
 
 
 def _documents(prefix: str):
@@ -29,7 +27,7 @@ def merge(directory: str, into: str | None = None) -> dict:
     paths = sorted(glob.glob(os.path.join(directory, "manifest-r*.json")))
     if not paths:
         raise FileNotFoundError(f"{directory}: no manifest-r*.json; run `prepare` with --world-size > 1 first")
-    manifests = [json.load(open(p)) for p in paths]
+    manifests = [manifest_file.read(directory, os.path.basename(p)) for p in paths]
     world = manifests[0]["world_size"]
     ranks = sorted(m["rank"] for m in manifests)
     if ranks != list(range(world)):
@@ -81,7 +79,7 @@ def merge(directory: str, into: str | None = None) -> dict:
         raise RuntimeError("accounting error while merging: read != kept + dropped")
     manifest = {**manifests[0], "shards": shards, "counts": counts, "rank": None, "world_size": world,
                 "inputs": [f for m in manifests for f in m["inputs"]], "merged_ranks": merged or ranks}
-    write_json(os.path.join(directory, MANIFEST), manifest)
+    manifest_file.write(directory, manifest, rank=0, world_size=1)
     return manifest
 
 

@@ -4,10 +4,9 @@ Determinism: records are cut into fixed-size chunks in input order; workers clea
 chunks (Pool.imap keeps order); the main process makes every keep/drop decision in input order and writes.
 So the output is byte-identical whatever --workers is.
 
-Resume: a shard is committed by writing its .state.json last (atomically), holding the input position (chunk
-count) and the running counts at that point, plus a .hashes.npy (and .minhash.npy) of its documents. A rerun
-verifies committed shards, restores the dedup state from them, skips the consumed chunks and continues; the
-final output equals an uninterrupted run's.
+Resume: shards are committed and restored by data_prep/shards.py; a rerun skips the consumed chunks and
+continues, and the final output equals an uninterrupted run's. The manifest it ends with is data_prep/manifest.py's
+contract with the trainer.
 """
 from __future__ import annotations
 
@@ -23,15 +22,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from data_prep import readers, tokenizer as tok
-from data_prep.atomic import save_npy, write_json
+from common.files import file_sha256
+from data_prep import manifest, readers, tokenizer as tok
 from data_prep.clean import FilterConfig, clean, parse_json_line
 from data_prep.dedup import MinHasher, NearDupIndex, exact_hash
-from data_prep.indexed import IndexedWriter, read_index, token_dtype
+from data_prep.indexed import token_dtype
+from data_prep.shards import FINISHED, ShardSet
 
 log = logging.getLogger("data_prep")
-MANIFEST = "manifest.json"
-FINISHED = -1  # the input position a run's last commit records: nothing left to read
 
 
 @dataclass
@@ -148,52 +146,11 @@ def _groups(items, size: int):
 
 
 # ------------------------------------------------------------------------------------------ main side
-class _ShardSet:
-    """The shards of one rank: the one being written, and commit markers for resume."""
-
-    def __init__(self, opts: PrepareOptions, dtype):
-        self.opts, self.dtype = opts, dtype
-        self.dir = opts.output
-        self.index = 0
-        self.writer: IndexedWriter | None = None
-        self.hashes: list[int] = []
-        self.sigs: list[np.ndarray] = []
-        self.committed: list[dict] = []
-
-    def prefix(self, i: int) -> str:
-        return os.path.join(self.dir, f"shard-r{self.opts.rank:03d}-{i:05d}")
-
-    def add(self, flat: np.ndarray, lengths: list[int], hashes: list[int], sigs: list) -> None:
-        """Documents (each already ending in EOD) back to back in `flat`."""
-        if self.writer is None:
-            self.writer = IndexedWriter(self.prefix(self.index), self.dtype)
-        self.writer.add_many(flat, lengths)
-        self.hashes += hashes
-        self.sigs += [s for s in sigs if s is not None]
-
-    @property
-    def open_tokens(self) -> int:
-        return self.writer.tokens if self.writer else 0
-
-    def commit(self, cursor: int, counts: dict) -> None:
-        if self.writer is None:
-            return
-        prefix = self.prefix(self.index)
-        info = self.writer.close()
-        save_npy(f"{prefix}.hashes.npy", np.asarray(self.hashes, dtype=np.uint64))
-        if self.sigs:
-            save_npy(f"{prefix}.minhash.npy", np.stack(self.sigs))
-        shard = {"path": os.path.basename(prefix), **info}
-        write_json(f"{prefix}.state.json", {"shard": shard, "cursor": cursor, "counts": counts})
-        self.committed.append(shard)
-        self.index += 1
-        self.writer, self.hashes, self.sigs = None, [], []
-
-
 def _records(files: list[str], opts: PrepareOptions, empty_files: list[str]):
     for path in files:
         n = 0
-        for n, rec in enumerate(readers.read_file(path, opts.text_key, opts.txt_mode, opts.strict), start=1):
+        for rec in readers.read_file(path, opts.text_key, opts.txt_mode, opts.strict):
+            n += 1
             yield rec
         if n == 0:
             if opts.strict:
@@ -220,43 +177,6 @@ def files_for_rank(files: list[str], rank: int, world_size: int) -> list[str]:
     """Contiguous blocks of the sorted inputs, so that rank order is input order (merge relies on it)."""
     n = len(files)
     return files[rank * n // world_size:(rank + 1) * n // world_size]
-
-
-def _restore(shards: _ShardSet, fingerprint: dict, dedup: NearDupIndex | None, seen: set):
-    """Verify committed shards of an earlier run and restore counts, dedup state and input position."""
-    state_path = os.path.join(shards.dir, f".prepare-r{shards.opts.rank:03d}.json")
-    if os.path.exists(state_path):
-        with open(state_path) as f:
-            previous = json.load(f)
-        if previous != fingerprint:
-            raise ValueError(f"{shards.dir} holds output of a run with different options; use a new --output "
-                             f"directory (or delete it) to start over")
-    write_json(state_path, fingerprint)
-    cursor, counts = 0, {}
-    while os.path.exists(f"{shards.prefix(shards.index)}.state.json"):
-        prefix = shards.prefix(shards.index)
-        with open(f"{prefix}.state.json") as f:
-            state = json.load(f)
-        verify_shard(prefix, state["shard"])
-        for h in np.load(f"{prefix}.hashes.npy"):
-            seen.add(int(h))
-        if dedup is not None and os.path.exists(f"{prefix}.minhash.npy"):
-            for sig in np.load(f"{prefix}.minhash.npy"):
-                dedup.seen_similar(sig)
-        shards.committed.append(state["shard"])
-        cursor, counts = state["cursor"], state["counts"]
-        shards.index += 1
-    return cursor, counts
-
-
-def verify_shard(prefix: str, shard: dict) -> None:
-    """A committed shard must be intact: document count from the index, and the .bin's size and sha256."""
-    idx = read_index(prefix)
-    if len(idx["lengths"]) != shard["documents"]:
-        raise ValueError(f"{prefix}.idx: {len(idx['lengths'])} documents, the commit record says "
-                         f"{shard['documents']}; delete the output directory and rerun")
-    if tok.file_sha256(f"{prefix}.bin") != shard["bin_sha256"]:
-        raise ValueError(f"{prefix}.bin: checksum differs from its commit record; delete it and rerun")
 
 
 class _Progress:
@@ -315,16 +235,16 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, 
     tokenizer = tok.load(tokenizer_path)
     eod = tok.eod_id(tokenizer, tokenizer_path)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    shards = _ShardSet(opts, token_dtype(vocab))
+    shard_set = ShardSet(opts.output, opts.rank, token_dtype(vocab))
     near = NearDupIndex(opts.near_threshold, opts.num_perm) if opts.dedup == "near" else None
     seen: set[int] = set()
-    cursor, counts = _restore(shards, opts.fingerprint(), near, seen)
+    cursor, counts = shard_set.restore(opts.fingerprint(), seen, near)
     counts = Counter(counts)
     if cursor == FINISHED:
         log.info("%d committed shard(s) already hold the whole input; verified, rewriting the manifest",
-                 shards.index)
+                 shard_set.index)
     elif cursor:
-        log.info("resuming after %d committed shard(s), at input chunk %d", shards.index, cursor)
+        log.info("resuming after %d committed shard(s), at input chunk %d", shard_set.index, cursor)
 
     empty_files: list[str] = []
     records = _records(files, opts, empty_files)
@@ -337,7 +257,18 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, 
         _init_worker(opts, threads, tokenizer)
         results = (map(_process_chunk, chunks) if _W["threads"] is None
                    else _in_order_on_threads(chunks, _W["threads"], window=2 * threads))
+    try:
+        _keep_or_drop(opts, results, cursor, shard_set, counts, seen, near)
+    except BaseException:
+        shard_set.abort()
+        raise
+    counts["empty_files"] += len(empty_files)
+    return _write_manifest(opts, shard_set, counts, tokenizer_path, vocab, eod, files)
 
+
+def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSet, counts: Counter, seen: set,
+                  near: NearDupIndex | None) -> None:
+    """Every keep/drop decision, in input order (so the output does not depend on the worker count)."""
     progress = _Progress(opts.progress)
     tokens_done = 0
     try:
@@ -352,49 +283,51 @@ def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, 
                     continue
                 h, sig, n = o
                 offset += n
-                if opts.dedup != "none" and h in seen:
-                    counts["dropped:exact_duplicate"] += 1
+                reason = _duplicate(opts, h, sig, seen, near)
+                if reason:
+                    counts["dropped:" + reason] += 1
                     keep[offset - n:offset] = False
                     continue
-                if near is not None and near.seen_similar(sig):
-                    counts["dropped:near_duplicate"] += 1
-                    keep[offset - n:offset] = False
-                    continue
-                if opts.dedup != "none":
-                    seen.add(h)
                 lengths.append(n)
                 hashes.append(h)
                 sigs.append(sig)
             if lengths:
-                shards.add(flat if keep.all() else flat[keep], lengths, hashes, sigs)
+                shard_set.add(flat if keep.all() else flat[keep], lengths, hashes, sigs)
             kept_tokens = sum(lengths)
             counts["kept"] += len(lengths)
             counts["tokens"] += kept_tokens
             tokens_done += kept_tokens
             progress.update(len(outcomes), counts["read"], tokens_done)
-            if shards.open_tokens >= opts.shard_tokens:
-                shards.commit(chunk_index + 1, dict(counts))
-        shards.commit(FINISHED, dict(counts))
-    except BaseException:
-        if shards.writer is not None:
-            shards.writer.abort()
-        raise
+            if shard_set.open_tokens >= opts.shard_tokens:
+                shard_set.commit(chunk_index + 1, dict(counts))
+        shard_set.commit(FINISHED, dict(counts))
     finally:
         progress.close()
-    counts["empty_files"] += len(empty_files)
-    return _write_manifest(opts, shards, counts, tokenizer_path, vocab, eod, files)
 
 
-def _write_manifest(opts, shards: _ShardSet, counts: Counter, tokenizer_path, vocab, eod, files) -> dict:
+def _duplicate(opts: PrepareOptions, h: int, sig, seen: set, near: NearDupIndex | None) -> str | None:
+    """"exact_duplicate" / "near_duplicate" for a document seen before (in input order), else None (and the
+    document is remembered)."""
+    if opts.dedup == "none":
+        return None
+    if h in seen:
+        return "exact_duplicate"
+    if near is not None and near.seen_similar(sig):
+        return "near_duplicate"
+    seen.add(h)
+    return None
+
+
+def _write_manifest(opts, shard_set: ShardSet, counts: Counter, tokenizer_path, vocab, eod, files) -> dict:
     dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
     read, kept = counts["read"], counts["kept"]
     if read != kept + sum(dropped.values()):
         raise RuntimeError(f"accounting error: read {read} != kept {kept} + dropped {sum(dropped.values())}")
-    manifest = {
-        "format": "megatron-indexed-dataset",
-        "shards": [{**s, "path": s["path"]} for s in shards.committed],
+    man = {
+        "format": manifest.FORMAT,
+        "shards": list(shard_set.committed),
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": vocab, "eod_id": eod,
-                      "sha256": tok.file_sha256(tokenizer_path)},
+                      "sha256": file_sha256(tokenizer_path)},
         "options": {**opts.fingerprint(), "filters": opts.filters.to_dict(), "tokenizer": None},
         "inputs": files,
         "counts": {"documents_read": read, "documents_kept": kept, "tokens": counts["tokens"],
@@ -402,6 +335,5 @@ def _write_manifest(opts, shards: _ShardSet, counts: Counter, tokenizer_path, vo
         "rank": opts.rank,
         "world_size": opts.world_size,
     }
-    name = MANIFEST if opts.world_size == 1 else f"manifest-r{opts.rank:03d}.json"
-    write_json(os.path.join(opts.output, name), manifest)
-    return manifest
+    manifest.write(opts.output, man, opts.rank, opts.world_size)
+    return man

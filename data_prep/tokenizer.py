@@ -1,12 +1,11 @@
 """Train a byte-level BPE tokenizer (HF tokenizers) or load any HF fast tokenizer, and find its EOD id."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from data_prep.atomic import write_json
+from common.files import atomic_path, write_json
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -25,9 +24,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "tokenizer.json")
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tok.save(tmp)
     # What transformers.AutoTokenizer needs to load this directory (used by the HF export).
     write_json(os.path.join(output_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN,
@@ -69,22 +67,3 @@ def eod_id(tokenizer, tokenizer_path: str) -> int:
             return tid
     raise ValueError(f"--tokenizer {tokenizer_path}: found no end-of-document token (looked for eos_token in "
                      f"tokenizer_config.json and {', '.join(_EOS_CANDIDATES)}); add one to the tokenizer")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def batched(items: Iterator, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

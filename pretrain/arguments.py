@@ -23,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default="ds_configs/zero3.json", help="DeepSpeed JSON config (batch fields may be \"auto\")")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
+    for add_group in (_model_args, _data_args, _schedule_args, _parallel_args, _run_args):
+        add_group(p)
+    return p
 
+
+def _model_args(p) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="named preset (default: tiny)")
     for name, typ in MODEL_OVERRIDES.items():
@@ -31,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")
     g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the data manifest's)")
 
+
+def _data_args(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="data_prep output dirs or shard prefixes, optionally weighted: "
                                                   "0.7 dirA 0.3 dirB")
@@ -41,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
     g.add_argument("--seq-length", type=int, help="tokens per sample (default: the preset's)")
 
+
+def _schedule_args(p) -> None:
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, help="default: micro-batch-size x data-parallel size")
@@ -61,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp32", action="store_true", help="train in fp32 whatever the DeepSpeed config says (debugging,"
                                                        " exactness tests)")
 
+
+def _parallel_args(p) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (needs ZeRO 0/1)")
@@ -72,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout-minutes", type=int, default=10,
                    help="a collective waiting this long fails the run instead of hanging")
 
+
+def _run_args(p) -> None:
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=10, help="global batches per evaluation")
@@ -90,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-prompt", help="print a generated sample for this prompt at the end")
     g.add_argument("--sample-tokens", type=int, default=64)
     g.add_argument("--plot", action="store_true", help="write <log-dir>/loss.png at the end")
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:

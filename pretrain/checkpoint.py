@@ -13,9 +13,9 @@ import shutil
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from data_prep.atomic import write_json, write_text
+from common.files import write_json, write_text
+from pretrain.parallel import Layout, LayoutError, barrier, is_rank0, log, rank, world_size
 
 LATEST = "latest"
 COMPLETE = "complete"
@@ -55,11 +55,6 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def read_latest(save_dir: str) -> str | None:
     path = os.path.join(save_dir, LATEST)
     if not os.path.exists(path):
@@ -72,25 +67,30 @@ def read_latest(save_dir: str) -> str | None:
     return tag
 
 
-def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: int, layout: dict,
+def layout_meta(layout: Layout) -> dict:
+    """What meta.json records of the layout, for resharding."""
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage,
+            "world_size": layout.world_size}
+
+
+def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: int, layout: Layout,
          add_bias: bool = False) -> str:
-    """`layout`: {"tp", "pp", "dp", "zero_stage", "world_size"}, recorded in meta.json for resharding."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     from pretrain.sharding import universal_checkpoint_info
 
     tag = f"iter_{iteration:07d}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(add_bias)}
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), os.path.join(save_dir, tag, f"rng_rank{rank:05d}.pt"))
-    _barrier()  # every rank's shards and RNG are on disk
-    if rank == 0:
-        write_json(os.path.join(save_dir, tag, META), {**layout, "iteration": iteration, "universal": False})
+    torch.save(_rng_state(), os.path.join(save_dir, tag, f"rng_rank{rank():05d}.pt"))
+    barrier()  # every rank's shards and RNG are on disk
+    if is_rank0():
+        write_json(os.path.join(save_dir, tag, META), {**layout_meta(layout), "iteration": iteration,
+                                                       "universal": False})
         write_text(os.path.join(save_dir, tag, COMPLETE), str(iteration))
         write_text(os.path.join(save_dir, LATEST), tag)
         _prune(save_dir, keep_last, keep=tag)
-    _barrier()
+    barrier()
     return os.path.join(save_dir, tag)
 
 
@@ -115,9 +115,45 @@ def load(engine, load_dir: str, load_optimizer: bool = True) -> dict | None:
                                              load_module_only=not load_optimizer)
     if client_state is None:
         raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load it (see the log above)")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rng_path = os.path.join(load_dir, tag, f"rng_rank{rank:05d}.pt")
-    if os.path.exists(rng_path) and not meta.get("universal") and meta.get("world_size") == world:
+    rng_path = os.path.join(load_dir, tag, f"rng_rank{rank():05d}.pt")
+    if os.path.exists(rng_path) and not meta.get("universal") and meta.get("world_size") == world_size():
         _set_rng_state(torch.load(rng_path, weights_only=True))
     return client_state
+
+
+def resolve_resume(load_dir: str | None, layout: Layout, ds_config: dict) -> str | None:
+    """Where to resume from, converting to a universal checkpoint when the data-parallel size changed.
+
+    Same layout: load as saved. Another DP size: rank 0 converts the checkpoint once (the others wait), and
+    DeepSpeed loads the universal form. Another TP/PP: the user converts explicitly (python -m pretrain.convert).
+    """
+    if not load_dir:
+        return None
+    meta = read_meta(load_dir)
+    if meta is None:
+        return None
+    saved = (meta["tp"], meta["pp"], meta["dp"])
+    if not meta.get("universal") and saved != (layout.tp, layout.pp, layout.dp):
+        if (meta["tp"], meta["pp"]) != (layout.tp, layout.pp):
+            raise LayoutError(
+                f"{load_dir}/{meta['tag']} was saved with TP={meta['tp']} PP={meta['pp']}, this run has "
+                f"TP={layout.tp} PP={layout.pp}: convert it first with `python -m pretrain.convert --load "
+                f"{load_dir} --output <dir>` and pass --load <dir>")
+        universal_dir = os.path.join(load_dir, "universal")
+        if is_rank0():
+            converted = read_meta(universal_dir) if os.path.exists(os.path.join(universal_dir, LATEST)) else None
+            if not converted or converted["tag"] != meta["tag"]:
+                from pretrain.convert import convert
+
+                log(f"data-parallel size changed ({meta['dp']} -> {layout.dp}): converting {meta['tag']} to a "
+                    f"universal checkpoint in {universal_dir}")
+                convert(load_dir, universal_dir, meta["tag"])
+        barrier()
+        load_dir, meta = universal_dir, read_meta(universal_dir)
+    if meta.get("universal"):
+        if layout.zero_stage == 3 and layout.tp > 1:
+            raise LayoutError("resuming a universal (converted) checkpoint into ZeRO-3 with TP > 1 is not supported "
+                              "by DeepSpeed's ZeRO-3 loader (it cannot re-slice megatron TP shards); resume at "
+                              "--tp 1, or with ZeRO-1/2")
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return load_dir

@@ -2,7 +2,7 @@
 
 megatron-core allocates buffers with `device=torch.cuda.current_device()`, keeps its RNG tracker on the CUDA
 generator and calls `torch.cuda.synchronize()`. None of that has a CPU fallback upstream, so on a machine
-without CUDA we point those calls at the CPU (see ../shared/design/FINDINGS.md, "megatron-core on CPU").
+without CUDA we point those calls at the CPU (docs/FINDINGS.md, "megatron-core on CPU").
 This is the only place that knows about it; everything else is device-agnostic.
 """
 import torch

@@ -13,7 +13,7 @@ import shutil
 import sys
 from types import SimpleNamespace
 
-from data_prep.atomic import write_json, write_text
+from common.files import write_json, write_text
 from pretrain.checkpoint import COMPLETE, LATEST, META, read_meta
 
 

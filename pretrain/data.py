@@ -16,7 +16,6 @@ What we add around it:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import uuid
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from data_prep import manifest
 
 
 class DataError(ValueError):
@@ -56,13 +57,11 @@ def parse_data_path(items: list[str]) -> list[tuple[float, str]]:
 
 def shard_prefixes(path: str) -> list[tuple[str, int]]:
     """A data_prep output directory (its manifest) or a single shard prefix -> [(prefix, tokens)]."""
-    manifest = os.path.join(path, "manifest.json")
     if os.path.isdir(path):
-        if not os.path.exists(manifest):
-            raise DataError(f"{path}: no manifest.json; pass a data_prep output directory or a shard prefix")
-        with open(manifest) as f:
-            man = json.load(f)
-        return [(os.path.join(path, s["path"]), int(s["tokens"])) for s in man["shards"]]
+        try:
+            return manifest.shards(path)
+        except manifest.ManifestError as e:
+            raise DataError(str(e)) from None
     check_shard(path)
     from data_prep.indexed import read_index
 
@@ -235,9 +234,7 @@ def _check_split_sizes(prefixes: list[str], split: str, num_samples) -> None:
 
 
 def _first_dir(data_path: list[str]) -> str:
-    for _, path in parse_data_path(data_path):
-        return path if os.path.isdir(path) else os.path.dirname(path)
-    raise DataError("--data-path is empty")
+    return manifest.data_dir(parse_data_path(data_path)[0][1])
 
 
 # ------------------------------------------------------------------------------------------- sampling

@@ -23,14 +23,16 @@ class OptimConfig:
 
 
 _BATCH_KEYS = {
-    "train_micro_batch_size_per_gpu": ("--micro-batch-size", lambda l: l.micro_batch_size),
-    "gradient_accumulation_steps": ("--global-batch-size / (micro-batch-size x DP)", lambda l: l.grad_accum_steps),
-    "train_batch_size": ("--global-batch-size", lambda l: l.global_batch_size),
+    "train_micro_batch_size_per_gpu": ("--micro-batch-size", lambda lay: lay.micro_batch_size),
+    "gradient_accumulation_steps": ("--global-batch-size / (micro-batch-size x DP)",
+                                    lambda lay: lay.grad_accum_steps),
+    "train_batch_size": ("--global-batch-size", lambda lay: lay.global_batch_size),
 }
 
 
-def load_ds_config(source, layout: Layout, clip_grad: float) -> dict:
-    """Read a DeepSpeed JSON config and fill its "auto" batch fields from the layout.
+def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False) -> dict:
+    """Read a DeepSpeed JSON config and fill its "auto" batch fields from the layout; `fp32` turns mixed
+    precision off whatever the file says (--fp32: debugging and exactness tests).
 
     A concrete value that disagrees with the command line is an error naming both, rather than DeepSpeed's
     later and vaguer batch-size assertion.
@@ -57,6 +59,9 @@ def load_ds_config(source, layout: Layout, clip_grad: float) -> dict:
     cfg["gradient_clipping"] = float(clip_grad)
     cfg.setdefault("steps_per_print", 10**9)
     cfg["zero_allow_untested_optimizer"] = True  # our optimizer is torch's AdamW
+    if fp32:
+        cfg["bf16"] = {"enabled": False}
+        cfg.pop("fp16", None)
     if layout.pp > 1 and cfg.get("bf16", {}).get("enabled"):
         # bf16 + PP + ZeRO-1 needs fp32 gradient accumulation (DeepSpeed issue 1835).
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
@@ -124,7 +129,8 @@ def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, recompute: st
         model = build_pipeline(cfg, layout.tp, layout.pp, layout.dp, recompute, seed)
     elif layout.zero_stage == 3:
         # Partition over the data-parallel group only: the default (whole world) would split TP shards
-        # across TP ranks and silently compute a wrong loss (FINDINGS.md).
+        # across TP ranks and silently compute a wrong loss (docs/FINDINGS.md, "ZeRO-3 together with tensor
+        # parallelism").
         with deepspeed.zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(),
                                  config_dict_or_path=ds_config, mpu=MegatronMpu()):
             model = GPT(cfg, layout.tp, recompute)
@@ -135,12 +141,28 @@ def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, recompute: st
 
 
 def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimConfig, recompute: str = "none",
-                 seed: int = 1234):
+                 seed: int = 1234, compile_layers: bool = False, fused_swiglu: bool = False):
+    """Model -> DeepSpeed engine, in this order (each step assumes the ones before it):
+    1. construct the model: tensor parallelism lives inside megatron's layers; PP > 1 cuts the layer list into
+       DeepSpeed pipeline stages; under ZeRO-3 parameters are partitioned over the data-parallel group as they
+       are created (zero.Init), so no rank ever holds the whole model. Recompute is chosen here too (megatron's
+       selective modules, or Block's full-layer checkpoint).
+    2. initialise every weight from (seed, canonical name): the same model under any layout.
+    3. the optimizer: AdamW over decay / no-decay groups (DeepSpeedCPUAdam when the optimizer is offloaded).
+    4. deepspeed.initialize: ZeRO partitioning of gradients and optimizer states, bf16, gradient clipping.
+    5. kernels (GPU speed, opt-in): megatron's fused SwiGLU, then torch.compile of each transformer layer, on
+       the wrapped module's layers, as measured on an H100 (bench/RESULTS.md). validate_layout refuses compile
+       under ZeRO-3, whose parameter hooks break compiled layers.
+    """
     import deepspeed
+
+    from pretrain.model import apply_speedups
 
     model = build_model(cfg, layout, ds_config, recompute, seed)
     optimizer = build_optimizer(param_groups(model, opt.weight_decay), ds_config, opt)
     # With a PipelineModule the topology comes from the module, and DeepSpeed must get no mpu.
     mpu = None if layout.pp > 1 else MegatronMpu()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    if compile_layers or fused_swiglu:
+        apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine

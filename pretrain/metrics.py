@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 
@@ -27,6 +28,37 @@ def memory_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+class StepLog:
+    """The per-step log record and line: throughput measured over each logging window (steps since the last
+    record), model TFLOP/s from the model's FLOPs per token, and MFU against the device peak."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int, peak_tflops: float | None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.world_size, self.peak = world_size, peak_tflops
+        self.window_t0, self.window_steps = time.time(), 0
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+
+    def record(self, iteration: int, consumed_samples: int, seq_length: int, result, lr: float,
+               last_step_time: float, skipped_total: int) -> dict:
+        elapsed = (time.time() - self.window_t0) / max(self.window_steps, 1)
+        tokens_per_sec = self.tokens_per_step / elapsed
+        tflops = self.flops_per_token * tokens_per_sec / self.world_size / 1e12
+        self.window_t0, self.window_steps = time.time(), 0
+        return {"step": iteration, "consumed_samples": consumed_samples, "tokens": consumed_samples * seq_length,
+                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": tokens_per_sec,
+                "tflops_per_gpu": tflops, "mfu": tflops / self.peak if self.peak else None, "step_time": elapsed,
+                "last_step_time": last_step_time, "mem_gb": memory_gb(), "skipped_total": skipped_total}
+
+    @staticmethod
+    def line(r: dict, train_iters: int) -> str:
+        mfu = f" | MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
+        return (f"iteration {r['step']:6d}/{train_iters} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm "
+                f"{r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | {r['tflops_per_gpu']:.2f} TFLOP/s/GPU"
+                f"{mfu} | {r['step_time'] * 1000:.0f} ms/step | mem {r['mem_gb']:.2f} GB")
 
 
 class MetricsWriter:

@@ -37,7 +37,7 @@ class Layout:
 
 def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 1, zero_stage: int = 0,
                     micro_batch_size: int = 1, global_batch_size: int | None = None,
-                    recompute: str = "none") -> Layout:
+                    recompute: str = "none", compile_layers: bool = False) -> Layout:
     """Check a layout before anything is built; the trainer and the planner both call this."""
     if tp < 1 or pp < 1:
         raise LayoutError(f"--tp ({tp}) and --pp ({pp}) must be >= 1")
@@ -66,6 +66,9 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
             f"zero1_pp.json (ZeRO-1) with --pp, or --pp 1 with ZeRO-3")
     if zero_stage not in (0, 1, 2, 3):
         raise LayoutError(f"ZeRO stage must be 0-3, got {zero_stage}")
+    if compile_layers and zero_stage == 3:
+        raise LayoutError("--compile is supported with ZeRO 0-2: DeepSpeed's ZeRO-3 parameter hooks break "
+                          "torch.compile'd layers; drop --compile or use ds_configs/zero2.json")
     if recompute not in RECOMPUTE_MODES:
         raise LayoutError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     if micro_batch_size < 1:
@@ -104,13 +107,27 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: int = 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_distributed() -> None:
-    from megatron.core import parallel_state
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()
+
+
+def log(msg: str) -> None:
+    """Print once per job (from global rank 0)."""
+    if is_rank0():
+        print(msg, flush=True)
 
 
 class MegatronMpu:

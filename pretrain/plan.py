@@ -59,7 +59,8 @@ ACTIVATION_COEFFICIENTS = {
 }
 # The CPU RMSNorm keeps fp32 intermediates: 12 more bytes per hidden unit per norm-using module.
 ACTIVATION_COEFFICIENTS["cpu"] = {
-    **{m: {**c, "token_h": c["token_h"] + 12} for m, c in ACTIVATION_COEFFICIENTS["cuda"].items() if m in ("none", "selective")},
+    **{m: {**c, "token_h": c["token_h"] + 12} for m, c in ACTIVATION_COEFFICIENTS["cuda"].items()
+       if m in ("none", "selective")},
     "full": ACTIVATION_COEFFICIENTS["cuda"]["full"],
     "head": {**ACTIVATION_COEFFICIENTS["cuda"]["head"], "token_h": 10},
 }

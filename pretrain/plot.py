@@ -1,7 +1,7 @@
 """Loss curve PNG from metrics.jsonl (training loss and validation loss)."""
 from __future__ import annotations
 
-import os
+from common.files import atomic_path
 
 
 def plot_losses(metrics_path: str, out_path: str) -> str:
@@ -25,8 +25,7 @@ def plot_losses(metrics_path: str, out_path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(out_path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path

@@ -68,8 +68,8 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
 
 def universal_checkpoint_info(add_bias: bool = False) -> dict:
     """This table in the form DeepSpeed's ds_to_universal reads, so it merges (and load_universal re-slices) TP
-    shards correctly; without it every tensor is concatenated on dim 0 (FINDINGS.md). Patterns start with .*
-    because DeepSpeed matches them against full parameter names."""
+    shards correctly; without it every tensor is concatenated on dim 0 (docs/FINDINGS.md, "DeepSpeed
+    checkpoints"). Patterns start with .* because DeepSpeed matches them against full parameter names."""
     from deepspeed.checkpoint import constants as c
 
     # ds_to_universal (strict) refuses patterns that match no parameter, so biases appear only when present.

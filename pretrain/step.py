@@ -139,3 +139,21 @@ def eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
         return _dp_mean(torch.stack(losses).mean())
     finally:
         engine.train()
+
+
+class SkipCounter:
+    """Non-finite steps, in a row and in total; `--max-skipped-steps` in a row stops the run (exit code 4)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def update(self, result: StepResult) -> None:
+        if result.skipped:
+            self.in_a_row += 1
+            self.total += 1
+        else:
+            self.in_a_row = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row >= self.limit

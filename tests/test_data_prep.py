@@ -117,7 +117,7 @@ def test_manifest_lists_shards_tokenizer_options_and_hashes(tmp_path, tokenizer_
     man = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out", shard_tokens=2000, chunk_docs=16,
                       dedup="none")
     assert len(man["shards"]) > 1
-    from data_prep.tokenizer import file_sha256
+    from common.files import file_sha256
 
     for s in man["shards"]:
         assert file_sha256(str(tmp_path / "out" / (s["path"] + ".bin"))) == s["bin_sha256"]

@@ -1,0 +1,1 @@
+"""Project-neutral helpers used by data_prep, pretrain and bench (no torch, no project imports)."""
