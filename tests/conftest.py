@@ -1,8 +1,12 @@
+import gzip
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,7 @@ def launch(nproc: int, script, *args, timeout: int = 300, env: dict | None = Non
     except subprocess.TimeoutExpired:
         os.killpg(popen.pid, signal.SIGKILL)
         out, err = popen.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-6000:]}") from None
     proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
@@ -137,3 +141,122 @@ def meta_model_builder():
             torch.cuda.current_device = original
 
     return build
+
+
+# ------------------------------------------------------------------------------------------ data_prep helpers
+
+
+def run_prepare(inputs, tokenizer, out, **kw):
+    from data_prep.pipeline import PrepareOptions, prepare
+
+    kw.setdefault("progress", False)
+    return prepare(PrepareOptions(inputs=[str(i) for i in inputs], tokenizer=tokenizer, output=str(out), **kw))
+
+
+def read_back(out) -> list[list[int]]:
+    """Every document of every shard, through megatron-core's own reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    docs = []
+    for shard in man["shards"]:
+        ds = IndexedDataset(os.path.join(out, shard["path"]))
+        docs += [ds[i].tolist() for i in range(len(ds))]
+    return docs
+
+
+def expected_ids(tokenizer_dir, texts):
+    from data_prep.clean import normalize
+    from data_prep.tokenizer import eod_id, load
+
+    tok = load(tokenizer_dir)
+    eod = eod_id(tok, tokenizer_dir)
+    return [tok.encode(normalize(t), add_special_tokens=False).ids + [eod] for t in texts]
+
+
+def write_jsonl(path, texts, key="text"):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({key: t, "id": 1}) + "\n")
+
+
+def assert_accounting(man):
+    c = man["counts"]
+    assert c["documents_read"] == c["documents_kept"] + sum(c["dropped"].values())
+
+
+# ----------------------------------------------------------------------------------------------- readers
+@pytest.fixture(scope="session")
+def texts():
+    rng = random.Random(1)
+    return [make_doc(rng) for _ in range(12)]
+
+
+# ----------------------------------------------------------------------------------------------- scale out
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    rng = random.Random(7)
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [make_doc(rng, rng.randint(20, 200)) for _ in range(1500)]
+    docs += docs[:100]  # duplicates across files
+    rng.shuffle(docs)
+    for i in range(6):
+        write_jsonl(d / f"part{i}.jsonl", docs[i::6])
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+# ------------------------------------------------------------------------------------------ trainer helpers
+MAIN = ROOT / "pretrain" / "main.py"
+
+
+def common(data, tmp_path, *extra):
+    return ["--data-path", data, "--split", "80,10,10", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--seq-length", "32", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--lr", "2e-3",
+            "--warmup-iters", "2", "--num-workers", "0", "--log-dir", str(tmp_path / "logs"), *map(str, extra)]
+
+
+def metrics(tmp_path, name="logs") -> list[dict]:
+    with open(tmp_path / name / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(rows) -> dict[int, float]:
+    """step -> loss; a resumed run appends, and its later lines win."""
+    return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None and "val_loss" not in r}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(n: int, args: list, env: dict | None = None) -> list[subprocess.Popen]:
+    """One process per rank with RANK/WORLD_SIZE/MASTER_* set, exactly as srun starts them under Slurm."""
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        e = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+             "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "OMP_NUM_THREADS": "1", **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_for_step(tmp_path, step: int, procs, timeout=240):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and any(r.get("step", 0) >= step for r in map(json.loads, path.read_text().splitlines())):
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank exited early:\n" + "\n".join(p.stdout.read()[-3000:] for p in procs))
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached in {timeout}s")

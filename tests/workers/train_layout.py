@@ -53,7 +53,7 @@ def main():
         stride = torch.randint(1, 4, (layout.global_batch_size, 1), generator=gen)
         seqs = (start + stride * torch.arange(cfg.seq_length + 1)) % cfg.vocab_size
 
-        def micro_batches():
+        def micro_batches(seqs=seqs):
             for m in range(layout.grad_accum_steps):
                 start = (m * layout.dp + dp_rank) * b
                 chunk = seqs[start:start + b]

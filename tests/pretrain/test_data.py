@@ -1,4 +1,4 @@
-"""Training data pipeline: blends, splits, determinism, exact resume across DP sizes, index cache building."""
+"""pretrain.data: blends, splits, determinism, exact resume across DP sizes, index cache building, bad shards."""
 import json
 import os
 import shutil
@@ -96,6 +96,7 @@ def test_dp_ranks_get_distinct_micro_batches():
     assert len(list(MicroBatchSampler(100, 40, 2, 0, 2))) == 15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["shared", "private"])
 def test_index_cache_built_once_per_cache_directory(two_corpora, tmp_path, mode):
     data = two_corpora[0]

@@ -4,13 +4,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_gpu_throughput_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
     res = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--model", "tiny", "--seq-length", "32",
-                          "--micro-batch-size", "2", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.jsonl")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          "--micro-batch-size", "2", "--steps", "2", "--warmup", "1",
+                          "--json", str(tmp_path / "r.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "r.jsonl").read_text())
     for side in ("ours", "baseline"):
@@ -19,7 +25,8 @@ def test_gpu_throughput_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
 
 
 def test_loader_benchmark_runs_at_tiny_size(tmp_path):
-    res = subprocess.run([sys.executable, "bench/loader_throughput.py", "--tokens", "3e5", "--shards", "1", "--seq-length", "128",
+    res = subprocess.run([sys.executable, "bench/loader_throughput.py", "--tokens", "3e5", "--shards", "1",
+                          "--seq-length", "128",
                           "--batches", "5", "--num-workers", "0", "1", "--json", str(tmp_path / "r.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -10,6 +10,8 @@ import pytest
 from conftest import ROOT
 from launch.slurm_env import environment, expand_nodelist, master_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 
 
@@ -118,10 +120,11 @@ def test_data_prep_array_and_merge_equal_a_single_process(slurm, tiny_tokenizer,
                     str(tmp_path / "single"), "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
     res = subprocess.run(["bash", "slurm/data_prep.sh", "submit", "--tasks", "2", "--output", str(tmp_path / "out"),
                           "--wait", "--", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SBATCH_EXTRA_ARGS": f"--cpus-per-task=1 --time=10 --output={tmp_path}/%j.out"})
+                         env={**os.environ,
+                              "SBATCH_EXTRA_ARGS": f"--cpus-per-task=1 --time=10 --output={tmp_path}/%j.out"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "(2 tasks)" in res.stdout
-    from test_data_prep import read_back
+    from conftest import read_back
 
     assert read_back(tmp_path / "out") == read_back(tmp_path / "single")
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())

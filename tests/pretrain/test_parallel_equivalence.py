@@ -2,6 +2,8 @@
 megatron-core). The reference is one process: TP=1, PP=1, DP=1, gradient accumulation 2, fp32."""
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REF = dict(zero=0, micro_batch_size=2, global_batch_size=4)
 
 

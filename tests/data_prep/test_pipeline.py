@@ -1,0 +1,85 @@
+"""data_prep.pipeline and data_prep.shards: the manifest, byte-identical output for any worker count, kill and
+resume, rerun of a finished run, work units."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, run_prepare, write_jsonl
+
+
+def test_manifest_lists_shards_tokenizer_options_and_hashes(tmp_path, tokenizer_dir, texts):
+    write_jsonl(tmp_path / "a.jsonl", texts * 20)
+    man = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out", shard_tokens=2000, chunk_docs=16,
+                      dedup="none")
+    assert len(man["shards"]) > 1
+    from common.files import file_sha256
+
+    for s in man["shards"]:
+        assert file_sha256(str(tmp_path / "out" / (s["path"] + ".bin"))) == s["bin_sha256"]
+    assert sum(s["tokens"] for s in man["shards"]) == man["counts"]["tokens"]
+    from data_prep.tokenizer import load
+
+    assert man["tokenizer"]["vocab_size"] == load(tokenizer_dir).get_vocab_size(with_added_tokens=True)
+    assert man["options"]["dedup"] == "none"
+    assert os.path.basename(man["tokenizer"]["path"]) == "tokenizer.json"
+
+
+def test_work_units_cut_by_record_count_and_by_bytes():
+    from data_prep.pipeline import _chunks
+    from data_prep.readers import Record
+
+    recs = [Record("f", i, text="x" * n) for i, n in enumerate([10, 10, 100, 5, 5, 5, 5])]
+    sizes = [[r.line for r in c] for c in _chunks(iter(recs), max_records=3, max_bytes=50)]
+    assert sizes == [[0, 1, 2], [3, 4, 5], [6]]
+    sizes = [[r.line for r in c] for c in _chunks(iter(recs), max_records=10, max_bytes=15)]
+    assert sizes == [[0, 1], [2], [3, 4, 5], [6]]
+
+
+def _bytes_of(out) -> dict:
+    return {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if f.endswith((".bin", ".idx", ".json"))
+            and not f.startswith(".")}
+
+
+def test_output_identical_whatever_the_worker_count(tmp_path, tokenizer_dir, corpus):
+    run_prepare([corpus], tokenizer_dir, tmp_path / "w1", workers=1, shard_tokens=20000, chunk_docs=64)
+    run_prepare([corpus], tokenizer_dir, tmp_path / "w2", workers=2, shard_tokens=20000, chunk_docs=64)
+    # 6 workers: past THREADS_PER_PROCESS, so 2 forkserver processes of 3 threads each
+    run_prepare([corpus], tokenizer_dir, tmp_path / "w6", workers=6, shard_tokens=20000, chunk_docs=64)
+    a, b, c = _bytes_of(tmp_path / "w1"), _bytes_of(tmp_path / "w2"), _bytes_of(tmp_path / "w6")
+    assert len(a) > 4 and a == b == c
+
+
+def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path, tokenizer_dir, corpus):
+    args = [sys.executable, "-m", "data_prep", "prepare", "--input", str(corpus), "--tokenizer", tokenizer_dir,
+            "--workers", "2", "--shard-size", "5000", "--chunk-docs", "16", "--progress", "log"]
+    subprocess.run(args + ["--output", str(tmp_path / "ref")], check=True, capture_output=True, cwd=ROOT)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--output", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "shard-r000-00002.state.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    committed = len(list(out.glob("*.state.json")))
+    assert committed >= 2
+    res = subprocess.run(args + ["--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "resuming after" in res.stderr
+    assert _bytes_of(out) == _bytes_of(tmp_path / "ref")
+
+
+def test_rerun_of_a_finished_run_verifies_and_changes_nothing(tmp_path, tokenizer_dir, corpus):
+    """The same command again on a finished output (README command 1 run twice) succeeds, re-tokenizes
+    nothing, and leaves every byte as it was, empty-file count included."""
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "empty.jsonl").write_text("")
+    inputs = [corpus, tmp_path / "extra"]
+    first = run_prepare(inputs, tokenizer_dir, tmp_path / "out", shard_tokens=20000, chunk_docs=64)
+    assert first["counts"]["empty_files"] == 1 and len(first["shards"]) > 1
+    before = _bytes_of(tmp_path / "out")
+    again = run_prepare(inputs, tokenizer_dir, tmp_path / "out", shard_tokens=20000, chunk_docs=64)
+    assert again == first and _bytes_of(tmp_path / "out") == before
