@@ -93,6 +93,23 @@ def atomic_dir(path: str):
         raise
 
 
+def check_output_dir(output: str, marker: str, inputs: list[str]) -> None:
+    """Refuse an output directory we might destroy: one that is, contains or lies inside an input, or that is
+    not empty without `marker` (the file our tool leaves in what it writes, so that rewriting a previous output
+    of the same tool is allowed). `atomic_dir` then replaces it only once the new content is complete."""
+    out = os.path.realpath(output)
+    for item in inputs:
+        src = os.path.realpath(item)
+        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+            raise ValueError(f"--output {output} is, contains or lies inside the input {item}; choose a directory "
+                             f"outside it")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, marker)):
+        raise ValueError(f"--output {output} is not empty and was not written by this tool (no {marker}); choose a "
+                         f"new or empty directory, nothing was changed")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output {output} is a file; choose a directory")
+
+
 def write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)

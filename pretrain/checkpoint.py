@@ -1,159 +1,431 @@
-"""DeepSpeed checkpoints made safe for clusters: atomic `latest`, every rank's RNG state, keep-last-N.
+"""Checkpoints that resume under any layout, that nobody can plant code in, and that say when they are damaged.
 
-DeepSpeed writes `latest` from rank 0 while other ranks may still be writing their ZeRO shards; a crash then
-leaves `latest` naming a partial checkpoint. We save with save_latest=False, wait for every rank, mark the tag
-complete, and only then replace `latest` (temp + rename).
+Why not DeepSpeed's save_checkpoint/load_checkpoint (0.19.8): its files are pickles loaded with
+weights_only=False (a payload in a shared checkpoint runs on resume); they are laid out per ZeRO stage, TP and
+PP, so another layout needs ds_to_universal, which fails on ZeRO-2 with DP > 1 and whose output ZeRO-3 cannot
+load at TP > 1 (docs/FINDINGS.md, "DeepSpeed checkpoints"); and they carry no checksums. What every layout
+shares is the engine's in-memory state, which pretrain/zero_state.py reads and writes as slots: each rank
+saves the fp32 master weights and Adam moments it owns, by canonical parameter name and element range, and any
+layout reads back the ranges it owns. Same layout: every rank reads exactly what it wrote (and its RNG state),
+so the resumed run is bit-identical.
+
+<save>/<tag>/ (tag = iter_NNNNNNN):
+  rank00000.safetensors ...  one file per rank: its slots under "<state>/<tp rank>/<first element>/<name>"
+                             (state: fp32, exp_avg, exp_avg_sq), its RNG states under "rng/..."
+  meta.json                  written by rank 0 once every rank's file is on disk: iteration, consumed samples,
+                             Adam step, layout, model and run config, every file's size and xxh3-128 hash
+  complete                   written last: the tag is whole
+<save>/latest                names the newest complete tag; replaced (atomically) only after `complete`
+
+Resume verifies the files against meta.json (each rank checks a share); a damaged tag is reported file by file,
+set aside as <tag>.damaged, and the previous complete tag is used, saying so. No pickle is ever loaded.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
+import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from common.files import write_json, write_text
-from pretrain.parallel import Layout, LayoutError, barrier, is_rank0, log, rank, world_size
+from common.files import NoSpaceError, atomic_path, is_no_space, write_json, write_text
+from pretrain import sharding, zero_state
+from pretrain.parallel import Layout, barrier, is_rank0, log, rank, world_size
 
-LATEST = "latest"
-COMPLETE = "complete"
-META = "meta.json"
-
-
-def read_meta(load_dir: str) -> dict | None:
-    """The latest checkpoint's layout, or None when there is no checkpoint."""
-    tag = read_latest(load_dir)
-    if tag is None:
-        return None
-    with open(os.path.join(load_dir, tag, META)) as f:
-        return {**json.load(f), "tag": tag}
+FORMAT, VERSION = "dsllm-checkpoint", 1
+LATEST, COMPLETE, META = "latest", "complete", "meta.json"
+TAG = re.compile(r"^iter_\d{7}$")
 
 
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    from megatron.core import tensor_parallel
-
-    state["megatron_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it is; names the file and what to do."""
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, say); the partial one was removed."""
 
 
-def read_latest(save_dir: str) -> str | None:
-    path = os.path.join(save_dir, LATEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        tag = f.read().strip()
-    if not os.path.exists(os.path.join(save_dir, tag, COMPLETE)):
-        raise RuntimeError(f"{save_dir}/{LATEST} names {tag}, which has no '{COMPLETE}' marker; the checkpoint is "
-                           f"partial: point {LATEST} at an earlier tag or pass --load to another directory")
-    return tag
+def tag_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
 
 
 def layout_meta(layout: Layout) -> dict:
-    """What meta.json records of the layout, for resharding."""
     return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage,
             "world_size": layout.world_size}
 
 
-def save(engine, save_dir: str, iteration: int, client_state: dict, keep_last: int, layout: Layout,
-         add_bias: bool = False) -> str:
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
-    from pretrain.sharding import universal_checkpoint_info
-
-    tag = f"iter_{iteration:07d}"
-    client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(add_bias)}
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), os.path.join(save_dir, tag, f"rng_rank{rank():05d}.pt"))
-    barrier()  # every rank's shards and RNG are on disk
+# ------------------------------------------------------------------------------------------------ save
+def save(engine, save_dir: str, iteration: int, consumed_samples: int, layout: Layout, model_config: dict,
+         run_config: dict, keep_last: int) -> str:
+    """Every rank writes its file; rank 0 then writes meta.json, `complete` and `latest`. A failure on any rank
+    (a full disk, say) fails the save on every rank, and the partial tag is removed."""
+    tag = tag_name(iteration)
+    tag_dir = os.path.join(save_dir, tag)
     if is_rank0():
-        write_json(os.path.join(save_dir, tag, META), {**layout_meta(layout), "iteration": iteration,
-                                                       "universal": False})
-        write_text(os.path.join(save_dir, tag, COMPLETE), str(iteration))
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.isdir(tag_dir) and not os.path.exists(os.path.join(tag_dir, COMPLETE)):
+            shutil.rmtree(tag_dir)  # a partial save of ours from a run that died; it is rewritten now
+        os.makedirs(tag_dir, exist_ok=True)
+    barrier()
+    entry, error = {}, None
+    try:
+        entry = _write_rank_file(engine, tag_dir, layout)
+    except Exception as e:  # reported to every rank below, so nobody waits for a file that will not come
+        error = f"rank {rank()}: {e}"
+        if is_no_space(e):
+            error = f"rank {rank()}: {NoSpaceError(tag_dir)}"
+    entries = _gather((entry, error))
+    errors = [err for _, err in entries if err]
+    if errors:
+        if is_rank0():
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        barrier()
+        raise SaveError(f"saving {tag_dir} failed; the partial checkpoint was removed: " + "; ".join(errors))
+    adam_step = zero_state.adam_step(engine)
+    if is_rank0():
+        files = {k: v for e, _ in entries for k, v in e.items()}
+        write_json(os.path.join(tag_dir, META), {
+            "format": FORMAT, "version": VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+            "adam_step": adam_step, "layout": layout_meta(layout), "model_config": model_config,
+            "run_config": run_config, "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_text(os.path.join(tag_dir, COMPLETE), str(iteration))
         write_text(os.path.join(save_dir, LATEST), tag)
         _prune(save_dir, keep_last, keep=tag)
     barrier()
-    return os.path.join(save_dir, tag)
+    return tag_dir
+
+
+def _write_rank_file(engine, tag_dir: str, layout: Layout) -> dict:
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    tensors = {}
+    for slot in zero_state.slots(engine):
+        if slot.replicated and dp_rank != 0:
+            continue
+        for state in zero_state.STATES:
+            key = f"{state}/{tp_rank}/{slot.start}/{slot.name}"
+            tensors[key] = zero_state.read(engine, slot, state).detach().float().cpu().contiguous().clone()
+    rng_tensors, rng_meta = _rng_state()
+    tensors.update(rng_tensors)
+    name = f"rank{rank():05d}.safetensors"
+    path = os.path.join(tag_dir, name)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"rng": json.dumps(rng_meta), "tp_rank": str(tp_rank),
+                                          "dp_rank": str(dp_rank)})
+    return {name: {"bytes": os.path.getsize(path), "xxh3_128": file_hash(path)}}
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def file_hash(path: str) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _prune(save_dir: str, keep_last: int, keep: str) -> None:
-    tags = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and
-                  os.path.isdir(os.path.join(save_dir, d)))
-    for tag in tags[:-keep_last] if keep_last > 0 else []:
+    """Remove the oldest complete tags beyond `keep_last` (only tags of ours: iter_NNNNNNN with `complete`)."""
+    if keep_last <= 0:
+        return
+    for tag in complete_tags(save_dir)[:-keep_last]:
         if tag != keep:
             shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
 
-def load(engine, load_dir: str, load_optimizer: bool = True) -> dict | None:
-    """Resume from `load_dir`'s latest complete checkpoint; returns its client state (None: nothing there)."""
-    tag = read_latest(load_dir)
-    if tag is None:
+# ------------------------------------------------------------------------------------------------ RNG
+def _rng_state() -> tuple[dict, dict]:
+    from megatron.core import tensor_parallel
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    meta = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        tensors[f"rng/megatron/{name}"] = state.cpu()
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict, meta: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    tracker = {k[len("rng/megatron/"):]: v for k, v in tensors.items() if k.startswith("rng/megatron/")}
+    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+
+
+# ------------------------------------------------------------------------------------------------ find
+def read_latest(save_dir: str) -> str | None:
+    """The tag `latest` names, checked to be one of ours (never a path to follow elsewhere), or None."""
+    path = os.path.join(save_dir, LATEST)
+    if not os.path.exists(path):
         return None
-    meta = read_meta(load_dir)
-    if meta.get("universal") and not engine.load_universal_checkpoint():
-        raise RuntimeError(f"{load_dir}/{tag} is a universal checkpoint but DeepSpeed was not told to load one")
-    _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
-                                             load_lr_scheduler_states=load_optimizer,
-                                             load_module_only=not load_optimizer)
-    if client_state is None:
-        raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load it (see the log above)")
-    rng_path = os.path.join(load_dir, tag, f"rng_rank{rank():05d}.pt")
-    if os.path.exists(rng_path) and not meta.get("universal") and meta.get("world_size") == world_size():
-        _set_rng_state(torch.load(rng_path, weights_only=True))
-    return client_state
+    with open(path, errors="replace") as f:
+        tag = f.read().strip()
+    if not TAG.match(tag):
+        raise CheckpointError(f"{path} holds {tag[:80]!r}, not a checkpoint tag (iter_NNNNNNN); fix or remove it")
+    return tag
 
 
-def resolve_resume(load_dir: str | None, layout: Layout, ds_config: dict) -> str | None:
-    """Where to resume from, converting to a universal checkpoint when the data-parallel size changed.
+def complete_tags(save_dir: str) -> list[str]:
+    """Complete checkpoint tags in `save_dir`, oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(t for t in os.listdir(save_dir)
+                  if TAG.match(t) and os.path.exists(os.path.join(save_dir, t, COMPLETE)))
 
-    Same layout: load as saved. Another DP size: rank 0 converts the checkpoint once (the others wait), and
-    DeepSpeed loads the universal form. Another TP/PP: the user converts explicitly (python -m pretrain.convert).
-    """
+
+def read_meta(tag_dir: str) -> dict:
+    path = os.path.join(tag_dir, META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else meta!r}, expected "
+                             f"{FORMAT!r}")
+        missing = [k for k in ("iteration", "consumed_samples", "layout", "model_config", "files") if k not in meta]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {tag_dir} is not a checkpoint written by this trainer") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged or not ours ({type(e).__name__}: {e})") from None
+    for name in meta["files"]:
+        if os.sep in name or name.startswith("."):
+            raise CheckpointError(f"{path} lists {name!r}, which is not a file name inside the checkpoint")
+    return meta
+
+
+def verify(tag_dir: str) -> list[str]:
+    """Problems with a tag (missing, truncated or changed files), found by every rank checking a share of the
+    files; the same list on every rank."""
+    problems = []
+    try:
+        meta = read_meta(tag_dir)
+    except CheckpointError as e:
+        meta, problems = None, [str(e)]
+    if meta is not None:
+        names = sorted(meta["files"])
+        for name in names[rank()::world_size()]:
+            want, path = meta["files"][name], os.path.join(tag_dir, name)
+            if not os.path.exists(path):
+                problems.append(f"{path} is missing")
+            elif os.path.getsize(path) != want["bytes"]:
+                problems.append(f"{path} has {os.path.getsize(path)} bytes, meta.json says {want['bytes']}")
+            elif file_hash(path) != want["xxh3_128"]:
+                problems.append(f"{path}: content changed since it was saved (xxh3-128 differs)")
+    return sorted({p for ps in _gather(problems) for p in ps})
+
+
+def find_resume(load_dir: str | None) -> str | None:
+    """The checkpoint to resume from: the tag `latest` names, else the newest complete one; verified, falling back
+    to older complete tags when damaged (each damaged tag is set aside as <tag>.damaged). None when the
+    directory holds no checkpoint. Collective: every rank gets the same answer."""
     if not load_dir:
         return None
-    meta = read_meta(load_dir)
-    if meta is None:
-        return None
-    saved = (meta["tp"], meta["pp"], meta["dp"])
-    if not meta.get("universal") and saved != (layout.tp, layout.pp, layout.dp):
-        if (meta["tp"], meta["pp"]) != (layout.tp, layout.pp):
-            raise LayoutError(
-                f"{load_dir}/{meta['tag']} was saved with TP={meta['tp']} PP={meta['pp']}, this run has "
-                f"TP={layout.tp} PP={layout.pp}: convert it first with `python -m pretrain.convert --load "
-                f"{load_dir} --output <dir>` and pass --load <dir>")
-        universal_dir = os.path.join(load_dir, "universal")
+    if os.path.exists(os.path.join(load_dir, META)):  # a tag directory itself
+        problems = verify(load_dir)
+        if problems:
+            raise CheckpointError(f"checkpoint {load_dir} is damaged:\n  " + "\n  ".join(problems))
+        return load_dir
+    decision = [None]
+    if is_rank0():
+        try:
+            decision = [("ok", _candidates(load_dir))]
+        except CheckpointError as e:
+            decision = [("error", str(e))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    status, order = decision[0]
+    if status == "error":
+        raise CheckpointError(order)
+    for i, tag in enumerate(order):
+        tag_dir = os.path.join(load_dir, tag)
+        problems = verify(tag_dir)
+        if not problems:
+            if i:
+                log(f"resuming from {tag}, the newest checkpoint that verifies")
+            return tag_dir
+        log(f"error: checkpoint {tag_dir} is damaged:\n  " + "\n  ".join(problems))
         if is_rank0():
-            converted = read_meta(universal_dir) if os.path.exists(os.path.join(universal_dir, LATEST)) else None
-            if not converted or converted["tag"] != meta["tag"]:
-                from pretrain.convert import convert
-
-                log(f"data-parallel size changed ({meta['dp']} -> {layout.dp}): converting {meta['tag']} to a "
-                    f"universal checkpoint in {universal_dir}")
-                convert(load_dir, universal_dir, meta["tag"])
+            aside = f"{tag_dir}.damaged"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(tag_dir, aside)
+            log(f"  moved it to {aside}")
         barrier()
-        load_dir, meta = universal_dir, read_meta(universal_dir)
-    if meta.get("universal"):
-        if layout.zero_stage == 3 and layout.tp > 1:
-            raise LayoutError("resuming a universal (converted) checkpoint into ZeRO-3 with TP > 1 is not supported "
-                              "by DeepSpeed's ZeRO-3 loader (it cannot re-slice megatron TP shards); resume at "
-                              "--tp 1, or with ZeRO-1/2")
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return load_dir
+    if order:
+        raise CheckpointError(f"every checkpoint in {load_dir} is damaged (moved to *.damaged); restore one from a "
+                              f"backup, or pass --save/--load to a new directory to start over")
+    return None
+
+
+def _candidates(load_dir: str) -> list[str]:
+    """Tags to try, best first: the one `latest` names, then every other complete tag, newest first."""
+    tags = complete_tags(load_dir)
+    latest = read_latest(load_dir)
+    if latest is None and tags:
+        log(f"warning: {load_dir} has no '{LATEST}' file; resuming from the newest complete checkpoint {tags[-1]} "
+            f"instead of starting over")
+    if latest is not None and latest not in tags:
+        log(f"warning: {load_dir}/{LATEST} names {latest}, which is not a complete checkpoint; trying older ones")
+    return ([latest] if latest in tags else []) + [t for t in reversed(tags) if t != latest]
+
+
+def resolve_tag(path: str, tag: str | None = None) -> str:
+    """For the offline tools (export, convert): a tag directory, given directly, by --tag, or the one `latest`
+    names (else the newest complete one); verified. Never falls back silently: a damaged tag is an error."""
+    if tag is not None:
+        if not TAG.match(tag):
+            raise CheckpointError(f"--tag {tag!r} is not a checkpoint tag (iter_NNNNNNN)")
+        tag_dir = os.path.join(path, tag)
+    elif os.path.exists(os.path.join(path, META)):
+        tag_dir = path
+    else:
+        order = _candidates(path) if os.path.isdir(path) else []
+        if not order:
+            raise FileNotFoundError(f"{path}: no complete checkpoint here (no '{LATEST}', no iter_*/{COMPLETE})")
+        tag_dir = os.path.join(path, order[0])
+    problems = verify(tag_dir)
+    if problems:
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged:\n  " + "\n  ".join(problems) +
+                              "\n  pass --tag with an earlier one (ls the directory for iter_*)")
+    return tag_dir
+
+
+# ------------------------------------------------------------------------------------------------ load
+def load(engine, tag_dir: str, layout: Layout, model_shapes: dict, load_optimizer: bool = True) -> dict:
+    """Load `tag_dir` into an engine of any layout; -> its meta.json (iteration, consumed_samples, ...) and
+    `same_layout` (then the RNG states were restored too, and the run continues bit for bit)."""
+    meta = read_meta(tag_dir)
+    reader = CheckpointReader(tag_dir, meta)
+    if reader.shapes != model_shapes:
+        diff = sorted(set(reader.shapes.items()) ^ set(model_shapes.items()))[:4]
+        raise CheckpointError(f"{tag_dir} holds another model than this run builds (first differences, "
+                              f"checkpoint vs run: {diff}); pass the model flags it was trained with "
+                              f"(meta.json: model_config)")
+    from megatron.core import parallel_state
+
+    tp, tp_rank = layout.tp, parallel_state.get_tensor_model_parallel_rank()
+    states = zero_state.STATES if load_optimizer else ("fp32",)
+    if load_optimizer:
+        zero_state.prepare_states(engine, int(meta.get("adam_step", 0)))
+    for slot in zero_state.slots(engine):
+        for state in states:
+            values = reader.local_range(slot.name, state, tp, tp_rank, slot.start, slot.numel)
+            zero_state.write(engine, slot, state, values)
+    zero_state.refresh_model_weights(engine)
+    engine.global_steps, engine.global_samples = meta["iteration"], meta["consumed_samples"]
+    same_layout = meta["layout"] == layout_meta(layout)
+    if same_layout:
+        tensors, rng_meta = reader.rank_rng(rank())
+        _set_rng_state(tensors, rng_meta)
+    return {**meta, "same_layout": same_layout}
+
+
+class CheckpointReader:
+    """Reads parameters out of a checkpoint's files, by canonical name: whole (TP-merged) or the range one rank
+    of some layout owns. Only safetensors are opened (no pickle); only the bytes asked for are read."""
+
+    def __init__(self, tag_dir: str, meta: dict | None = None):
+        from pretrain.config import ModelConfig
+
+        self.dir = tag_dir
+        self.meta = meta or read_meta(tag_dir)
+        self.cfg = ModelConfig(**self.meta["model_config"])
+        self.shapes = self.cfg.parameter_shapes()
+        self.tp = int(self.meta["layout"]["tp"])
+        self.index: dict[tuple[str, str, int], list[tuple[int, int, str, str]]] = {}  # -> [(start, numel, ...)]
+        self._files: dict = {}
+        for name in sorted(self.meta["files"]):
+            self._index_file(name)
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self._files:
+            path = os.path.join(self.dir, name)
+            try:
+                self._files[name] = safe_open(path, framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"{path} cannot be read as safetensors ({e}); the file is damaged") from None
+        return self._files[name]
+
+    def _index_file(self, name: str) -> None:
+        f = self._open(name)
+        for key in f.keys():
+            if key.startswith("rng/"):
+                continue
+            state, tp_rank, start, param = key.split("/", 3)
+            numel = int(np.prod(f.get_slice(key).get_shape()))
+            self.index.setdefault((param, state, int(tp_rank)), []).append((int(start), numel, name, key))
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def has_state(self, state: str) -> bool:
+        return any(s == state for _, s, _ in self.index)
+
+    def _range(self, name: str, state: str, tp_rank: int, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened parameter as TP rank `tp_rank` of the saved layout held it."""
+        out = torch.empty(hi - lo, dtype=torch.float32)
+        filled = torch.zeros(hi - lo, dtype=torch.bool)
+        for start, numel, fname, key in self.index.get((name, state, tp_rank), []):
+            a, b = max(lo, start), min(hi, start + numel)
+            if a < b:  # a tied weight is saved by two pipeline stages: the copies overlap, and are equal
+                out[a - lo:b - lo] = self._open(fname).get_slice(key)[a - start:b - start]
+                filled[a - lo:b - lo] = True
+        if not bool(filled.all()):
+            raise CheckpointError(f"{self.dir}: {state} of {name} (TP rank {tp_rank}) lacks "
+                                  f"{int((~filled).sum())} of elements [{lo}, {hi}); the checkpoint is incomplete")
+        return out
+
+    def tp_local(self, name: str, state: str, tp_rank: int) -> torch.Tensor:
+        shape = sharding.local_shape(name, self.shapes[name], self.tp)
+        rank_in_file = tp_rank if sharding.split_rule(name)[0] is not None else 0  # replicated: any copy
+        return self._range(name, state, rank_in_file, 0, int(np.prod(shape))).view(shape)
+
+    def full(self, name: str, state: str = "fp32") -> torch.Tensor:
+        """The whole parameter (tensor-parallel slices merged), fp32."""
+        if name not in self.shapes:
+            raise KeyError(f"{self.dir}: the model has no parameter {name!r}")
+        if sharding.split_rule(name)[0] is None:
+            return self.tp_local(name, state, 0)
+        return sharding.merge(name, [self.tp_local(name, state, r) for r in range(self.tp)])
+
+    def local_range(self, name: str, state: str, tp: int, tp_rank: int, start: int, numel: int) -> torch.Tensor:
+        """Elements [start, start + numel) of TP rank `tp_rank`'s slice of `name` under a layout with `tp` ranks."""
+        if tp == self.tp or sharding.split_rule(name)[0] is None:
+            rank_in_file = tp_rank if sharding.split_rule(name)[0] is not None else 0
+            return self._range(name, state, rank_in_file, start, start + numel)
+        local = sharding.shard(name, self.full(name, state), tp_rank, tp)
+        return local.reshape(-1)[start:start + numel].clone()
+
+    def rank_rng(self, global_rank: int) -> tuple[dict, dict]:
+        name = f"rank{global_rank:05d}.safetensors"
+        f = self._open(name)
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("rng/")}
+        return tensors, json.loads(f.metadata()["rng"])

@@ -30,9 +30,21 @@ _BATCH_KEYS = {
 }
 
 
-def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False) -> dict:
-    """Read a DeepSpeed JSON config and fill its "auto" batch fields from the layout; `fp32` turns mixed
-    precision off whatever the file says (--fp32: debugging and exactness tests).
+# ZeRO fields sized from the model's hidden size h when a config says "auto": the rules Hugging Face's DeepSpeed
+# integration applies (transformers/integrations/deepspeed.py), so buckets grow with the model instead of being
+# fixed numbers, and parameters smaller than 10 h elements (norm weights, biases) stay whole.
+_ZERO_AUTO = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False,
+                   hidden_size: int | None = None) -> dict:
+    """Read a DeepSpeed JSON config and fill its "auto" fields: batch sizes from the layout, ZeRO bucket sizes and
+    the ZeRO-3 persistence threshold from `hidden_size`; `fp32` turns mixed precision off whatever the file says
+    (--fp32: debugging and exactness tests).
 
     A concrete value that disagrees with the command line is an error naming both, rather than DeepSpeed's
     later and vaguer batch-size assertion.
@@ -51,6 +63,11 @@ def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False)
                               f"or make the flags agree")
         cfg[key] = want
     zero = cfg.setdefault("zero_optimization", {})
+    for key, rule in _ZERO_AUTO.items():
+        if zero.get(key) == "auto":
+            if hidden_size is None:
+                raise LayoutError(f"{path}: zero_optimization.{key} is \"auto\" but no hidden size was given")
+            zero[key] = rule(hidden_size)
     config_stage = int(zero.get("stage", 0))
     if config_stage != layout.zero_stage:
         raise LayoutError(f"{path}: zero_optimization.stage={config_stage} but the layout was validated for "
@@ -89,23 +106,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO-3 partitions are flat
         (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def repair_after_load(engine, opt: OptimConfig) -> None:
-    """Undo two things DeepSpeed's ZeRO-3 universal-checkpoint loader (0.19.8) gets wrong, both silent:
-    - it copies group 0's hyperparameters onto every group, so norms (group 1, no decay) would be decayed;
-    - it gives every group's optimizer state the *same* `step` tensor, which torch's AdamW increments in place,
-      so the counter advances once per group per step and Adam's bias correction drifts.
-    Harmless after a regular load."""
-    groups = engine.optimizer.param_groups
-    if len(groups) == 2:
-        groups[0]["weight_decay"], groups[1]["weight_decay"] = opt.weight_decay, 0.0
-        for g in groups:
-            g["betas"], g["eps"] = (opt.beta1, opt.beta2), opt.eps
-    inner = getattr(engine.optimizer, "optimizer", None)
-    for state in getattr(inner, "state", {}).values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
 
 
 def build_optimizer(groups: list[dict], ds_config: dict, opt: OptimConfig):
@@ -157,12 +157,16 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     import deepspeed
 
     from pretrain.model import apply_speedups
+    from pretrain.step import guard_plain_optimizer
+    from pretrain.zero_state import undo_construction_step
 
     model = build_model(cfg, layout, ds_config, recompute, seed)
     optimizer = build_optimizer(param_groups(model, opt.weight_decay), ds_config, opt)
     # With a PipelineModule the topology comes from the module, and DeepSpeed must get no mpu.
     mpu = None if layout.pp > 1 else MegatronMpu()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    guard_plain_optimizer(engine)  # fp32 ZeRO-0 is the one case DeepSpeed applies non-finite gradients
+    undo_construction_step(engine)  # bf16 ZeRO-0's optimizer stepped once at construction
     if compile_layers or fused_swiglu:
         apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine

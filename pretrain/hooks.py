@@ -1,7 +1,11 @@
-"""Fault injection and inspection for the test suite, kept out of the training loop.
+"""Fault injection and inspection for the test suite, kept out of the training loop. Each is switched on by an
+environment variable, and a run with any of them on says so loudly on its first lines (and in its run config):
+a stray variable must never make a healthy run look divergent.
 
-PRETRAIN_INJECT_NAN_AT=3,4   the loss of steps 3 and 4 becomes non-finite (exercises the skip path)
-PRETRAIN_DUMP_LOGITS=FILE    at the end, the full-vocabulary logits of the first micro-batch go to FILE
+PRETRAIN_INJECT_NAN_AT=3,4       the loss of steps 3 and 4 becomes NaN (so do its gradients)
+PRETRAIN_INJECT_NAN_GRAD_AT=5    step 5's loss stays finite but its gradients are NaN
+PRETRAIN_INJECT_RANK=1           inject on this global rank only (default: every rank)
+PRETRAIN_DUMP_LOGITS=FILE        at the end, the full-vocabulary logits of the first micro-batch go to FILE
 """
 from __future__ import annotations
 
@@ -9,39 +13,115 @@ import os
 
 import torch
 
-from pretrain.parallel import is_rank0
+from pretrain.parallel import log, rank
+
+VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS")
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; NaN gradient backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _steps(value: str) -> set[int]:
+    return {int(s) for s in value.split(",") if s.strip()}
 
 
 class TestHooks:
-    def __init__(self, env=os.environ):
-        self.nan_steps = {int(s) for s in env.get("PRETRAIN_INJECT_NAN_AT", "").split(",") if s.strip()}
-        self.dump_logits_path = env.get("PRETRAIN_DUMP_LOGITS") or None
+    """Poisons the final norm's output (present on the last pipeline stage and in every non-pipeline model) in
+    the steps asked for: that reaches the loss of every layout, pipeline included."""
 
-    def loss_hook(self, step: int):
-        """A loss hook for `step` (1-based), or None."""
-        return (lambda loss: loss * float("nan")) if step in self.nan_steps else None
+    def __init__(self, env=os.environ):
+        self.active = {k: env[k] for k in VARIABLES if env.get(k)}
+        self.nan_steps = _steps(env.get("PRETRAIN_INJECT_NAN_AT", ""))
+        self.nan_grad_steps = _steps(env.get("PRETRAIN_INJECT_NAN_GRAD_AT", ""))
+        only = env.get("PRETRAIN_INJECT_RANK")
+        self.ranks = None if not only else {int(only)}
+        self.dump_logits_path = env.get("PRETRAIN_DUMP_LOGITS") or None
+        self.step = 0  # the step being taken (1-based); set by the loop
+
+    def announce(self) -> None:
+        if self.active:
+            log("WARNING: test hooks are active (" + ", ".join(f"{k}={v}" for k, v in self.active.items()) +
+                "); this run injects faults on purpose. Unset these variables for real training.")
+
+    def install(self, engine) -> None:
+        if self.nan_steps or self.nan_grad_steps:
+            install_poison(engine, lambda: (self.step, "loss" if self.step in self.nan_steps else
+                                            "grad" if self.step in self.nan_grad_steps else None), self.ranks)
+
+
+def install_poison(engine, now, ranks=None, micro_batch=None) -> None:
+    """Forward hook on the final norm. `now()` -> (step, mode): while training, mode "loss" makes the output NaN,
+    "grad" keeps it finite but makes its gradient NaN, None does nothing; on `ranks` only (None: all), and in
+    the `micro_batch`-th forward pass of the step only (None: every one)."""
+    from pretrain.model import FinalNorm
+
+    seen = {"step": None, "calls": 0}
+
+    def hook(module, inputs, output):
+        step, mode = now()
+        if not module.training:
+            return output
+        seen["calls"] = seen["calls"] + 1 if seen["step"] == step else 0
+        seen["step"] = step
+        if mode is None or (ranks is not None and rank() not in ranks) or \
+                (micro_batch is not None and seen["calls"] != micro_batch):
+            return output
+        return output * float("nan") if mode == "loss" else _NanGradient.apply(output)
+
+    for m in engine.module.modules():
+        if isinstance(m, FinalNorm):
+            m.register_forward_hook(hook)
 
 
 @torch.no_grad()
-def dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:
-    """Full-vocabulary logits of the trained model, as sharded, on the first micro-batch of `dataset`, for
-    comparison with an exported model."""
+def full_logits(engine, batch: dict):
+    """Full-vocabulary logits [b, s, vocab] of one micro-batch, on the ranks that hold the output layer (the last
+    pipeline stage); None elsewhere."""
     from megatron.core import tensor_parallel
 
     from pretrain.compat import device
+    from pretrain.step import _pipeline_feed, is_pipeline
+
+    engine.eval()
+    try:
+        if is_pipeline(engine):
+            # megatron's vocab-parallel cross-entropy turns fp32 logits into probabilities in place, and the
+            # engine hands back the tensor the loss saw: let the loss see a copy.
+            loss_fn = engine.module.loss_fn
+            engine.module.loss_fn = lambda logits, labels: loss_fn(logits.clone(), labels)
+            try:
+                _, logits = engine.eval_batch(data_iter=_pipeline_feed(iter([batch])), return_logits=True,
+                                              num_micro_batches=1)
+            finally:
+                engine.module.loss_fn = loss_fn
+            if not engine.is_last_stage():
+                return None
+        else:
+            logits = engine(batch["tokens"].to(device()))
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
+    finally:
+        engine.train()
+    return logits.transpose(0, 1).cpu()
+
+
+def dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:
+    """Full-vocabulary logits of the trained model on the first micro-batch of `dataset`, for comparison with an
+    exported model."""
+    from megatron.core import parallel_state
+
     from pretrain.data import micro_batches
-    from pretrain.step import is_pipeline
 
     batch = next(micro_batches(dataset, 0, micro_batch_size, 0, 1, num_workers=0))
-    if is_pipeline(engine):  # logits stay on the last stage: record the loss of this micro-batch instead
-        feed = iter([(batch["tokens"], (batch["labels"], batch["loss_mask"]))] * 64)
-        loss = float(engine.eval_batch(data_iter=feed))
-        if is_rank0():
-            torch.save({"tokens": batch["tokens"], "labels": batch["labels"], "loss": loss}, path)
-        return
-    engine.eval()
-    logits = engine(batch["tokens"].to(device()))
-    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
-    engine.train()
-    if is_rank0():
-        torch.save({"tokens": batch["tokens"], "logits": logits.transpose(0, 1).cpu()}, path)
+    logits = full_logits(engine, batch)
+    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and \
+            parallel_state.get_data_parallel_rank() == 0:
+        torch.save({"tokens": batch["tokens"], "logits": logits}, path)

@@ -6,8 +6,11 @@ setup -> fit -> finish, around one `Run` (what was built) and its `RunState` (wh
           conditions (end, preemption signal, too many non-finite steps)
   finish  final evaluation, checkpoint, sample, loss plot and summary
 
-Exit codes: 0 done; 2 bad arguments, layout or data; 3 stopped by SIGTERM/SIGUSR1 after saving (requeue me);
-4 stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last good state was saved).
+Exit codes: 0 done; 2 bad arguments, layout, data or checkpoint to resume from; 3 stopped by SIGTERM/SIGUSR1 after
+saving (requeue me); 4 stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last
+good state was saved); 5 a checkpoint could not be written (a full disk: the message names it; the partial
+checkpoint was removed, the earlier ones are intact); 6 a collective failed or timed out after
+--dist-timeout-minutes because another rank is dead or stuck (the message names it; rerun to resume).
 """
 from __future__ import annotations
 
@@ -31,15 +34,18 @@ from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.compat import device
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
-from pretrain.engine import OptimConfig, build_engine, load_ds_config, repair_after_load, zero_stage_of
+from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
 from pretrain.metrics import MetricsWriter, StepLog, device_peak_tflops
-from pretrain.parallel import Layout, LayoutError, init_distributed, is_rank0, log, validate_layout
+from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
+                               peers_report, validate_layout)
 from pretrain.schedule import lr_at
 from pretrain.step import SkipCounter, StepResult, eval_loss, train_step
 
 EXIT_PREEMPTED = 3
 EXIT_TOO_MANY_SKIPS = 4
+EXIT_SAVE_FAILED = 5
+EXIT_PEER_LOST = 6
 
 
 class StopSignal:
@@ -117,34 +123,53 @@ def setup(args) -> Run:
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute, args.compile)
-    stop = StopSignal()
+    stop, hooks = StopSignal(), TestHooks()
     init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes)
-    ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, fp32=args.fp32)
-    load_dir = checkpoint.resolve_resume(args.load or args.save, layout, ds_config)
+    hooks.announce()
+    ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, args.fp32, cfg.hidden_size)
+    resume_from = checkpoint.find_resume(resume_source(args))
     opt = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1, beta2=args.adam_beta2,
                       eps=args.adam_eps, clip_grad=args.clip_grad)
     engine = build_engine(cfg, layout, ds_config, opt, args.recompute, args.seed, args.compile, args.fused_swiglu)
+    hooks.install(engine)
 
     gbs, seq = layout.global_batch_size, cfg.seq_length
     train_iters = args.train_iters or math.ceil(args.train_tokens / (gbs * seq))
     datasets = _datasets(args, cfg, layout, train_iters, vocab, tokenizers.eod_id(tokenizer, tok_path))
     state = RunState()
-    if load_dir:
-        loaded = checkpoint.load(engine, load_dir, load_optimizer=not args.no_load_optim)
+    run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
+                  "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}
+    if resume_from:
+        loaded = checkpoint.load(engine, resume_from, layout, cfg.parameter_shapes(), not args.no_load_optim)
         state.iteration, state.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
-        repair_after_load(engine, opt)
-        log(f"resumed from {load_dir} at iteration {state.iteration} ({state.consumed_samples} samples consumed)")
+        run_config["resumed_from"] = {"checkpoint": os.path.abspath(resume_from), "layout": loaded["layout"],
+                                      "converted": not loaded["same_layout"]}
+        change = "" if loaded["same_layout"] else (f" (saved under {_layout_text(loaded['layout'])}, resharded to "
+                                                   f"{_layout_text(checkpoint.layout_meta(layout))})")
+        log(f"resumed from {resume_from} at iteration {state.iteration} ({state.consumed_samples} samples "
+            f"consumed){change}")
     train_iter = micro_batches(datasets[0], state.consumed_samples, layout.micro_batch_size,
                                parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers)
     peak = args.peak_tflops or device_peak_tflops()[0]
-    run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
-                  "tokenizer_path": os.path.abspath(tok_path)}
     return Run(args=args, cfg=cfg, layout=layout, engine=engine, tokenizer=tokenizer, datasets=datasets,
                train_iters=train_iters, decay_iters=args.lr_decay_iters or train_iters, train_iter=train_iter,
                metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0()),
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
-               skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=TestHooks(), run_config=run_config,
+               skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
                state=state)
+
+
+def resume_source(args) -> str | None:
+    """--save when it already holds a checkpoint (a restarted or requeued run continues its own work), else
+    --load (the checkpoint a new run starts from)."""
+    if args.save and checkpoint.complete_tags(args.save):
+        return args.save
+    return args.load or args.save
+
+
+def _layout_text(layout: dict) -> str:
+    zero = "" if layout.get("zero_stage") is None else f" ZeRO-{layout['zero_stage']}"
+    return f"TP={layout['tp']} PP={layout['pp']} DP={layout.get('dp')}{zero}"
 
 
 def _datasets(args, cfg: ModelConfig, layout: Layout, train_iters: int, vocab: int, eod: int):
@@ -197,10 +222,12 @@ def train_one_step(run: Run) -> StepResult:
     for group in run.engine.optimizer.param_groups:
         group["lr"] = lr
     t0 = time.time()
-    result = train_step(run.engine, run.train_iter, loss_hook=run.hooks.loss_hook(state.iteration + 1))
+    run.hooks.step = state.iteration + 1
+    result = train_step(run.engine, run.train_iter)
     step_time = time.time() - t0
     state.iteration += 1
     state.consumed_samples += run.layout.global_batch_size
+    heartbeat(state.iteration)
     run.step_log.step_done()
     run.skips.update(result)
     if result.skipped:
@@ -239,10 +266,8 @@ def save(run: Run, reason: str) -> str | None:
     if not run.args.save or state.saved_iteration == state.iteration:
         return None
     state.saved_iteration = state.iteration
-    client = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-              "run_config": run.run_config, "world_size": run.layout.world_size}
-    path = checkpoint.save(run.engine, run.args.save, state.iteration, client, run.args.keep_last, run.layout,
-                           add_bias=run.cfg.add_bias)
+    path = checkpoint.save(run.engine, run.args.save, state.iteration, state.consumed_samples, run.layout,
+                           run.cfg.__dict__, run.run_config, run.args.keep_last)
     log(f"saved checkpoint {path} ({reason})")
     state.last_checkpoint = path
     return path
@@ -284,13 +309,25 @@ def finish(run: Run, exit_code: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    run = None
     try:
         run = setup(args)
         exit_code = fit(run)
         finish(run, exit_code)
-    except (LayoutError, DataError, manifest.ManifestError, FileNotFoundError) as e:
+    except checkpoint.SaveError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_SAVE_FAILED
+    except (LayoutError, DataError, manifest.ManifestError, FileNotFoundError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if not is_peer_failure(e) or not dist.is_initialized():
+            raise
+        step = run.state.iteration + 1 if run else 0
+        print(f"error: rank {dist.get_rank()}: a collective failed in step {step} ({str(e).splitlines()[0][:300]});"
+              f" {peers_report(step)}. Rerun the same command to resume from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     return exit_code
 
 

@@ -161,7 +161,9 @@ class OutputLayer(nn.Module):
 
 
 def lm_loss(logits, labels, loss_mask):
-    """Mean cross-entropy over unmasked tokens; logits are vocab-parallel [s, b, v/tp], labels [b, s]."""
+    """Mean cross-entropy over unmasked tokens; logits are vocab-parallel [s, b, v/tp], labels [b, s].
+    megatron's vocab_parallel_cross_entropy works in place: fp32 logits are overwritten (bf16 ones are copied by
+    .float() first), so a caller that needs the logits afterwards must not compute the loss on them."""
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
     loss_mask = loss_mask.float()
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)

@@ -6,6 +6,8 @@ pipeline. So megatron's TP/DP groups and DeepSpeed's PipeModelDataParallelTopolo
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,22 +85,28 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
 
 
 def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: int = 10) -> None:
-    """Start torch.distributed through DeepSpeed (env://, Slurm or MPI) and build megatron-core's groups."""
+    """Start torch.distributed through DeepSpeed (env://, Slurm or MPI) and build megatron-core's groups.
+
+    Every process group gets the bounded timeout, so that a dead or stuck peer makes the others fail instead of
+    hanging: the default group through init, megatron's groups (which ZeRO-3 reduces over) as an argument (they
+    otherwise keep megatron's 30 minutes, docs/FINDINGS.md), and groups created without one (DeepSpeed's
+    pipeline grid) through torch's module default, set here."""
     import deepspeed
     from datetime import timedelta
     from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
 
     apply_cpu_compat()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    timeout = timedelta(minutes=timeout_minutes)
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized():
-        # A bounded timeout: a dead peer makes the others fail instead of hanging forever.
-        deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes),
-                                   auto_mpi_discovery="OMPI_COMM_WORLD_SIZE" in os.environ
+        deepspeed.init_distributed(timeout=timeout, auto_mpi_discovery="OMPI_COMM_WORLD_SIZE" in os.environ
                                    or "PMI_SIZE" in os.environ)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 distributed_timeout_minutes=timeout_minutes)
     # Same default stream on every rank (data order, sampling); megatron's tracker adds a per-TP-rank stream
     # for dropout inside tensor-parallel regions.
     from megatron.core import tensor_parallel
@@ -122,6 +130,55 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+_HEARTBEAT, _FAILED = "dsllm/heartbeat/", "dsllm/failed/"
+
+
+def heartbeat(step: int) -> None:
+    """Tell the job's store (the rendezvous key-value store on the master) that this rank finished `step`:
+    when a collective times out, `peers_report` names the ranks that fell behind."""
+    if torch.distributed.is_initialized():
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set(f"{_HEARTBEAT}{rank()}", f"{step} {time.time():.0f} {socket.gethostname()}")
+
+
+def peers_report(step: int, wait_s: float = 15.0) -> str:
+    """After a collective failed or timed out on this rank: which ranks did not answer. Every live rank that
+    fails reports itself to the job's store; the ranks that have not reported after `wait_s` seconds are the
+    stuck or dead ones, named with their host and the last step they finished. Best effort: the store lives on
+    the master, which may itself be the one gone."""
+    from datetime import timedelta
+
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=10))
+        store.set(f"{_FAILED}{rank()}", str(step))
+        deadline = time.time() + wait_s
+        while True:
+            silent = [r for r in range(world_size()) if not store.check([f"{_FAILED}{r}"])]
+            if not silent or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        lines = []
+        for r in silent:
+            last = store.get(f"{_HEARTBEAT}{r}").decode().split(" ", 2) if store.check([f"{_HEARTBEAT}{r}"]) else None
+            lines.append(f"rank {r} on {last[2]} (last finished step {last[0]} at "
+                         f"{time.strftime('%H:%M:%S', time.localtime(float(last[1])))})" if last else f"rank {r}")
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the error it explains
+        return f"the other ranks could not be asked ({e}); the master (rank 0) may be the one gone"
+    if not silent:
+        return "every rank hit the failure; none is stuck"
+    return "not answering (stuck, dead or much slower): " + "; ".join(lines)
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
+                  "nccl communicator was aborted", "watchdog caught collective operation")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone or stuck (gloo and NCCL word it differently)."""
+    return isinstance(e, RuntimeError) and any(p in str(e).lower() for p in _PEER_FAILURES)
 
 
 def log(msg: str) -> None:

@@ -45,6 +45,18 @@ def full_shape(name: str, local_shape: tuple, tp: int) -> tuple:
     return tuple(shape)
 
 
+def local_shape(name: str, full: tuple, tp: int) -> tuple:
+    """The shape one tensor-parallel rank holds of a parameter of full shape `full`."""
+    dim, _ = split_rule(name)
+    if dim is None:
+        return tuple(full)
+    if full[dim] % tp:
+        raise ValueError(f"{name}: dimension {dim} of {tuple(full)} does not split into {tp} tensor-parallel parts")
+    shape = list(full)
+    shape[dim] //= tp
+    return tuple(shape)
+
+
 def shard(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     dim, gated = split_rule(name)
     if dim is None or tp == 1:
@@ -64,21 +76,3 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         halves = [s.chunk(2, dim=dim) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(shards, dim=dim)
-
-
-def universal_checkpoint_info(add_bias: bool = False) -> dict:
-    """This table in the form DeepSpeed's ds_to_universal reads, so it merges (and load_universal re-slices) TP
-    shards correctly; without it every tensor is concatenated on dim 0 (docs/FINDINGS.md, "DeepSpeed
-    checkpoints"). Patterns start with .* because DeepSpeed matches them against full parameter names."""
-    from deepspeed.checkpoint import constants as c
-
-    # ds_to_universal (strict) refuses patterns that match no parameter, so biases appear only when present.
-    bias = add_bias
-    return {
-        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2,
-        c.TP_REPLICATED_PARAMETER_PATTERNS: [r".*layernorm\.weight$", r".*\.norm\.weight$"]
-        + ([r".*linear_proj\.bias$", r".*linear_fc2\.bias$"] if bias else []),
-        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*linear_proj\.weight$", r".*linear_fc2\.weight$"],
-        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [r".*linear_fc1\.weight$"] + ([r".*linear_fc1\.bias$"] if bias
-                                                                                 else []),
-    }

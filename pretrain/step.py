@@ -1,4 +1,15 @@
-"""One optimizer step (all micro-batches of a global batch) on a DeepSpeed engine, PP or not."""
+"""One optimizer step (all micro-batches of a global batch) on a DeepSpeed engine, PP or not, and what a
+non-finite step does.
+
+A step whose loss or gradients are not finite on any rank is skipped on every rank, for real: no parameter and
+no optimizer state changes, Adam's step counter does not advance, the accumulated gradients are dropped, and the
+step's batches count as consumed. The decision is taken where the gradients are complete, after the last
+backward of the step and before the update: DeepSpeed's ZeRO-1/2/3 and bf16 optimizers compute the global
+gradient norm (all-reduced over every rank) first and skip the update when it is not finite
+(docs/FINDINGS.md, "DeepSpeed on CPU"); for the one optimizer DeepSpeed leaves unchecked (fp32 ZeRO-0: our
+AdamW as it is), `guard_plain_optimizer` adds the same check. The engine then reports `was_step_applied()`,
+which is what a step's `skipped` says. A NaN loss needs no special path: its gradients are NaN.
+"""
 from __future__ import annotations
 
 import math
@@ -12,22 +23,14 @@ from pretrain.compat import device
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the global batch (all micro-batches, all DP ranks)
+    loss: float  # mean over the global batch (all micro-batches, all DP ranks); may be nan when skipped
     grad_norm: float
-    skipped: bool  # non-finite loss or gradient: the optimizer was not applied
+    skipped: bool  # non-finite loss or gradient somewhere: nothing was updated
 
 
 def _to_device(batch: dict) -> dict:
     dev = device()
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-
-
-def _all_ranks_finite(value: torch.Tensor) -> bool:
-    """True only if `value` is finite on every rank, so that all ranks take the same decision."""
-    bad = (~torch.isfinite(value.detach().float())).float().reshape(1).to(device())
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0
 
 
 def _dp_mean(value: torch.Tensor) -> float:
@@ -47,39 +50,29 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def train_step(engine, micro_batches, loss_hook=None) -> StepResult:
-    """Run one global batch. `micro_batches` yields dicts with tokens/labels/loss_mask ([b, s] each).
-
-    A non-finite loss on any rank skips the step on all ranks: the remaining micro-batches still run forward
-    (so every rank stays in its collectives) but nothing is backpropagated and the optimizer is not stepped;
-    accumulated gradients are dropped. `loss_hook(loss) -> loss` lets tests inject faults.
-    """
+def train_step(engine, micro_batches) -> StepResult:
+    """Run one global batch. `micro_batches` yields dicts with tokens/labels/loss_mask ([b, s] each)."""
     if is_pipeline(engine):
         return _pipeline_step(engine, micro_batches)
-    gas = engine.gradient_accumulation_steps()
     losses, grad_norm = [], None
-    for m in range(gas):
+    for m in range(engine.gradient_accumulation_steps()):
         batch = _to_device(next(micro_batches))
         loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
-        if loss_hook is not None:
-            loss = loss_hook(loss)
-        if not _all_ranks_finite(loss):
-            for _ in range(gas - m - 1):  # keep the data position exact: the step's batches are consumed
-                next(micro_batches)
-            _drop_gradients(engine, micro_steps_taken=m)
-            return StepResult(loss=math.nan, grad_norm=math.nan, skipped=True)
         losses.append(loss.detach())
         engine.backward(loss)
-        if m == gas - 1 and engine.zero_optimization_stage() == 0:
+        if m == engine.gradient_accumulation_steps() - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _unsharded_grad_norm(engine)
         # DeepSpeed counts micro-steps in step(); it applies the optimizer only at the accumulation boundary.
         engine.step()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
+    return _result(engine, _dp_mean(torch.stack(losses).float().mean()), grad_norm)
+
+
+def _result(engine, loss: float, grad_norm) -> StepResult:
+    skipped = not engine.was_step_applied()
     grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-    loss = _dp_mean(torch.stack(losses).mean())
-    # DeepSpeed (bf16/fp32) clips with a non-finite norm rather than skipping; we can only report that.
-    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not math.isfinite(grad_norm))
+    return StepResult(loss=loss, grad_norm=math.nan if skipped else grad_norm, skipped=skipped)
 
 
 def _unsharded_grad_norm(engine) -> float:
@@ -97,13 +90,30 @@ def _unsharded_grad_norm(engine) -> float:
     return sq.sqrt().item()
 
 
-def _drop_gradients(engine, micro_steps_taken: int) -> None:
-    """Forget the partial accumulation of a skipped step, and rewind DeepSpeed's micro-step counter so that
-    the next step's accumulation boundary falls where it should."""
-    engine.zero_grad()
-    if hasattr(engine.optimizer, "zero_grad"):
-        engine.optimizer.zero_grad(set_to_none=True)
-    engine.micro_steps -= micro_steps_taken
+def guard_plain_optimizer(engine) -> None:
+    """fp32 ZeRO-0 runs our AdamW as it is, and DeepSpeed clips and applies a non-finite gradient. Give it the
+    check DeepSpeed's own optimizers have: every rank's gradients finite (all-reduced), else no update, gradients
+    dropped, `overflow` set (which the engine turns into was_step_applied() == False)."""
+    opt = engine.optimizer
+    if not isinstance(opt, torch.optim.Optimizer) or getattr(opt, "_finite_guard", False):
+        return
+    step = opt.step
+
+    def guarded_step(*args, **kwargs):
+        bad = torch.zeros(1, device=device())
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    bad += (~torch.isfinite(p.grad)).any().float()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        opt.overflow = bool(bad.item())
+        if opt.overflow:
+            opt.zero_grad(set_to_none=True)
+            return None
+        return step(*args, **kwargs)
+
+    opt.step, opt.overflow, opt._finite_guard = guarded_step, False, True
 
 
 def _pipeline_feed(micro_batches):
@@ -114,9 +124,7 @@ def _pipeline_feed(micro_batches):
 
 def _pipeline_step(engine, micro_batches) -> StepResult:
     loss = engine.train_batch(data_iter=_pipeline_feed(micro_batches))
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-    return StepResult(loss=float(loss), grad_norm=grad_norm, skipped=False)
+    return _result(engine, float(loss), engine.get_global_grad_norm())
 
 
 @torch.no_grad()

@@ -57,7 +57,10 @@ def train_layout(tmp_path_factory):
                 elif v is not False:
                     args += [flag, v]
             launch(nproc, WORKERS / "train_layout.py", *args, "--out", out)
-            cache[key] = json.loads(out.read_text())
+            report = json.loads(out.read_text())
+            for k in ("losses", "grad_norms"):  # by step -> in step order
+                report[k] = [report[k][s] for s in sorted(report[k], key=int)]
+            cache[key] = report
         return cache[key]
 
     return run
@@ -129,9 +132,9 @@ def meta_model_builder():
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     from pretrain.model import GPT
 
-    def build(cfg, device="meta"):
+    def build(cfg, device="meta", recompute="none"):
         if device != "meta":  # real CPU tensors (tiny configs only)
-            return GPT(cfg)
+            return GPT(cfg, 1, recompute)
         original = torch.cuda.current_device
         torch.cuda.current_device = lambda: "meta"
         try:

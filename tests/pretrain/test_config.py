@@ -37,3 +37,14 @@ def test_overrides_and_bad_shapes():
         ModelConfig(num_layers=2, hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="num_query_groups"):
         ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=3)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"add_bias": True, "num_query_groups": 4}])
+def test_parameter_shapes_are_the_built_models(meta_model_builder, overrides):
+    """Checkpoints and export take shapes from ModelConfig.parameter_shapes: it must name and shape exactly the
+    parameters the model builds."""
+    from pretrain.sharding import canonical_name
+
+    cfg = preset("tiny", **overrides)
+    built = {canonical_name(n): tuple(p.shape) for n, p in meta_model_builder(cfg).named_parameters()}
+    assert cfg.parameter_shapes() == built

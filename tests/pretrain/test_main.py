@@ -5,6 +5,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from conftest import MAIN, common, launch, metrics, spawn_ranks, train_losses, wait_for_step
 
@@ -62,9 +63,14 @@ def test_metrics_jsonl_schema_and_values(zero3_run):
 
 
 # --------------------------------------------------------------------------------------- non-finite steps
-def test_non_finite_step_is_skipped_and_does_not_move_the_model(tiny_data, tmp_path):
-    launch(2, MAIN, "--deepspeed_config", "ds_configs/zero3.json", "--fp32", "--train-iters", "5",
-           *common(tiny_data, tmp_path), "--eval-interval", "1", env={"PRETRAIN_INJECT_NAN_AT": "3"})
+@pytest.mark.parametrize("inject, extra", [("PRETRAIN_INJECT_NAN_AT", []),
+                                           ("PRETRAIN_INJECT_NAN_GRAD_AT", ["--pp", "2"])])
+def test_non_finite_step_is_skipped_and_does_not_move_the_model(tiny_data, tmp_path, inject, extra):
+    """A NaN loss under ZeRO-3, and a finite loss with NaN gradients under pipeline parallelism."""
+    config = "zero1_pp.json" if extra else "zero3.json"
+    out = launch(2, MAIN, "--deepspeed_config", f"ds_configs/{config}", "--fp32", "--train-iters", "5", *extra,
+                 *common(tiny_data, tmp_path), "--eval-interval", "1", env={inject: "3"}).stdout
+    assert f"WARNING: test hooks are active ({inject}=3)" in out
     rows = metrics(tmp_path)
     assert any(r.get("skipped") and r["step"] == 3 for r in rows)
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
@@ -82,6 +88,12 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_data, tmp_path):
     assert codes == [4, 4], out[-3000:]
     assert "3 consecutive non-finite steps" in out
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000005"
+    # "the last good state": the weights saved at 5 are those of step 2, the last step that was applied
+    from pretrain.checkpoint import CheckpointReader
+
+    saved = CheckpointReader(str(tmp_path / "ck" / "iter_0000005"))
+    assert saved.meta["adam_step"] == 2
+    assert all(torch.isfinite(saved.full(name)).all() for name in saved.names())
 
 
 # --------------------------------------------------------------------------------------- resume, signals
@@ -123,11 +135,21 @@ def test_preemption_signal_saves_and_exits_then_resumes(tiny_data, tmp_path, sig
     assert f"at iteration {step}" in out and max(train_losses(metrics(tmp_path))) == step + 2
 
 
-def test_killed_rank_makes_the_others_fail_within_bounded_time(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_dead_or_stuck_rank_ends_the_job_naming_it(tiny_data, tmp_path, sig):
+    """A killed rank, or a stopped one (how a stuck GPU or node looks), ends its peers within
+    --dist-timeout-minutes plus a minute, with exit code 6 and a message naming the rank that does not answer."""
     procs = spawn_ranks(2, ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", "500",
                             "--dist-timeout-minutes", "1", *common(tiny_data, tmp_path)])
-    wait_for_step(tmp_path, 2, procs)
-    procs[1].send_signal(signal.SIGKILL)
-    t0 = time.time()
-    code = procs[0].wait(timeout=150)
-    assert code != 0 and time.time() - t0 < 120
+    try:
+        wait_for_step(tmp_path, 2, procs)
+        procs[1].send_signal(sig)
+        t0 = time.time()
+        code = procs[0].wait(timeout=180)
+        elapsed = time.time() - t0
+        out = procs[0].stdout.read()
+    finally:
+        procs[1].kill()
+    assert code == 6, out[-3000:]
+    assert elapsed < 60 + 60, elapsed
+    assert "a collective failed in step" in out and "not answering (stuck, dead or much slower): rank 1 on" in out

@@ -50,20 +50,22 @@ def test_tied_embeddings_match_across_layouts(train_layout, layout):
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_recompute_same_loss_less_activation_memory(train_layout, mode):
+def test_recompute_same_losses_under_deepspeed(train_layout, mode):
+    """Same losses and gradients through DeepSpeed's engine; how much memory each mode saves is
+    test_memory.py's claim."""
     ref = train_layout(1, **REF)
     run = train_layout(1, **REF, recompute=mode)
     assert_same(run, ref)
     assert run["activation_bytes"] < ref["activation_bytes"], (run["activation_bytes"], ref["activation_bytes"])
-    print(f"{mode}: activation bytes {run['activation_bytes']} vs none {ref['activation_bytes']} "
-          f"({1 - run['activation_bytes'] / ref['activation_bytes']:.0%} less)")
 
 
 def test_bf16_matches_fp32_within_tolerance_and_descends(train_layout):
+    """README: bf16 losses within 2e-4 relative of fp32 over 5 steps (ZeRO-3, DP=2, partitioned)."""
     ref = train_layout(2, **{**REF, "zero": 3})
     run = train_layout(2, **{**REF, "zero": 3}, bf16=True)
     assert run["param_dtype"] == "torch.bfloat16"
     diffs = [abs(a - b) / b for a, b in zip(run["losses"], ref["losses"])]
     print("bf16 vs fp32 relative loss differences:", diffs)
-    assert max(diffs) < 2e-2
+    assert max(diffs) < 2e-4
+    assert max(diffs) > 0  # really computed in another precision
     assert run["losses"][-1] < run["losses"][0]

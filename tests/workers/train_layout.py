@@ -1,7 +1,10 @@
-"""Train the tiny model for a few steps under one parallel layout; rank 0 writes losses and grad norms.
+"""Train the tiny model for a few steps under one parallel layout, on synthetic batches; optionally save a
+checkpoint, resume from one, inject a non-finite step, dump the final logits. The rank that owns the loss (last
+pipeline stage, first TP and DP rank) writes a JSON report.
 
-Batches are the same token sequences whatever the layout: the m-th micro-batch of DP rank r takes sequences
-[(m*dp + r)*b, (m*dp + r + 1)*b) of the step's global batch, the order megatron's sampler uses.
+Batches depend only on the global step: step k's global batch is drawn from a generator seeded 1000 + k, and the
+m-th micro-batch of DP rank r takes sequences [(m*dp + r)*b, (m*dp + r + 1)*b) of it, the order megatron's
+sampler uses. So every layout, and a run resumed at any step, sees the same data.
 """
 import argparse
 import json
@@ -12,67 +15,160 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from pretrain import checkpoint, zero_state  # noqa: E402
 from pretrain.config import preset  # noqa: E402
-from pretrain.engine import OptimConfig, build_engine, load_ds_config  # noqa: E402
-from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
+from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero_stage_of  # noqa: E402
+from pretrain.hooks import full_logits, install_poison  # noqa: E402
 from pretrain.memory import SavedActivations  # noqa: E402
+from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
 from pretrain.step import train_step  # noqa: E402
 
 
-def main():
+def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--ds-config", help="a DeepSpeed config file (as shipped) instead of a minimal one")
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=4)
     p.add_argument("--recompute", default="none")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tie", action="store_true")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="train until this global step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save", help="checkpoint directory")
+    p.add_argument("--save-at", type=int, nargs="*", default=[])
+    p.add_argument("--load", help="resume from this checkpoint directory")
+    p.add_argument("--nan", help="STEP:MICRO[:RANK][:grad] makes that micro-batch's loss NaN (or, with :grad, "
+                                 "its loss finite and its gradients NaN), on one global rank or all")
+    p.add_argument("--dump-logits", help="after each save, write the full-vocabulary logits of a fixed batch to "
+                                         "this path ({step} is replaced by the step)")
+    p.add_argument("--no-load-optimizer", action="store_true", help="resume the weights only (a negative control)")
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    return p.parse_args()
 
+
+def build(a):
     cfg = preset("tiny", tie_embeddings=a.tie)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    layout = validate_layout(cfg, world, a.tp, a.pp, a.zero, a.micro_batch_size, a.global_batch_size, a.recompute)
+    zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero
+    layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute)
     init_distributed(a.tp, a.pp, seed=7)
+    if a.ds_config:
+        ds = load_ds_config(a.ds_config, layout, clip_grad=1.0, fp32=not a.bf16, hidden_size=cfg.hidden_size)
+    else:
+        # ZeRO-3 sized as the shipped config does ("auto" from the hidden size): every matrix is partitioned.
+        auto = {} if zero == 0 else {"reduce_bucket_size": "auto"} if zero < 3 else \
+            {k: "auto" for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                 "stage3_param_persistence_threshold")}
+        ds = load_ds_config({"zero_optimization": {"stage": zero, **auto}, "bf16": {"enabled": a.bf16}}, layout,
+                            clip_grad=1.0, hidden_size=cfg.hidden_size)
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=a.lr, weight_decay=0.1), a.recompute, seed=7)
+    return cfg, layout, engine
+
+
+def global_batch(cfg, layout, step):
+    """Learnable sequences (arithmetic progressions mod vocab), so descending loss is visible in 5 steps."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    start = torch.randint(0, cfg.vocab_size, (layout.global_batch_size, 1), generator=gen)
+    stride = torch.randint(1, 4, (layout.global_batch_size, 1), generator=gen)
+    return (start + stride * torch.arange(cfg.seq_length + 1)) % cfg.vocab_size
+
+
+def micro_batches(cfg, layout, step, dp_rank):
+    seqs, b = global_batch(cfg, layout, step), layout.micro_batch_size
+    for m in range(layout.grad_accum_steps):
+        chunk = seqs[(m * layout.dp + dp_rank) * b:(m * layout.dp + dp_rank + 1) * b]
+        yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:], "loss_mask": torch.ones(b, cfg.seq_length)}
+
+
+def poison(engine, spec, current):
+    """--nan STEP:MICRO[:RANK][:grad]: poison that micro-batch (pretrain.hooks.install_poison)."""
+    parts = spec.split(":")
+    at_step, at_micro = int(parts[0]), int(parts[1])
+    ranks = {int(parts[2])} if len(parts) > 2 and parts[2] not in ("", "grad") else None
+    mode = "grad" if parts[-1] == "grad" else "loss"
+    install_poison(engine, lambda: (current["step"], mode if current["step"] == at_step else None), ranks, at_micro)
+
+
+def partitioning(engine) -> dict:
+    """Under ZeRO-3: how many parameters this rank holds only a partition of (the rest are persistent)."""
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
+    split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
+    return {"zero3_params": len(params), "partitioned": len(split),
+            "partitioned_elements": sum(p.ds_numel for p in split), "all_elements": sum(p.ds_numel for p in params)}
+
+
+def owns_loss(layout) -> bool:
     from megatron.core import parallel_state as ps
 
-    ds = {"zero_optimization": {"stage": a.zero}, "bf16": {"enabled": a.bf16}}
-    engine = build_engine(cfg, layout, load_ds_config(ds, layout, clip_grad=1.0),
-                          OptimConfig(lr=a.lr, weight_decay=0.1), a.recompute, seed=7)
-    dp_rank, b = ps.get_data_parallel_rank(), layout.micro_batch_size
-    gen = torch.Generator().manual_seed(123)
-    losses, norms, activation_bytes = [], [], []
-    param_dtype = str(next(engine.module.parameters()).dtype)
-    for _ in range(a.steps):
-        # Learnable sequences (arithmetic progressions mod vocab), so descending loss is visible in 5 steps.
-        start = torch.randint(0, cfg.vocab_size, (layout.global_batch_size, 1), generator=gen)
-        stride = torch.randint(1, 4, (layout.global_batch_size, 1), generator=gen)
-        seqs = (start + stride * torch.arange(cfg.seq_length + 1)) % cfg.vocab_size
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 and \
+        ps.get_pipeline_model_parallel_rank() == layout.pp - 1
 
-        def micro_batches(seqs=seqs):
-            for m in range(layout.grad_accum_steps):
-                start = (m * layout.dp + dp_rank) * b
-                chunk = seqs[start:start + b]
-                yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:],
-                       "loss_mask": torch.ones(b, cfg.seq_length)}
 
-        if not activation_bytes:  # the first step's forward passes
+def dump(engine, cfg, layout, path, owner):
+    """Full-vocabulary logits of a fixed micro-batch (one no step ever trains on)."""
+    seqs = global_batch(cfg, layout, 10**6)[: layout.micro_batch_size]
+    batch = {"tokens": seqs[:, :-1], "labels": seqs[:, 1:], "loss_mask": torch.ones(len(seqs), cfg.seq_length)}
+    logits = full_logits(engine, batch)
+    if owner:
+        torch.save({"tokens": batch["tokens"], "logits": logits}, path)
+
+
+def master_sum(engine) -> float:
+    """Sum of every fp32 master weight this layout holds (each slot once), over all ranks: unchanged iff no
+    parameter moved."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for slot in zero_state.slots(engine):
+        if not slot.replicated or _dp_rank() == 0:
+            total += zero_state.read(engine, slot, "fp32").double().sum()
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def _dp_rank():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
+
+
+def main():
+    a = parse()
+    cfg, layout, engine = build(a)
+    from megatron.core import parallel_state as ps
+
+    start = 0
+    if a.load:
+        tag_dir = checkpoint.find_resume(a.load)
+        meta = checkpoint.load(engine, tag_dir, layout, cfg.parameter_shapes(), not a.no_load_optimizer)
+        start = meta["iteration"]
+    dp_rank, current = ps.get_data_parallel_rank(), {"step": 0}
+    if a.nan:
+        poison(engine, a.nan, current)
+    report = {"losses": {}, "grad_norms": {}, "skipped": {}, "master_sum": {start: master_sum(engine)},
+              "adam_step": {start: zero_state.adam_step(engine)},
+              "param_dtype": str(next(engine.module.parameters()).dtype), **partitioning(engine)}
+    for step in range(start + 1, a.steps + 1):
+        batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
+        if "activation_bytes" not in report:  # the first step's forward passes
             meter = SavedActivations(engine.module)
             with meter.measure():
-                r = train_step(engine, micro_batches())
-            activation_bytes.append(meter.bytes)
+                r = train_step(engine, batches)
+            report["activation_bytes"] = meter.bytes
         else:
-            r = train_step(engine, micro_batches())
-        losses.append(r.loss)
-        norms.append(r.grad_norm)
-    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:  # last PP stage owns the loss
+            r = train_step(engine, batches)
+        report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
+        report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
+        if a.save and step in a.save_at:
+            checkpoint.save(engine, a.save, step, step * layout.global_batch_size, layout, cfg.__dict__,
+                            {"worker": vars(a)}, keep_last=10)
+            if a.dump_logits:
+                dump(engine, cfg, layout, a.dump_logits.format(step=step), owns_loss(layout))
+    if owns_loss(layout):
         with open(a.out, "w") as f:
-            json.dump({"losses": losses, "grad_norms": norms, "param_dtype": param_dtype,
-                       "activation_bytes": activation_bytes[0]}, f)
+            json.dump(report, f)
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":
