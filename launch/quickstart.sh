@@ -2,7 +2,7 @@
 # README command 1: the whole chain on one CPU machine, no download.
 # Corpus: this Python's standard library sources (~34 MB of .py files every machine has). Trains a BPE
 # tokenizer, packs shards, trains a small GPT with DeepSpeed ZeRO-3 on 2 processes, evaluates, checkpoints,
-# plots the loss and prints a sample. About 5-10 minutes on 2 cores.
+# plots the loss, exports the checkpoint to Hugging Face and samples from the export with transformers.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup.sh
@@ -19,16 +19,16 @@ if [ "$(cat "$WORK/corpus.args" 2>/dev/null)" != "${CORPUS[*]}" ]; then
   printf '%s' "${CORPUS[*]}" > "$WORK/corpus.args"
 fi
 
-echo "== 1/3 tokenizer: byte-level BPE, 4096 tokens, on $STDLIB"
+echo "== 1/4 tokenizer: byte-level BPE, 4096 tokens, on $STDLIB"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
   $PY -m data_prep train-tokenizer "${CORPUS[@]}" --vocab-size 4096 --output "$WORK/tokenizer"
 fi
 
-echo "== 2/3 data: clean, dedup, tokenize, pack into Megatron .bin/.idx shards"
+echo "== 2/4 data: clean, dedup, tokenize, pack into Megatron .bin/.idx shards"
 $PY -m data_prep prepare "${CORPUS[@]}" --tokenizer "$WORK/tokenizer" --output "$WORK/data" --workers 2 \
     --shard-size 4000000
 
-echo "== 3/3 train: DeepSpeed ZeRO-3, 2 CPU processes, $STEPS steps"
+echo "== 3/4 train: DeepSpeed ZeRO-3, 2 CPU processes, $STEPS steps"
 rm -rf "$WORK/checkpoints" "$WORK/logs"
 .venv/bin/deepspeed --num_gpus 2 pretrain/main.py --deepspeed_config ds_configs/zero3.json \
     --data-path "$WORK/data" --model tiny --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
@@ -37,3 +37,7 @@ rm -rf "$WORK/checkpoints" "$WORK/logs"
     --eval-interval 100 --eval-iters 4 --log-interval 20 --save "$WORK/checkpoints" --save-interval 100 \
     --log-dir "$WORK/logs" --plot --sample-prompt "def main(" --sample-tokens 48 --num-workers 1 2>&1 \
   | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|UserWarning|warnings.warn|return func|FutureWarning"
+
+echo "== 4/4 export to Hugging Face, then sample with transformers alone"
+$PY -m pretrain.export --load "$WORK/checkpoints" --output "$WORK/hf" --dtype float32
+$PY -m pretrain.generate --hf "$WORK/hf" --prompt "def main(" --tokens 48 2>&1 | grep -v -E "Warning|warn"

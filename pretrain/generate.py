@@ -30,3 +30,39 @@ def generate(engine, tokenizer, prompt: str, max_new_tokens: int, cfg, temperatu
     finally:
         engine.train()
     return tokenizer.decode(ids)
+
+
+def hf_sample(hf_dir: str, prompt: str, max_new_tokens: int = 48, seed: int = 0) -> str:
+    """Sample from an exported model with transformers alone (AutoModelForCausalLM + AutoTokenizer): what a user
+    of the export gets, without any of this project's code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pretrain.generate",
+                                description="Sample from an exported Hugging Face model with transformers.")
+    p.add_argument("--hf", required=True, help="directory written by python -m pretrain.export")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(f"transformers sample: {a.prompt!r} -> {hf_sample(a.hf, a.prompt, a.tokens, a.seed)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

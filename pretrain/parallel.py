@@ -84,7 +84,7 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
     return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size)
 
 
-def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: int = 10) -> None:
+def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float = 10) -> None:
     """Start torch.distributed through DeepSpeed (env://, Slurm or MPI) and build megatron-core's groups.
 
     Every process group gets the bounded timeout, so that a dead or stuck peer makes the others fail instead of

@@ -39,16 +39,29 @@ def launch(nproc: int, script, *args, timeout: int = 300, env: dict | None = Non
     return proc
 
 
+LAYOUT_DEFAULTS = {"zero": 0, "micro_batch_size": 2, "global_batch_size": 4}
+LAYOUT_STEPS, LAYOUT_SAVE_AT = 8, 3
+
+
 @pytest.fixture(scope="session")
 def train_layout(tmp_path_factory):
-    """train_layout(nproc, **flags) -> {"losses": [...], "grad_norms": [...], ...}, cached per layout."""
+    """train_layout(nproc, **flags) -> the worker's report (losses and grad norms in step order, ...) plus "dir":
+    one run of tests/workers/train_layout.py per layout, shared by every test that asks for it. Each trains
+    LAYOUT_STEPS steps, saves a checkpoint (dir/ck) and the logits of a held-out micro-batch
+    (dir/logits-3.pt) after step LAYOUT_SAVE_AT."""
     cache = {}
-    out_dir = tmp_path_factory.mktemp("layouts")
+    root = tmp_path_factory.mktemp("layouts")
 
     def run(nproc: int, **flags):
+        flags = {k: v for k, v in flags.items() if not (k in ("tp", "pp") and v == 1)}
+        if "ds_config" in flags:
+            flags = {k: v for k, v in flags.items() if k != "zero"}
+        else:
+            flags = {**LAYOUT_DEFAULTS, **flags}
         key = (nproc, tuple(sorted(flags.items())))
         if key not in cache:
-            out = out_dir / f"run{len(cache)}.json"
+            d = root / f"run{len(cache)}"
+            d.mkdir()
             args = []
             for k, v in sorted(flags.items()):
                 flag = "--" + k.replace("_", "-")
@@ -56,11 +69,13 @@ def train_layout(tmp_path_factory):
                     args.append(flag)
                 elif v is not False:
                     args += [flag, v]
-            launch(nproc, WORKERS / "train_layout.py", *args, "--out", out)
-            report = json.loads(out.read_text())
+            launch(nproc, WORKERS / "train_layout.py", *args, "--steps", LAYOUT_STEPS, "--save", d / "ck",
+                   "--save-at", LAYOUT_SAVE_AT, "--dump-logits", d / "logits-{step}.pt", "--out", d / "report.json")
+            report = json.loads((d / "report.json").read_text())
+            report["by_step"] = dict(report["losses"])
             for k in ("losses", "grad_norms"):  # by step -> in step order
                 report[k] = [report[k][s] for s in sorted(report[k], key=int)]
-            cache[key] = report
+            cache[key] = {**report, "dir": d}
         return cache[key]
 
     return run

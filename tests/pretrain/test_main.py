@@ -114,7 +114,7 @@ def test_sigkill_then_rerun_resumes_bit_identically(tiny_data, tmp_path):
     assert [got[s] for s in range(5, 11)] == [want[s] for s in range(5, 11)]  # bit-identical
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGUSR1: tests/slurm/test_slurm.py, through scancel
 def test_preemption_signal_saves_and_exits_then_resumes(tiny_data, tmp_path, sig):
     def args(iters):
         return ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", iters, "--save", tmp_path / "ck",
@@ -140,7 +140,7 @@ def test_a_dead_or_stuck_rank_ends_the_job_naming_it(tiny_data, tmp_path, sig):
     """A killed rank, or a stopped one (how a stuck GPU or node looks), ends its peers within
     --dist-timeout-minutes plus a minute, with exit code 6 and a message naming the rank that does not answer."""
     procs = spawn_ranks(2, ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", "500",
-                            "--dist-timeout-minutes", "1", *common(tiny_data, tmp_path)])
+                            "--dist-timeout-minutes", "0.25", *common(tiny_data, tmp_path)])
     try:
         wait_for_step(tmp_path, 2, procs)
         procs[1].send_signal(sig)
@@ -151,5 +151,5 @@ def test_a_dead_or_stuck_rank_ends_the_job_naming_it(tiny_data, tmp_path, sig):
     finally:
         procs[1].kill()
     assert code == 6, out[-3000:]
-    assert elapsed < 60 + 60, elapsed
+    assert elapsed < 15 + 60, elapsed
     assert "a collective failed in step" in out and "not answering (stuck, dead or much slower): rank 1 on" in out

@@ -97,7 +97,7 @@ def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
     assert requeued, log[-3000:]
     assert "received SIGUSR1" in log and "(preemption)" in log
     saved = int(log.split("saved checkpoint ")[1].split("iter_")[1][:7])
-    assert f"resumed from {tmp_path / 'ck'} at iteration {saved}" in log
+    assert f"resumed from {tmp_path / 'ck' / f'iter_{saved:07d}'} at iteration {saved}" in log
     assert max(steps(tmp_path)) == 30 and (tmp_path / "ck" / "latest").read_text() == "iter_0000030"
 
 
