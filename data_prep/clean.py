@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+
+import orjson
 from dataclasses import asdict, dataclass
 
 # Control characters except tab and newline (C0, DEL, C1). NUL bytes included.
@@ -42,15 +44,21 @@ class FilterConfig:
 
 
 def parse_json_line(raw: bytes, text_key: str) -> tuple[str | None, str | None]:
-    """-> (text, None) or (None, reason)."""
+    """-> (text, None) or (None, reason). orjson parses (3x the stdlib's speed); a line it refuses is looked at
+    again to tell invalid UTF-8 from invalid JSON, and to keep a text whose only fault is a lone UTF-16 surrogate
+    escape ("\\ud800", valid JSON that no tokenizer accepts): such surrogates become U+FFFD."""
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "bad_utf8"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return None, "bad_json"
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, "bad_utf8"
+        except json.JSONDecodeError:
+            return None, "bad_json"
+        text = obj.get(text_key) if isinstance(obj, dict) else None
+        if isinstance(text, str):
+            obj[text_key] = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if not isinstance(obj, dict):
         return None, "bad_json"
     text = obj.get(text_key)

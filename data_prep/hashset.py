@@ -145,6 +145,10 @@ class HashSet:
         return self._bloom.nbytes + sum(r.nbytes for r in self.runs if not isinstance(r, np.memmap))
 
     def close(self) -> None:
+        """Forget everything and remove the spilled runs (ours, whether the directory was given or not)."""
         self.runs = []
+        self._remove_unused_files()
         if self._owned_dir:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
+        elif self._dir and os.path.isdir(self._dir) and not os.listdir(self._dir):
+            os.rmdir(self._dir)

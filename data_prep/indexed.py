@@ -32,7 +32,7 @@ class IndexedWriter:
         self._bin_tmp = f"{prefix}.bin.tmp"
         self._bin = open(self._bin_tmp, "wb")
         self._sha = hashlib.sha256()
-        self.lengths: list[int] = []
+        self._lengths: list[np.ndarray] = []  # per add_many call: numpy, not one Python int per document
         self.tokens = 0
 
     def add(self, ids: np.ndarray) -> None:
@@ -43,14 +43,14 @@ class IndexedWriter:
         data = np.ascontiguousarray(flat, dtype=self.dtype).tobytes()
         self._bin.write(data)
         self._sha.update(data)
-        self.lengths += lengths
+        self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.tokens += len(flat)
 
     def close(self) -> dict:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        lengths = np.asarray(self.lengths, dtype=np.int32)
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             pointers[1:] = np.cumsum(lengths[:-1].astype(np.int64)) * self.dtype.itemsize

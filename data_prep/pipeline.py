@@ -1,12 +1,17 @@
 """prepare: readers -> clean/filter -> dedup -> tokenize -> indexed shards + manifest.
 
-Determinism: records are cut into fixed-size chunks in input order; workers clean, hash and tokenize whole
-chunks (Pool.imap keeps order); the main process makes every keep/drop decision in input order and writes.
-So the output is byte-identical whatever --workers is.
+Determinism: records are cut into work units in input order (by count and bytes only); worker processes parse,
+clean, hash, tokenize and pack whole units (data_prep/work.py; Pool.imap keeps order); the main process makes
+every keep/drop decision in input order and writes. So the output is byte-identical whatever --workers is.
 
-Resume: shards are committed and restored by data_prep/shards.py; a rerun skips the consumed chunks and
-continues, and the final output equals an uninterrupted run's. The manifest it ends with is data_prep/manifest.py's
-contract with the trainer.
+Workers are processes: with gigatoken, tokenizing is the small part, and parsing and cleaning hold the GIL.
+Resume: shards are committed and restored by data_prep/shards.py; a rerun skips the consumed units and continues,
+and the final output equals an uninterrupted run's. A rerun whose inputs changed (a file added, removed, grown
+or touched) is refused: the fingerprint holds every input file with its size and modification time.
+
+Accounting: records are counted where the readers produce them and again where their outcomes come back; the
+two must agree, and read == kept + sum(dropped). The first few drops of each reason are logged with file:line
+and kept in the manifest.
 """
 from __future__ import annotations
 
@@ -16,20 +21,26 @@ import logging
 import os
 import sys
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from common.files import file_sha256
-from data_prep import manifest, readers, tokenizer as tok
-from data_prep.clean import FilterConfig, clean, parse_json_line
-from data_prep.dedup import MinHasher, NearDupIndex, exact_hash
+from data_prep import manifest, readers, tokenizer as tok, work
+from data_prep.clean import FilterConfig
+from data_prep.dedup import NearDupIndex
+from data_prep.hashset import HashSet
 from data_prep.indexed import token_dtype
 from data_prep.shards import FINISHED, ShardSet
 
 log = logging.getLogger("data_prep")
+FORMAT_VERSION = 2  # 2: xxh3-64 exact-dedup hashes, input files fingerprinted
+DROP_EXAMPLES = 5  # per reason, logged and kept in the manifest
+
+
+class EmptyOutput(ValueError):
+    """A run that would keep no document at all."""
 
 
 @dataclass
@@ -43,7 +54,7 @@ class PrepareOptions:
     text_suffixes: tuple[str, ...] = ()  # more extensions read as plain text (".py", ".md", ...)
     exclude: tuple[str, ...] = ()  # fnmatch patterns of paths to leave out
     include: tuple[str, ...] = ()  # if given, only paths matching one of these patterns
-    shard_tokens: int = 256 * 2**20  # a shard is closed at the first chunk boundary past this many tokens
+    shard_tokens: int = 256 * 2**20  # a shard is closed at the first unit boundary past this many tokens
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: str = "exact"  # none | exact | near (near also does exact)
     near_threshold: float = 0.8
@@ -51,132 +62,260 @@ class PrepareOptions:
     strict: bool = False
     rank: int = 0
     world_size: int = 1
-    chunk_docs: int = 512  # a work unit closes at this many records...
-    chunk_bytes: int = 2**18  # ...or past this many bytes of input, whichever comes first (small units leave
-    # less time with a core idle at the end: 0.15-0.2 s of a 6 s run on 2 cores, against 0.3-0.45 s with 1 MB)
+    chunk_docs: int = 4096  # a work unit closes at this many records...
+    chunk_bytes: int = 2**20  # ...or past this many bytes of input, whichever comes first (1 MB: each unit costs
+    # ~1 ms of fixed overhead in gigatoken's awkward output; 256 KB units were 10% slower end to end)
+    tokenizer_backend: str = "auto"  # auto | gigatoken | tokenizers (the ids are the same; checked)
+    verify_every: int = 256  # check gigatoken against tokenizers on every n-th work unit (0: never)
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
 
-    def fingerprint(self) -> dict:
-        """What determines the output (the worker count does not)."""
+    def fingerprint(self, files: list[str]) -> dict:
+        """What determines the output (the worker count, the backend and the checking do not), and the input
+        files as they are now."""
         d = asdict(self)
-        for k in ("workers", "progress", "output"):
+        for k in ("workers", "progress", "output", "tokenizer_backend", "verify_every"):
             d.pop(k)
+        d["format"] = FORMAT_VERSION
+        d["files"] = [[f, *_stat(f)] for f in files]
         return json.loads(json.dumps(d))  # as it reads back from disk (tuples become lists)
 
 
-# ------------------------------------------------------------------------------------------ worker side
-_W: dict = {}
-
-
-# Workers are threads first, processes second. The tokenizer releases the GIL while it encodes (90% of the work),
-# so up to THREADS_PER_PROCESS threads share one process and one tokenizer: no process start-up, no pickling,
-# one BPE cache. Cleaning and numpy packing hold the GIL (~10% of the work), so wider runs use several processes
-# of that many threads each. On 2 cores, 2 threads beat 2 processes by ~10% end to end.
-THREADS_PER_PROCESS = 4
-
-
-def _init_worker(opts: PrepareOptions, threads: int = 1, tokenizer=None) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our threads/processes are the parallelism, not rayon's
-    _W["threads"] = ThreadPoolExecutor(threads, thread_name_prefix="prepare") if threads > 1 else None
-    _W["tok"] = tokenizer or tok.load(opts.tokenizer)
-    path = tok.resolve(opts.tokenizer)
-    _W["eod"] = tok.eod_id(_W["tok"], path)
-    _W["dtype"] = token_dtype(_W["tok"].get_vocab_size(with_added_tokens=True))
-    _W["opts"] = opts
-    _W["minhash"] = MinHasher(opts.num_perm) if opts.dedup == "near" else None
-
-
-def _process_chunk(records: list[readers.Record]):
-    """-> (per-record outcomes, token ids of the kept documents, each followed by EOD, in the shard dtype).
-    An outcome is a drop reason (str) or (exact hash, minhash signature or None, token count with EOD).
-    The worker does the per-token work (EOD, dtype) so that the main process only slices and writes."""
-    opts: PrepareOptions = _W["opts"]
-    outcomes, texts = [], []
-    for rec in records:
-        if rec.drop:
-            outcomes.append(rec.drop)
-            continue
-        text, reason = (rec.text, None) if rec.raw is None else parse_json_line(rec.raw, opts.text_key)
-        if reason is None:
-            text, reason = clean(text, opts.filters)
-        if reason is not None:
-            if opts.strict and reason in ("bad_json", "bad_text_field", "bad_utf8"):
-                raise readers.InputError(f"{rec.source}:{rec.line}: {reason.replace('_', ' ')} (--strict)")
-            outcomes.append(reason)
-            continue
-        sig = _W["minhash"].signature(text) if _W["minhash"] is not None else None
-        outcomes.append([exact_hash(text), sig, 0])
-        texts.append(text)
-    encodings = _W["tok"].encode_batch_fast(texts, add_special_tokens=False) if texts else []
-    ids, lengths, eod = [], [], _W["eod"]
-    for e in encodings:
-        doc = e.ids  # a new Python list on every access: take it once
-        ids += doc
-        ids.append(eod)
-        lengths.append(len(doc) + 1)
-    flat = np.array(ids, dtype=_W["dtype"])
-    it = iter(lengths)
-    for o in outcomes:
-        if isinstance(o, list):
-            o[2] = next(it)
-    return outcomes, flat
-
-
-def _process_chunks(chunks: list[list[readers.Record]]) -> list:
-    """A worker process's unit: several chunks, one per thread, results in order."""
-    if _W["threads"] is None:
-        return [_process_chunk(c) for c in chunks]
-    return list(_W["threads"].map(_process_chunk, chunks))
-
-
-def _in_order_on_threads(chunks, executor: ThreadPoolExecutor, window: int):
-    """Like executor.map, but reads ahead only `window` chunks (map would read the whole input first)."""
-    pending: deque = deque()
-    for chunk in chunks:
-        pending.append(executor.submit(_process_chunk, chunk))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def _groups(items, size: int):
-    while group := list(itertools.islice(items, size)):
-        yield group
-
-
-# ------------------------------------------------------------------------------------------ main side
-def _records(files: list[str], opts: PrepareOptions, empty_files: list[str]):
-    for path in files:
-        n = 0
-        for rec in readers.read_file(path, opts.text_key, opts.txt_mode, opts.strict):
-            n += 1
-            yield rec
-        if n == 0:
-            if opts.strict:
-                raise readers.InputError(f"{path}: empty file (--strict)")
-            empty_files.append(path)
-
-
-def _chunks(records, max_records: int, max_bytes: int):
-    """Work units of whole records, cut by count and by size (so a unit of large files does not leave one worker
-    busy while the others idle). Depends only on the input, which keeps output and resume points independent
-    of the worker count."""
-    chunk, size = [], 0
-    for rec in records:
-        chunk.append(rec)
-        size += len(rec.raw if rec.raw is not None else rec.text or "")
-        if len(chunk) >= max_records or size >= max_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+def _stat(path: str) -> tuple[int, int]:
+    if os.path.isdir(path):  # a saved HF dataset: its arrow files
+        files = sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns)
+        return sum(os.path.getsize(f) for f in files), max((os.stat(f).st_mtime_ns for f in files), default=0)
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def files_for_rank(files: list[str], rank: int, world_size: int) -> list[str]:
     """Contiguous blocks of the sorted inputs, so that rank order is input order (merge relies on it)."""
     n = len(files)
     return files[rank * n // world_size:(rank + 1) * n // world_size]
+
+
+# ------------------------------------------------------------------------------------------ reading
+RANGE_SUFFIXES = (".jsonl", ".ndjson", ".json")  # plain JSON lines: workers read their byte ranges themselves
+
+
+class _Reading:
+    """The input as work units, in order: byte ranges of plain JSON-lines files (cut at line boundaries here,
+    read and split by the workers, so the data does not travel through this process), and lists of records for
+    everything else (compressed, Parquet, Arrow, text). Counts records where they are read (here, or in the
+    worker for ranges) and notes empty files."""
+
+    def __init__(self, files: list[str], opts: PrepareOptions):
+        self.files, self.opts = files, opts
+        self.records, self.empty_files = 0, []
+
+    def units(self):
+        pending, size = [], 0
+        for path in self.files:
+            if self._is_ranged(path):
+                if pending:
+                    yield pending
+                    pending, size = [], 0
+                yield from self._ranges(path)
+                continue
+            n = 0
+            for rec in readers.read_file(path, self.opts.text_key, self.opts.txt_mode, self.opts.strict):
+                n += 1
+                self.records += 1
+                pending.append((rec.source, rec.line, rec.raw, rec.text, rec.drop))
+                size += len(rec.raw if rec.raw is not None else rec.text or "")
+                if len(pending) >= self.opts.chunk_docs or size >= self.opts.chunk_bytes:
+                    yield pending
+                    pending, size = [], 0
+            if n == 0:
+                self._empty(path)
+        if pending:
+            yield pending
+
+    def _empty(self, path: str) -> None:
+        if self.opts.strict:
+            raise readers.InputError(f"{path}: empty file (--strict)")
+        self.empty_files.append(path)
+
+    @staticmethod
+    def _is_ranged(path: str) -> bool:
+        if not path.endswith(RANGE_SUFFIXES) or not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(4096).removeprefix(readers.BOM).lstrip()
+        return not (path.endswith(".json") and head.startswith(b"["))  # a JSON array: read whole, as records
+
+    def _ranges(self, path: str):
+        """("range", path, start, end, first line) units of --chunk-mb or --chunk-docs lines, whichever comes
+        first, ending after a newline."""
+        size = os.path.getsize(path)
+        if size == 0:
+            self._empty(path)
+            return
+        # Read window by window (a memory map of the whole file would keep every page it touched resident).
+        with open(path, "rb") as f:
+            def window(at: int, n: int) -> np.ndarray:
+                f.seek(at)
+                return np.frombuffer(f.read(n), dtype=np.uint8)
+
+            start, line, any_text = 0, 1, False
+            while start < size:
+                piece = window(start, self.opts.chunk_bytes)
+                end = start + len(piece)
+                lines = np.flatnonzero(piece == 10)
+                if len(lines) >= self.opts.chunk_docs:
+                    end = start + int(lines[self.opts.chunk_docs - 1]) + 1
+                    n_lines = self.opts.chunk_docs
+                else:
+                    n_lines = len(lines)
+                    nl = []
+                    while len(nl) == 0 and end < size:  # up to the end of the line the window stopped in
+                        nl = np.flatnonzero(window(end, 1 << 20) == 10)
+                        end = end + int(nl[0]) + 1 if len(nl) else min(end + (1 << 20), size)
+                    n_lines += 1 if len(nl) else 0
+                if not any_text:
+                    any_text = bool(np.count_nonzero((piece != 10) & (piece != 32) & (piece != 13) & (piece != 9)))
+                yield ("range", path, start, end, line)
+                line += n_lines
+                start = end
+        if not any_text:
+            self._empty(path)
+
+
+# ------------------------------------------------------------------------------------------ run
+def prepare(opts: PrepareOptions) -> dict:
+    if opts.dedup not in ("none", "exact", "near"):
+        raise ValueError(f"--dedup must be none, exact or near, got {opts.dedup!r}")
+    ctx = _worker_context() if opts.workers > 1 else None
+    files = files_for_rank(readers.expand_inputs(opts.inputs, tuple(opts.text_suffixes), tuple(opts.exclude),
+                                                 tuple(opts.include)), opts.rank, opts.world_size)
+    os.makedirs(opts.output, exist_ok=True)
+    tokenizer_path = tok.resolve(opts.tokenizer)
+    hf = tok.load(tokenizer_path)
+    vocab, eod = hf.get_vocab_size(with_added_tokens=True), tok.eod_id(hf, tokenizer_path)
+    cfg = work.WorkConfig(tokenizer=tokenizer_path, eod=eod, dtype=np.dtype(token_dtype(vocab)).name,
+                          backend=opts.tokenizer_backend, text_key=opts.text_key, filters=opts.filters,
+                          dedup=opts.dedup != "none", near=opts.dedup == "near", num_perm=opts.num_perm,
+                          strict=opts.strict, verify_every=opts.verify_every)
+    pool = None
+    if ctx is not None:
+        pool = ctx.Pool(opts.workers, initializer=work.init, initargs=(cfg,))
+    else:
+        work.init(cfg)
+    try:
+        return _prepare(opts, files, cfg, pool, tokenizer_path, vocab, hf)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _worker_context():
+    """Workers are forked from this process, which has imported everything they need (numpy, awkward, gigatoken:
+    forking saves the 0.2-0.3 s a forkserver's fresh interpreter spends importing them again). Forking is safe
+    here: at this point the process has started no threads of its own (nothing has encoded yet, so neither
+    gigatoken's nor tokenizers' thread pools exist; OpenBLAS re-initialises its threads after fork)."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork")
+
+
+def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: str, vocab: int, hf) -> dict:
+    shard_set = ShardSet(opts.output, opts.rank, np.dtype(cfg.dtype))
+    near = NearDupIndex(opts.near_threshold, opts.num_perm) if opts.dedup == "near" else None
+    seen = HashSet(spill_dir=os.path.join(opts.output, f".dedup-r{opts.rank:03d}"))
+    try:
+        cursor, counts = shard_set.restore(opts.fingerprint(files), seen, near)
+        counts = Counter(counts)
+        if cursor == FINISHED:
+            log.info("%d committed shard(s) already hold the whole input; verified, rewriting the manifest",
+                     shard_set.index)
+        elif cursor:
+            log.info("resuming after %d committed shard(s), at input unit %d", shard_set.index, cursor)
+        reading = _Reading(files, opts)
+        # Skipped units are still read (not tokenized): the reader counts empty files as it goes.
+        skip = sys.maxsize if cursor == FINISHED else cursor
+        units = itertools.islice(enumerate(reading.units()), skip, None)
+        results = pool.imap(work.process, units) if pool is not None else map(work.process, units)
+        examples = _keep_or_drop(opts, results, cursor, shard_set, counts, seen, near, reading, hf)
+    except BaseException:
+        shard_set.abort()
+        raise
+    finally:
+        seen.close()
+    counts["empty_files"] += len(reading.empty_files)
+    _check_accounting(counts, reading)
+    backend = pool.apply(work.backend) if pool is not None else work.backend()
+    return _write_manifest(opts, shard_set, counts, examples, tokenizer_path, vocab, cfg, files, backend)
+
+
+def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSet, counts: Counter,
+                  seen: HashSet, near: NearDupIndex | None, reading: _Reading, hf) -> dict:
+    """Every keep/drop decision, in input order (so the output does not depend on the worker count)."""
+    progress, examples = _Progress(opts.progress), defaultdict(list)
+    tokens_done = 0
+    try:
+        for unit_index, (kind, n_records, outcomes, packed, probe) in enumerate(results, start=cursor):
+            if probe is not None:
+                work.check_probe(hf, probe)
+            if n_records != len(outcomes):
+                raise RuntimeError(f"accounting error: work unit {unit_index} had {n_records} records, its worker "
+                                   f"returned {len(outcomes)} outcomes")
+            counts["processed"] += len(outcomes)
+            counts["list_records"] += n_records if kind == "list" else 0
+            candidates = [o for o in outcomes if o[0] is None]
+            first = seen.first_seen([o[1] for o in candidates]) if opts.dedup != "none" else \
+                np.ones(len(candidates), dtype=bool)
+            keep = np.ones(len(packed), dtype=bool)  # token mask; documents dropped here are cleared
+            lengths, hashes, sigs, offset, c = [], [], [], 0, 0
+            for o in outcomes:
+                if o[0] is not None:
+                    _drop(counts, examples, o[0], o[1])
+                    continue
+                _, h, sig, n = o
+                offset += n
+                reason = None if first[c] else "exact_duplicate"
+                c += 1
+                if reason is None and near is not None and near.seen_similar(sig):
+                    reason = "near_duplicate"
+                if reason:
+                    counts["dropped:" + reason] += 1
+                    keep[offset - n:offset] = False
+                    continue
+                lengths.append(n)
+                hashes.append(h)
+                sigs.append(sig)
+            if lengths:
+                shard_set.add(packed if keep.all() else packed[keep], lengths, hashes, sigs)
+            counts["kept"] += len(lengths)
+            counts["tokens"] += sum(lengths)
+            tokens_done += sum(lengths)
+            progress.update(len(outcomes), counts["processed"], tokens_done)
+            if shard_set.open_tokens >= opts.shard_tokens:
+                shard_set.commit(unit_index + 1, dict(counts))
+        shard_set.commit(FINISHED, dict(counts))
+    finally:
+        progress.close()
+    return dict(examples)
+
+
+def _drop(counts: Counter, examples: dict, reason: str, where: str) -> None:
+    counts["dropped:" + reason] += 1
+    if len(examples[reason]) < DROP_EXAMPLES:
+        examples[reason].append(where)
+        log.warning("dropped %s: %s%s", where, reason.replace("_", " "),
+                    " (further ones counted, not logged)" if len(examples[reason]) == DROP_EXAMPLES else "")
+
+
+def _check_accounting(counts: Counter, reading: _Reading) -> None:
+    """Records the readers of this process produced == records the workers took back (units skipped on resume
+    are read again and were counted by the run that processed them; ranges are read and reconciled by the worker,
+    unit by unit), and processed == kept + dropped."""
+    if reading.records != counts["list_records"]:
+        raise RuntimeError(f"accounting error: the readers produced {reading.records} records, the workers "
+                           f"accounted for {counts['list_records']}")
+    dropped = sum(v for k, v in counts.items() if k.startswith("dropped:"))
+    if counts["processed"] != counts["kept"] + dropped:
+        raise RuntimeError(f"accounting error: {counts['processed']} records processed != kept {counts['kept']} + "
+                           f"dropped {dropped}")
 
 
 class _Progress:
@@ -203,135 +342,23 @@ class _Progress:
             self.bar.close()
 
 
-def prepare(opts: PrepareOptions) -> dict:
-    if opts.dedup not in ("none", "exact", "near"):
-        raise ValueError(f"--dedup must be none, exact or near, got {opts.dedup!r}")
-    files = files_for_rank(readers.expand_inputs(opts.inputs, tuple(opts.text_suffixes), tuple(opts.exclude),
-                                                 tuple(opts.include)), opts.rank,
-                           opts.world_size)
-    os.makedirs(opts.output, exist_ok=True)
-    tokenizer_path = tok.resolve(opts.tokenizer)
-    pool, processes = None, -(-opts.workers // THREADS_PER_PROCESS)
-    threads = -(-opts.workers // processes)
-    if processes > 1:  # started first: the workers' start-up overlaps the set-up below
-        import multiprocessing as mp
-
-        # forkserver: workers fork from a clean single-threaded server that has imported this module once,
-        # instead of each re-importing everything (spawn was 0.2 s slower on a 6.5 s run on 2 cores), and
-        # without fork's hazards in a parent that has threads (numpy's BLAS pool, a caller's threads).
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["data_prep.pipeline"])
-        pool = ctx.Pool(processes, initializer=_init_worker, initargs=(opts, threads))
-    try:
-        return _prepare(opts, files, tokenizer_path, pool, threads)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        if _W.get("threads") is not None:
-            _W.pop("threads").shutdown(cancel_futures=True)
-
-
-def _prepare(opts: PrepareOptions, files: list[str], tokenizer_path: str, pool, threads: int) -> dict:
-    tokenizer = tok.load(tokenizer_path)
-    eod = tok.eod_id(tokenizer, tokenizer_path)
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    shard_set = ShardSet(opts.output, opts.rank, token_dtype(vocab))
-    near = NearDupIndex(opts.near_threshold, opts.num_perm) if opts.dedup == "near" else None
-    seen: set[int] = set()
-    cursor, counts = shard_set.restore(opts.fingerprint(), seen, near)
-    counts = Counter(counts)
-    if cursor == FINISHED:
-        log.info("%d committed shard(s) already hold the whole input; verified, rewriting the manifest",
-                 shard_set.index)
-    elif cursor:
-        log.info("resuming after %d committed shard(s), at input chunk %d", shard_set.index, cursor)
-
-    empty_files: list[str] = []
-    records = _records(files, opts, empty_files)
-    # Skipped chunks are still read (not tokenized): the reader counts empty files as it goes.
-    skip = sys.maxsize if cursor == FINISHED else cursor
-    chunks = itertools.islice(_chunks(records, opts.chunk_docs, opts.chunk_bytes), skip, None)
-    if pool is not None:
-        results = itertools.chain.from_iterable(pool.imap(_process_chunks, _groups(chunks, threads)))
-    else:
-        _init_worker(opts, threads, tokenizer)
-        results = (map(_process_chunk, chunks) if _W["threads"] is None
-                   else _in_order_on_threads(chunks, _W["threads"], window=2 * threads))
-    try:
-        _keep_or_drop(opts, results, cursor, shard_set, counts, seen, near)
-    except BaseException:
-        shard_set.abort()
-        raise
-    counts["empty_files"] += len(empty_files)
-    return _write_manifest(opts, shard_set, counts, tokenizer_path, vocab, eod, files)
-
-
-def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSet, counts: Counter, seen: set,
-                  near: NearDupIndex | None) -> None:
-    """Every keep/drop decision, in input order (so the output does not depend on the worker count)."""
-    progress = _Progress(opts.progress)
-    tokens_done = 0
-    try:
-        for chunk_index, (outcomes, flat) in enumerate(results, start=cursor):
-            keep = np.ones(len(flat), dtype=bool)  # token mask; documents dropped here are cleared
-            lengths, hashes, sigs = [], [], []
-            offset = 0
-            for o in outcomes:
-                counts["read"] += 1
-                if isinstance(o, str):
-                    counts["dropped:" + o] += 1
-                    continue
-                h, sig, n = o
-                offset += n
-                reason = _duplicate(opts, h, sig, seen, near)
-                if reason:
-                    counts["dropped:" + reason] += 1
-                    keep[offset - n:offset] = False
-                    continue
-                lengths.append(n)
-                hashes.append(h)
-                sigs.append(sig)
-            if lengths:
-                shard_set.add(flat if keep.all() else flat[keep], lengths, hashes, sigs)
-            kept_tokens = sum(lengths)
-            counts["kept"] += len(lengths)
-            counts["tokens"] += kept_tokens
-            tokens_done += kept_tokens
-            progress.update(len(outcomes), counts["read"], tokens_done)
-            if shard_set.open_tokens >= opts.shard_tokens:
-                shard_set.commit(chunk_index + 1, dict(counts))
-        shard_set.commit(FINISHED, dict(counts))
-    finally:
-        progress.close()
-
-
-def _duplicate(opts: PrepareOptions, h: int, sig, seen: set, near: NearDupIndex | None) -> str | None:
-    """"exact_duplicate" / "near_duplicate" for a document seen before (in input order), else None (and the
-    document is remembered)."""
-    if opts.dedup == "none":
-        return None
-    if h in seen:
-        return "exact_duplicate"
-    if near is not None and near.seen_similar(sig):
-        return "near_duplicate"
-    seen.add(h)
-    return None
-
-
-def _write_manifest(opts, shard_set: ShardSet, counts: Counter, tokenizer_path, vocab, eod, files) -> dict:
+def _write_manifest(opts, shard_set: ShardSet, counts: Counter, examples: dict, tokenizer_path, vocab, cfg,
+                    files, backend: str) -> dict:
     dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
-    read, kept = counts["read"], counts["kept"]
-    if read != kept + sum(dropped.values()):
-        raise RuntimeError(f"accounting error: read {read} != kept {kept} + dropped {sum(dropped.values())}")
+    read, kept = counts["processed"], counts["kept"]
+    if kept == 0:
+        raise EmptyOutput(f"no document kept: {read} read, dropped {dropped or 'none'}, {counts['empty_files']} empty "
+                          f"file(s); check --text-key and the filters (the drops logged above show where)")
     man = {
         "format": manifest.FORMAT,
         "shards": list(shard_set.committed),
-        "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": vocab, "eod_id": eod,
-                      "sha256": file_sha256(tokenizer_path)},
-        "options": {**opts.fingerprint(), "filters": opts.filters.to_dict(), "tokenizer": None},
+        "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": vocab, "eod_id": cfg.eod,
+                      "sha256": file_sha256(tokenizer_path), "backend": backend},
+        "options": {**opts.fingerprint([]), "filters": opts.filters.to_dict(), "tokenizer": None, "files": None},
         "inputs": files,
         "counts": {"documents_read": read, "documents_kept": kept, "tokens": counts["tokens"],
                    "dropped": dropped, "empty_files": counts["empty_files"]},
+        "drop_examples": {k: v for k, v in sorted(examples.items())},
         "rank": opts.rank,
         "world_size": opts.world_size,
     }

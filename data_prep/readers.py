@@ -1,14 +1,17 @@
 """Stream documents out of raw corpora, one Record at a time, in a deterministic order.
 
-Formats: .jsonl / .json lines (plain, .gz, .zst), .parquet, .txt (a document per file or per blank-line block),
-Hugging Face datasets saved with `save_to_disk` (a directory with dataset_info.json) and bare .arrow files.
-Memory stays bounded: files are read line by line or record batch by record batch.
+Formats: .jsonl / .json lines (plain, .gz, .zst), a .json file holding one JSON array of objects, .parquet, .txt
+(a document per file or per blank-line block), Hugging Face datasets saved with `save_to_disk` (a directory with
+dataset_info.json) and bare .arrow files. Memory stays bounded: files are read line by line or record batch by
+record batch (a JSON array is read whole, and refused past 1 GiB).
 
 JSON lines travel unparsed (bytes) so that parsing happens in the worker processes, not in the reader.
-Bad input becomes a Record with a `drop` reason, counted in the manifest; `strict=True` raises instead.
+Bad input becomes a Record with a `drop` reason, counted in the manifest; `strict=True` raises instead. Input
+that cannot be read at all (a symbolic-link loop, a permission error) is an InputError naming the path.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import gzip
@@ -20,6 +23,8 @@ from typing import Iterator
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 SUPPORTED = JSONL_SUFFIXES + TEXT_SUFFIXES + (".parquet", ".arrow")
+BOM = b"\xef\xbb\xbf"
+MAX_JSON_ARRAY = 1 << 30
 
 
 class InputError(Exception):
@@ -35,35 +40,34 @@ class Record:
     drop: str | None = None  # reason, when the record is bad input
 
 
+# ------------------------------------------------------------------------------------------ finding files
 def expand_inputs(inputs: list[str], text_suffixes: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                   include: tuple[str, ...] = ()) -> list[str]:
     """Files, directories (recursively) and globs -> a sorted, de-duplicated list of supported files.
     `text_suffixes` adds extensions read as plain text (e.g. ".py", ".md"); `exclude` drops paths matching any
-    of these fnmatch patterns (e.g. "*/site-packages/*"); `include`, when given, keeps only matching paths."""
+    of these fnmatch patterns (e.g. "*/site-packages/*"); `include`, when given, keeps only matching paths.
+    Symbolic links to directories are not followed (a link loop would never end); links to files are."""
     files: list[str] = []
     suffixes = SUPPORTED + tuple(text_suffixes)
     for item in inputs:
         if any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
+            matches = _glob(item)
             if not matches:
                 raise InputError(f"--input {item!r}: the glob matches no file")
             for m in matches:
                 files += _expand_one(m, suffixes, exclude)
         elif os.path.isdir(item):
             files += _expand_one(item, suffixes, exclude)
-        elif os.path.exists(item):
-            if not os.access(item, os.R_OK):
-                raise InputError(f"--input {item}: file is not readable (permission denied)")
-            files.append(item)
         else:
-            raise InputError(f"--input {item}: no such file or directory")
+            _check_readable(item, f"--input {item}")
+            files.append(item)
     seen, out = set(), []
     for f in files:
         if any(fnmatch.fnmatch(f, pat) for pat in exclude):
             continue
         if include and not any(fnmatch.fnmatch(f, pat) for pat in include):
             continue
-        st = os.stat(f)  # the same file named twice (or through a link) is read once; cheaper than realpath
+        st = _check_readable(f, f)  # the same file named twice (or through a link) is read once
         key = (st.st_dev, st.st_ino)
         if key not in seen:
             seen.add(key)
@@ -72,6 +76,41 @@ def expand_inputs(inputs: list[str], text_suffixes: tuple[str, ...] = (), exclud
         raise InputError(f"--input {' '.join(inputs)}: no supported files found (supported: {', '.join(SUPPORTED)}"
                          f", and directories written by datasets.save_to_disk)")
     return out
+
+
+def _check_readable(path: str, what: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{what}: symbolic link loop (the link points back at itself); fix or remove it") \
+                from None
+        if e.errno == errno.ENOENT:
+            raise InputError(f"{what}: no such file or directory"
+                             + (" (a symbolic link to a missing file)" if os.path.islink(path) else "")) from None
+        raise InputError(f"{what}: cannot be read ({e.strerror})") from None
+    if not os.path.isdir(path) and not os.access(path, os.R_OK):
+        raise InputError(f"{what}: file is not readable (permission denied)")
+    return st
+
+
+def _glob(pattern: str) -> list[str]:
+    """glob.glob, except that '**' walks directories without following symbolic links to directories (Python
+    3.11's recursive glob follows them, and a link loop makes it run until memory is exhausted)."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    head = pattern.split("**", 1)[0]
+    root = head if head.endswith(os.sep) or not head else os.path.dirname(head)
+    root = root or "."
+    variants = {pattern, pattern.replace(f"**{os.sep}", "")}  # '**/' also matches no directory at all
+    found = []
+    for d, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + names):
+            path = os.path.join(d, name)
+            if any(fnmatch.fnmatch(path, v) for v in variants):
+                found.append(path)
+    return found
 
 
 def _pruned(directory: str, exclude: tuple[str, ...]) -> bool:
@@ -86,7 +125,7 @@ def _expand_one(path: str, suffixes: tuple[str, ...], exclude: tuple[str, ...] =
     if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
         return [path]  # a saved HF dataset is one input
     found = []
-    for root, dirs, names in os.walk(path):
+    for root, dirs, names in os.walk(path):  # followlinks=False: directory links are not entered
         dirs[:] = sorted(d for d in dirs if not _pruned(os.path.join(root, d), exclude))
         if "dataset_info.json" in names or "state.json" in names:
             found.append(root)
@@ -96,25 +135,72 @@ def _expand_one(path: str, suffixes: tuple[str, ...], exclude: tuple[str, ...] =
     return found
 
 
+# ------------------------------------------------------------------------------------------ compressed files
+class _StrictZstd(io.RawIOBase):
+    """zstandard's stream_reader reports a clean end of file when the data stops in the middle of a frame (so a
+    truncated .zst reads as complete, docs/FINDINGS.md); this reader decodes frame by frame and raises EOFError
+    when the input ends inside one."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._f = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            data = self._f.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends in the middle of a zstd frame")
+                return 0
+            while data:
+                self._in_frame = True
+                self._pending += self._obj.decompress(data)
+                if self._obj.eof:  # a frame ended; what follows (if anything) starts the next one
+                    data, self._in_frame = self._obj.unused_data, False
+                    self._obj = self._dctx.decompressobj()
+                else:
+                    data = b""
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 def _open_binary(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(_StrictZstd(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
+# ------------------------------------------------------------------------------------------ formats
 def _lines(path: str) -> Iterator[bytes]:
     with _open_binary(path) as f:
-        yield from io.BufferedReader(f, buffer_size=1 << 20) if path.endswith(".zst") else f
+        yield from f
 
 
 def read_jsonl(path: str, strict: bool) -> Iterator[Record]:
     n = 0
     try:
         for n, line in enumerate(_lines(path), start=1):
+            if n == 1 and line.startswith(BOM):  # a UTF-8 byte-order mark is no part of the first record
+                line = line[len(BOM):]
+            if n == 1 and path.endswith((".json", ".json.gz", ".json.zst")) and line.lstrip().startswith(b"["):
+                yield from read_json_array(path, strict)
+                return
             if line.strip():
                 yield Record(path, n, raw=line)
     except (EOFError, OSError, gzip.BadGzipFile) as e:
@@ -127,6 +213,26 @@ def read_jsonl(path: str, strict: bool) -> Iterator[Record]:
         yield Record(path, n + 1, drop="truncated_file")
 
 
+def read_json_array(path: str, strict: bool) -> Iterator[Record]:
+    """A .json file holding one array of objects: each element is a record (its raw JSON, parsed by workers)."""
+    import orjson
+
+    with _open_binary(path) as f:
+        data = f.read(MAX_JSON_ARRAY + 1)
+    if len(data) > MAX_JSON_ARRAY:
+        raise InputError(f"{path}: a JSON array over 1 GiB is read whole into memory; convert it to JSON lines "
+                         f"(one object per line, e.g. `jq -c '.[]' {path} > x.jsonl`)")
+    try:
+        items = orjson.loads(data[len(BOM):] if data.startswith(BOM) else data)
+    except orjson.JSONDecodeError as e:
+        if strict:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+        yield Record(path, 1, drop="bad_json")
+        return
+    for i, item in enumerate(items, start=1):
+        yield Record(path, i, raw=orjson.dumps(item))
+
+
 def _truncated(path: str, line: int, e: Exception, strict: bool) -> None:
     if strict:
         raise InputError(f"{path}:{line}: compressed stream is truncated or corrupt ({e}); re-download the file "
@@ -134,10 +240,15 @@ def _truncated(path: str, line: int, e: Exception, strict: bool) -> None:
 
 
 def read_text(path: str, per_block: bool, strict: bool) -> Iterator[Record]:
-    with _open_binary(path) as f:
-        data = f.read()
     try:
-        text = data.decode("utf-8")
+        with _open_binary(path) as f:
+            data = f.read()
+    except (EOFError, OSError) as e:
+        _truncated(path, 1, e, strict)
+        yield Record(path, 1, drop="truncated_file")
+        return
+    try:
+        text = data.decode("utf-8-sig")  # without a byte-order mark, if there is one
     except UnicodeDecodeError as e:
         if strict:
             raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from e
@@ -161,13 +272,12 @@ def read_text(path: str, per_block: bool, strict: bool) -> Iterator[Record]:
 
 def read_arrow_table_batches(path: str, text_key: str, strict: bool) -> Iterator[Record]:
     """Parquet files, bare .arrow files and save_to_disk directories, one record batch at a time."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.endswith(".parquet"):
         pf = pq.ParquetFile(path)
         columns = pf.schema_arrow.names
-        batches = pf.iter_batches(batch_size=1024, columns=[text_key] if text_key in columns else None)
+        batches = pf.iter_batches(batch_size=1024, columns=[text_key] if text_key in columns else columns[:1])
     else:
         files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.arrow"),
                                                                      recursive=True))
@@ -180,7 +290,11 @@ def read_arrow_table_batches(path: str, text_key: str, strict: bool) -> Iterator
                f"column that holds the text")
         if strict:
             raise InputError(msg)
-        yield Record(path, 0, drop="missing_text_column")
+        row = 0
+        for batch in batches:  # every row is a document lost, and counted as one
+            for _ in range(batch.num_rows):
+                row += 1
+                yield Record(path, row, drop="missing_text_column")
         return
     row = 0
     for batch in batches:
@@ -192,7 +306,6 @@ def read_arrow_table_batches(path: str, text_key: str, strict: bool) -> Iterator
                 if strict:
                     raise InputError(f"{path}: row {row}: {text_key!r} is {type(value).__name__}, not a string")
                 yield Record(path, row, drop="bad_text_field")
-    del pa
 
 
 def _arrow_batches(files):

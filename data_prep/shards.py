@@ -27,7 +27,7 @@ class ShardSet:
         self.dir, self.rank, self.dtype = directory, rank, dtype
         self.index = 0
         self.writer: IndexedWriter | None = None
-        self.hashes: list[int] = []
+        self.hashes: list[np.ndarray] = []  # per unit: numpy, not one Python int per document
         self.sigs: list[np.ndarray] = []
         self.committed: list[dict] = []
 
@@ -39,8 +39,10 @@ class ShardSet:
         if self.writer is None:
             self.writer = IndexedWriter(self.prefix(self.index), self.dtype)
         self.writer.add_many(flat, lengths)
-        self.hashes += hashes
-        self.sigs += [s for s in sigs if s is not None]
+        self.hashes.append(np.asarray(hashes, dtype=np.uint64))
+        sigs = [s for s in sigs if s is not None]
+        if sigs:
+            self.sigs.append(np.stack(sigs))
 
     @property
     def open_tokens(self) -> int:
@@ -51,9 +53,9 @@ class ShardSet:
             return
         prefix = self.prefix(self.index)
         info = self.writer.close()
-        save_npy(f"{prefix}.hashes.npy", np.asarray(self.hashes, dtype=np.uint64))
+        save_npy(f"{prefix}.hashes.npy", np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.uint64))
         if self.sigs:
-            save_npy(f"{prefix}.minhash.npy", np.stack(self.sigs))
+            save_npy(f"{prefix}.minhash.npy", np.concatenate(self.sigs))
         shard = {"path": os.path.basename(prefix), **info}
         write_json(f"{prefix}.state.json", {"shard": shard, "cursor": cursor, "counts": counts})
         self.committed.append(shard)
@@ -74,8 +76,8 @@ class ShardSet:
             with open(state_path) as f:
                 previous = json.load(f)
             if previous != fingerprint:
-                raise ValueError(f"{self.dir} holds output of a run with different options; use a new --output "
-                                 f"directory (or delete it) to start over")
+                raise ValueError(f"{self.dir} holds output of a run {_difference(previous, fingerprint)}; use a new "
+                                 f"--output directory (or delete this one) to start over")
         write_json(state_path, fingerprint)
         cursor, counts = 0, {}
         while os.path.exists(f"{self.prefix(self.index)}.state.json"):
@@ -83,7 +85,7 @@ class ShardSet:
             with open(f"{prefix}.state.json") as f:
                 state = json.load(f)
             verify_shard(prefix, state["shard"])
-            seen.update(int(h) for h in np.load(f"{prefix}.hashes.npy"))
+            seen.add(np.load(f"{prefix}.hashes.npy"))
             if near is not None and os.path.exists(f"{prefix}.minhash.npy"):
                 for sig in np.load(f"{prefix}.minhash.npy"):
                     near.seen_similar(sig)
@@ -101,3 +103,16 @@ def verify_shard(prefix: str, shard: dict) -> None:
                          f"{shard['documents']}; delete the output directory and rerun")
     if file_sha256(f"{prefix}.bin") != shard["bin_sha256"]:
         raise ValueError(f"{prefix}.bin: checksum differs from its commit record; delete it and rerun")
+
+
+def _difference(previous: dict, now: dict) -> str:
+    """What changed between an interrupted run and its rerun, in words."""
+    before, after = {f[0]: f[1:] for f in previous.get("files", [])}, {f[0]: f[1:] for f in now.get("files", [])}
+    if before != after:
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        changed = sorted(f for f in set(before) & set(after) if before[f] != after[f])
+        parts = [f"{label} {', '.join(fs[:3])}{' ...' if len(fs) > 3 else ''}"
+                 for label, fs in (("added", added), ("removed", removed), ("changed", changed)) if fs]
+        return "over other inputs (since then: " + "; ".join(parts) + ")"
+    keys = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+    return f"with other options ({', '.join(keys)} differ)"

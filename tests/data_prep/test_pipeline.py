@@ -26,15 +26,31 @@ def test_manifest_lists_shards_tokenizer_options_and_hashes(tmp_path, tokenizer_
     assert os.path.basename(man["tokenizer"]["path"]) == "tokenizer.json"
 
 
-def test_work_units_cut_by_record_count_and_by_bytes():
-    from data_prep.pipeline import _chunks
-    from data_prep.readers import Record
+def test_work_units_cut_by_record_count_and_by_bytes(tmp_path):
+    """Units depend on the input only: lists of records (here .txt files) by count and bytes; plain JSON lines as
+    byte ranges that end after a newline, carrying their first line number."""
+    from data_prep.pipeline import PrepareOptions, _Reading
 
-    recs = [Record("f", i, text="x" * n) for i, n in enumerate([10, 10, 100, 5, 5, 5, 5])]
-    sizes = [[r.line for r in c] for c in _chunks(iter(recs), max_records=3, max_bytes=50)]
-    assert sizes == [[0, 1, 2], [3, 4, 5], [6]]
-    sizes = [[r.line for r in c] for c in _chunks(iter(recs), max_records=10, max_bytes=15)]
-    assert sizes == [[0, 1], [2], [3, 4, 5], [6]]
+    for i, n in enumerate([10, 10, 100, 5, 5, 5, 5]):
+        (tmp_path / f"{i}.txt").write_text("x" * n)
+    files = sorted(str(p) for p in tmp_path.glob("*.txt"))
+
+    def units(**kw):
+        opts = PrepareOptions(inputs=[], tokenizer="", output="", **kw)
+        return [[os.path.basename(r[0]) for r in u] for u in _Reading(files, opts).units()]
+
+    assert units(chunk_docs=3, chunk_bytes=50) == [["0.txt", "1.txt", "2.txt"], ["3.txt", "4.txt", "5.txt"], ["6.txt"]]
+    assert units(chunk_docs=10, chunk_bytes=15) == [["0.txt", "1.txt"], ["2.txt"], ["3.txt", "4.txt", "5.txt"],
+                                                    ["6.txt"]]
+    lines = [b'{"text": "%s"}\n' % (b"y" * n) for n in (5, 40, 5, 5, 60, 5)]
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines))
+    opts = PrepareOptions(inputs=[], tokenizer="", output="", chunk_bytes=50)
+    ranges = list(_Reading([str(tmp_path / "a.jsonl")], opts).units())
+    ends = [sum(map(len, lines[:k])) for k in range(1, len(lines) + 1)]
+    assert [r[3] for r in ranges] == [ends[1], ends[4], ends[5]]  # each ends at the first line end 50 bytes on
+    assert [r[4] for r in ranges] == [1, 3, 6]
+    opts = PrepareOptions(inputs=[], tokenizer="", output="", chunk_bytes=500, chunk_docs=2)
+    assert [r[3] for r in _Reading([str(tmp_path / "a.jsonl")], opts).units()] == [ends[1], ends[3], ends[5]]
 
 
 def _bytes_of(out) -> dict:

@@ -1,0 +1,149 @@
+"""One work unit of prepare, as a worker process runs it: parse -> clean and filter -> hash -> tokenize -> pack.
+
+A unit is a list of records in input order; the result is, per record, either a drop (reason, where) or a
+candidate (exact hash, MinHash signature or None, token count with EOD), plus one flat array of the candidates'
+token ids, each followed by EOD, in the shard's dtype. Everything per token happens here (numpy on the
+tokenizer's flat buffers, no per-document Python lists), so the main process only decides and writes.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+import awkward  # noqa: F401 - gigatoken returns awkward arrays; imported here so the forkserver preloads it (0.4 s)
+import numpy as np
+import xxhash
+
+from data_prep import readers, tokenizer as tok
+from data_prep.clean import FilterConfig, clean, parse_json_line
+from data_prep.dedup import MinHasher
+
+STRICT_REASONS = ("bad_json", "bad_text_field", "bad_utf8")
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+class TokenizerMismatch(RuntimeError):
+    """gigatoken and HF tokenizers disagreed on a document."""
+
+
+@dataclass
+class WorkConfig:
+    tokenizer: str
+    eod: int
+    dtype: str  # of the shards: uint16 or int32
+    backend: str = "auto"
+    text_key: str = "text"
+    filters: FilterConfig = None
+    dedup: bool = True  # compute exact-dedup hashes
+    near: bool = False
+    num_perm: int = 128
+    strict: bool = False
+    verify_every: int = 256  # check gigatoken against tokenizers on unit 0 and every n-th unit after (0: never)
+
+
+_W: dict = {}
+
+
+def init(cfg: WorkConfig) -> None:
+    """Load what every unit needs once per worker process."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our processes are the parallelism
+    _W.update(cfg=cfg, encoder=tok.Encoder(cfg.tokenizer, cfg.backend),
+              minhash=MinHasher(cfg.num_perm) if cfg.near else None, baseline_mb=None)
+
+
+CACHE_MB = 1024  # a worker's growth past its first units before its tokenizer (and its cache) is rebuilt
+
+
+def _bound_memory() -> None:
+    """Keep a worker's memory flat as the input grows. glibc keeps freed memory from unit to unit (a worker grew
+    from 117 to 227 MiB over 1 GB of text; returning it after each unit held it at 161 MiB), and gigatoken 0.10.0
+    caches every distinct pre-token it has seen, without bound (~80 bytes each: +325 MiB after 4M new words; the
+    "cachefix" fork bounds nothing more in that test). Past CACHE_MB of growth the encoder is rebuilt (0.1 s)."""
+    _LIBC.malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+    if _W["baseline_mb"] is None:
+        _W["baseline_mb"] = rss_mb
+    elif rss_mb > _W["baseline_mb"] + CACHE_MB:
+        cfg = _W["cfg"]
+        _W["encoder"] = tok.Encoder(cfg.tokenizer, cfg.backend)
+
+
+def backend() -> str:
+    return _W["encoder"].backend
+
+
+VERIFY_BYTES = 1 << 16  # text checked against tokenizers per verified unit (HF encodes ~30x slower)
+
+
+def _sample(texts: list[str]) -> list[str]:
+    """The unit's first documents, up to VERIFY_BYTES characters of text (at least one document)."""
+    out, size = [], 0
+    for t in texts:
+        if out and size + len(t) > VERIFY_BYTES:
+            break
+        out.append(t)
+        size += len(t)
+    return out
+
+
+def read_range(path: str, start: int, end: int, first_line: int):
+    """The JSON lines in bytes [start, end) of a plain file (a unit cut at line boundaries by the main process,
+    which never reads them itself), as records."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if start == 0 and data.startswith(readers.BOM):
+        data = data[len(readers.BOM):]
+    for i, line in enumerate(data.split(b"\n")):
+        if line.strip():
+            yield path, first_line + i, line, None, None
+
+
+def process(job: tuple) -> tuple:
+    """job = (unit index, records) with records either [(source, line, raw, text, drop), ...] or
+    ("range", path, start, end, first line) -> (kind, records seen, outcomes, packed ids, probe: a sample of the
+    texts and their gigatoken ids on every --verify-every-th unit, else None)."""
+    index, records = job
+    kind = "range" if records and records[0] == "range" else "list"
+    if kind == "range":
+        records = list(read_range(*records[1:]))
+    cfg: WorkConfig = _W["cfg"]
+    outcomes, texts, where = [], [], []
+    for source, line, raw, text, drop in records:
+        reason = drop
+        if reason is None:
+            if raw is not None:
+                text, reason = parse_json_line(raw, cfg.text_key)
+            if reason is None:
+                text, reason = clean(text, cfg.filters)
+        if reason is not None:
+            if cfg.strict and reason in STRICT_REASONS:
+                raise readers.InputError(f"{source}:{line}: {reason.replace('_', ' ')} (--strict)")
+            outcomes.append((reason, f"{source}:{line}"))
+            continue
+        sig = _W["minhash"].signature(text) if _W["minhash"] is not None else None
+        h = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) if cfg.dedup else 0
+        outcomes.append((None, h, sig))
+        texts.append(text)
+        where.append(f"{source}:{line}")
+    flat, lengths = _W["encoder"].encode(texts)
+    probe = None
+    if cfg.verify_every and index % cfg.verify_every == 0 and _W["encoder"].giga is not None and texts:
+        n = len(_sample(texts))  # checked against tokenizers by the main process, which has it loaded
+        probe = (texts[:n], where[:n], flat[:int(lengths[:n].sum())].copy(), lengths[:n].copy())
+    packed = np.insert(flat.astype(cfg.dtype, copy=False), np.cumsum(lengths), cfg.eod)
+    _bound_memory()
+    counts = iter((lengths + 1).tolist())
+    return kind, len(records), [o if o[0] is not None else (*o, next(counts)) for o in outcomes], packed, probe
+
+
+def check_probe(hf, probe) -> None:
+    """The main process's check of a unit's sample: tokenizers must give gigatoken's ids for every document."""
+    texts, where, flat, lengths = probe
+    diff = tok.first_difference(flat, lengths, hf.encode_batch_fast(texts, add_special_tokens=False))
+    if diff is not None:
+        raise TokenizerMismatch(f"{where[diff[0]]}: gigatoken and tokenizers disagree on this document ({diff[1]}); "
+                                f"rerun with --tokenizer-backend tokenizers into a new --output directory")
