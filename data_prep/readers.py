@@ -138,8 +138,9 @@ def _expand_one(path: str, suffixes: tuple[str, ...], exclude: tuple[str, ...] =
 # ------------------------------------------------------------------------------------------ compressed files
 class _StrictZstd(io.RawIOBase):
     """zstandard's stream_reader reports a clean end of file when the data stops in the middle of a frame (so a
-    truncated .zst reads as complete, docs/FINDINGS.md); this reader decodes frame by frame and raises EOFError
-    when the input ends inside one."""
+    truncated .zst reads as complete, docs/FINDINGS.md); this reader decodes frame by frame and, when the input
+    ends inside one, ends the stream after the last complete data with `truncated` set (raising at once would lose
+    the lines already decoded but still buffered), which the line reader turns into EOFError."""
 
     def __init__(self, path: str):
         import zstandard
@@ -149,6 +150,7 @@ class _StrictZstd(io.RawIOBase):
         self._obj = self._dctx.decompressobj()
         self._pending = b""
         self._in_frame = False
+        self.truncated = False
 
     def readable(self) -> bool:
         return True
@@ -157,8 +159,7 @@ class _StrictZstd(io.RawIOBase):
         while not self._pending:
             data = self._f.read(1 << 20)
             if not data:
-                if self._in_frame:
-                    raise EOFError("the file ends in the middle of a zstd frame")
+                self.truncated = self._in_frame
                 return 0
             while data:
                 self._in_frame = True
@@ -190,6 +191,8 @@ def _open_binary(path: str):
 def _lines(path: str) -> Iterator[bytes]:
     with _open_binary(path) as f:
         yield from f
+        if getattr(getattr(f, "raw", None), "truncated", False):
+            raise EOFError("the file ends in the middle of a zstd frame")
 
 
 def read_jsonl(path: str, strict: bool) -> Iterator[Record]:

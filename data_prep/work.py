@@ -78,14 +78,17 @@ def backend() -> str:
 VERIFY_BYTES = 1 << 16  # text checked against tokenizers per verified unit (HF encodes ~30x slower)
 
 
-def _sample(texts: list[str]) -> list[str]:
-    """The unit's first documents, up to VERIFY_BYTES characters of text (at least one document)."""
+def _sample(n_texts: list[int]) -> list[int]:
+    """Indices of the unit's first documents up to VERIFY_BYTES characters in all, skipping any larger than that
+    alone (tokenizers needs ~130x a document's size to encode it: one huge document would cost gigabytes)."""
     out, size = [], 0
-    for t in texts:
-        if out and size + len(t) > VERIFY_BYTES:
+    for i, n in enumerate(n_texts):
+        if n > VERIFY_BYTES:
+            continue
+        if size + n > VERIFY_BYTES:
             break
-        out.append(t)
-        size += len(t)
+        out.append(i)
+        size += n
     return out
 
 
@@ -131,13 +134,23 @@ def process(job: tuple) -> tuple:
         where.append(f"{source}:{line}")
     flat, lengths = _W["encoder"].encode(texts)
     probe = None
-    if cfg.verify_every and index % cfg.verify_every == 0 and _W["encoder"].giga is not None and texts:
-        n = len(_sample(texts))  # checked against tokenizers by the main process, which has it loaded
-        probe = (texts[:n], where[:n], flat[:int(lengths[:n].sum())].copy(), lengths[:n].copy())
+    if cfg.verify_every and index % cfg.verify_every == 0 and _W["encoder"].giga is not None:
+        probe = _probe(texts, where, flat, lengths)
     packed = np.insert(flat.astype(cfg.dtype, copy=False), np.cumsum(lengths), cfg.eod)
     _bound_memory()
     counts = iter((lengths + 1).tolist())
     return kind, len(records), [o if o[0] is not None else (*o, next(counts)) for o in outcomes], packed, probe
+
+
+def _probe(texts: list[str], where: list[str], flat: np.ndarray, lengths: np.ndarray):
+    """A sample of the unit's texts with their gigatoken ids, for the main process to check against tokenizers
+    (which it has loaded); None when the unit has no document small enough."""
+    picked = _sample([len(t) for t in texts])
+    if not picked:
+        return None
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.concatenate([flat[starts[i]:starts[i + 1]] for i in picked])
+    return [texts[i] for i in picked], [where[i] for i in picked], ids, lengths[picked].copy()
 
 
 def check_probe(hf, probe) -> None:

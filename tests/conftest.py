@@ -278,3 +278,18 @@ def wait_for_step(tmp_path, step: int, procs, timeout=240):
             raise AssertionError("a rank exited early:\n" + "\n".join(p.stdout.read()[-3000:] for p in procs))
         time.sleep(0.1)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+_PEAK = ("import os, subprocess, sys\n"
+         "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+         "_, status, usage = os.wait4(p.pid, 0)\n"
+         "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
+
+
+def peak_rss_mib(cmd: list, cwd=ROOT) -> float:
+    """Peak RSS of `cmd` (its largest process: itself or a worker it waited for). Started from a small launcher:
+    a process forked straight from pytest would count pytest's own pages in its peak."""
+    res = subprocess.run([sys.executable, "-c", _PEAK, *map(str, cmd)], cwd=cwd, capture_output=True, text=True)
+    code, kib = res.stdout.split()
+    assert int(code) == 0, f"{cmd} failed ({code})"
+    return int(kib) / 1024

@@ -135,3 +135,83 @@ def test_unreadable_or_missing_path_is_a_clear_error(tmp_path, tokenizer_dir):
                           "--tokenizer", tokenizer_dir, "--output", str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "nope.jsonl: no such file or directory" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------ edge cases (issue 19)
+def test_a_utf8_byte_order_mark_is_not_a_bad_record(tmp_path, tokenizer_dir, texts):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in texts[:3])
+                                       .encode())
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbf" + texts[3].encode())
+    man = run_prepare([tmp_path], tokenizer_dir, tmp_path / "out")
+    assert man["counts"]["dropped"] == {} and man["counts"]["documents_kept"] == 4
+    assert read_back(tmp_path / "out") == expected_ids(tokenizer_dir, texts[:4])
+
+
+@pytest.mark.parametrize("where", ["mid-frame", "last bytes", "frame boundary"])
+def test_a_truncated_zst_is_detected(tmp_path, tokenizer_dir, texts, where):
+    import zstandard
+
+    cctx = zstandard.ZstdCompressor()
+    lines = ["".join(json.dumps({"text": t + f" {i}"}) + "\n" for i, t in enumerate(texts * 30))]
+    data = lines[0].encode()
+    frames = [cctx.compress(data[: len(data) // 2]), cctx.compress(data[len(data) // 2:])]
+    blob = b"".join(frames)
+    cut = {"mid-frame": len(frames[0]) // 2, "last bytes": len(blob) - 3,
+           # a cut between frames, inside the second one's header: no frame is complete past the first
+           "frame boundary": len(frames[0]) + 4}[where]
+    (tmp_path / "a.jsonl.zst").write_bytes(blob[:cut])
+    from data_prep.readers import InputError
+
+    with pytest.raises(InputError, match="a.jsonl.zst:.*truncated"):
+        run_prepare([tmp_path / "a.jsonl.zst"], tokenizer_dir, tmp_path / "o1", strict=True)
+    write_jsonl(tmp_path / "b.jsonl", texts[:1])  # something to keep: the damaged file may decode to nothing
+    man = run_prepare([tmp_path / "a.jsonl.zst", tmp_path / "b.jsonl"], tokenizer_dir, tmp_path / "o2")
+    assert man["counts"]["dropped"].get("truncated_file") == 1
+
+
+def test_a_json_array_file_is_read_record_by_record(tmp_path, tokenizer_dir, texts):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": t} for t in texts[:5]] + [{"other": 1}], indent=2))
+    man = run_prepare([tmp_path / "a.json"], tokenizer_dir, tmp_path / "out")
+    assert man["counts"]["documents_kept"] == 5 and man["counts"]["dropped"] == {"bad_text_field": 1}
+    assert read_back(tmp_path / "out") == expected_ids(tokenizer_dir, texts[:5])
+
+
+def test_links_that_loop_are_named_or_not_followed(tmp_path, tokenizer_dir, texts):
+    from data_prep.readers import InputError, expand_inputs
+
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    write_jsonl(d / "sub" / "a.jsonl", texts[:2])
+    os.symlink(d, d / "sub" / "loop")  # a directory link back up: a recursive glob would never end
+    files = expand_inputs([str(d / "**" / "*.jsonl")])
+    assert files == [str(d / "sub" / "a.jsonl")]
+    assert expand_inputs([str(d)]) == files
+    os.symlink("self.jsonl", d / "self.jsonl")  # a file link to itself
+    with pytest.raises(InputError, match="self.jsonl: symbolic link loop"):
+        expand_inputs([str(d)])
+
+
+def test_a_parquet_without_the_text_column_counts_every_row(tmp_path, tokenizer_dir, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": [f"row {i}" for i in range(37)]}), tmp_path / "a.parquet", row_group_size=10)
+    write_jsonl(tmp_path / "b.jsonl", texts[:1])
+    man = run_prepare([tmp_path], tokenizer_dir, tmp_path / "out")
+    assert man["counts"]["dropped"] == {"missing_text_column": 37}
+    assert_accounting(man)
+
+
+def test_drops_say_where_and_a_run_keeping_nothing_fails(tmp_path, tokenizer_dir, texts, caplog):
+    lines = [json.dumps({"text": texts[0]})] + ["{broken"] * 8 + [json.dumps({"txt": "x"})]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="data_prep"):
+        man = run_prepare([tmp_path / "a.jsonl"], tokenizer_dir, tmp_path / "out")
+    a = str(tmp_path / "a.jsonl")
+    assert man["drop_examples"] == {"bad_json": [f"{a}:{i}" for i in range(2, 7)], "bad_text_field": [f"{a}:10"]}
+    assert f"dropped {a}:2: bad json" in caplog.text and f"{a}:7" not in caplog.text  # the first 5 per reason
+    (tmp_path / "b.jsonl").write_text("{broken\n" + json.dumps({"txt": "x"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "data_prep", "prepare", "--input", str(tmp_path / "b.jsonl"),
+                          "--tokenizer", tokenizer_dir, "--output", str(tmp_path / "o2")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert res.returncode == 2 and "no document kept: 2 read" in res.stderr and "bad_json" in res.stderr
