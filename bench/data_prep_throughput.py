@@ -7,6 +7,7 @@ several percent), wall time of a fresh process including start-up, in input MB/s
 
   prepare                 `python -m data_prep prepare --workers N` (default cleaning + exact dedup)
   prepare, raw            the same with --no-normalize --dedup none (no cleaning, no dedup)
+  prepare, near           the same with --dedup near (exact + MinHash clusters), against prepare (issue 22)
   gigatoken files + bin   gigatoken.encode_files(JsonlFileSource) + EOD + one .bin write, N threads: the work of
                           Megatron-LM's tools/preprocess_data_fast.py, the anchor
   gigatoken encode        gigatoken encode_batch of the already-extracted documents, N threads (tokenizer only)
@@ -80,8 +81,9 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, str, int]:
     return wall, stdout, usage.ru_maxrss
 
 
-def prepare(corpus: str, tok: str, out: str, workers: int, raw: bool) -> tuple[float, int]:
-    flags = ["--no-normalize", "--dedup", "none", "--max-chars", str(10**9)] if raw else []
+def prepare(corpus: str, tok: str, out: str, workers: int, raw: bool, near: bool = False) -> tuple[float, int]:
+    flags = ["--no-normalize", "--dedup", "none", "--max-chars", str(10**9)] if raw else \
+        ["--dedup", "near"] if near else []
     wall, _, rss = _timed([sys.executable, "-m", "data_prep", "prepare", "--input", corpus, "--tokenizer", tok,
                            "--output", out, "--workers", str(workers), "--progress", "log", *flags])
     return wall, rss
@@ -121,19 +123,23 @@ def measure(corpus: str, tok: str, work: str, workers: list[int], rounds: int) -
             row = {"anchor_s": anchor(corpus, tok, os.path.join(work, "anchor.bin"), n)}
             row["prepare_s"], row["prepare_rss_kib"] = prepare(corpus, tok, os.path.join(work, f"p{n}{r}"), n, False)
             row["raw_s"], _ = prepare(corpus, tok, os.path.join(work, f"r{n}{r}"), n, True)
+            row["near_s"], _ = prepare(corpus, tok, os.path.join(work, f"n{n}{r}"), n, False, near=True)
             row["gigatoken_encode_s"] = encode_only("gigatoken", docs, tok, n)
             row["tokenizers_encode_s"] = encode_only("tokenizers", docs, tok, n)
             row.update(prepare_vs_anchor=round(row["anchor_s"] / row["prepare_s"], 3),
-                       raw_vs_anchor=round(row["anchor_s"] / row["raw_s"], 3))
+                       raw_vs_anchor=round(row["anchor_s"] / row["raw_s"], 3),
+                       near_vs_exact=round(row["prepare_s"] / row["near_s"], 3))
             runs.append(row)
             print(f"{n} worker(s), round {r + 1}: anchor {mb / row['anchor_s']:.1f} MB/s, prepare "
                   f"{mb / row['prepare_s']:.1f} MB/s ({row['prepare_vs_anchor']:.2f}x), raw {mb / row['raw_s']:.1f} "
-                  f"MB/s ({row['raw_vs_anchor']:.2f}x); encode only: gigatoken {mb / row['gigatoken_encode_s']:.0f} "
+                  f"MB/s ({row['raw_vs_anchor']:.2f}x), --dedup near {mb / row['near_s']:.1f} MB/s "
+                  f"({row['near_vs_exact']:.2f}x exact); encode only: gigatoken {mb / row['gigatoken_encode_s']:.0f} "
                   f"MB/s, tokenizers {mb / row['tokenizers_encode_s']:.1f} MB/s", flush=True)
         median = sorted(runs, key=lambda x: x["prepare_vs_anchor"])[len(runs) // 2]
         results[f"workers_{n}"] = {**{k: round(v, 3) for k, v in median.items()},
                                    "prepare_vs_anchor_all": [x["prepare_vs_anchor"] for x in runs],
-                                   "raw_vs_anchor_all": [x["raw_vs_anchor"] for x in runs]}
+                                   "raw_vs_anchor_all": [x["raw_vs_anchor"] for x in runs],
+                                   "near_vs_exact_all": [x["near_vs_exact"] for x in runs]}
     return results
 
 

@@ -95,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=float, default=1.0,
                    help="a work unit also closes past this many MB of input (keeps workers evenly loaded)")
     p.add_argument("--dedup", choices=["none", "exact", "near"], default="exact",
-                   help="exact: hash of the normalised text (default); near: also MinHash-LSH")
+                   help="exact: hash of the normalised text (default); near: also MinHash-LSH clusters, across all "
+                        "ranks after `merge`")
     p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity for near duplicates")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash buckets (a power of two)")
+    p.add_argument("--near-bands", type=int, help="LSH bands (default: chosen for 0.99 recall at the threshold)")
+    p.add_argument("--near-rows", type=int, help="LSH rows per band")
     p.add_argument("--rank", type=int, help="this rank's share of the inputs (default: Slurm array / MPI / 0)")
     p.add_argument("--world-size", type=int)
     p.add_argument("--progress", choices=["auto", "bar", "log"], default="auto")
@@ -183,7 +186,8 @@ def _prepare(a) -> int:
                           include=tuple(a.include), shard_tokens=a.shard_size,
                           tokenizer_backend=a.tokenizer_backend, verify_every=a.verify_every,
                           filters=_filters(a), dedup=a.dedup, near_threshold=a.near_threshold,
-                          num_perm=a.num_perm, strict=a.strict, chunk_docs=a.chunk_docs,
+                          num_perm=a.num_perm, near_bands=a.near_bands, near_rows=a.near_rows, strict=a.strict,
+                          chunk_docs=a.chunk_docs,
                           chunk_bytes=int(a.chunk_mb * 2**20), rank=rank, world_size=world,
                           progress={"auto": None, "bar": True, "log": False}[a.progress])
     man = prepare(opts)

@@ -54,19 +54,8 @@ class IndexedWriter:
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             pointers[1:] = np.cumsum(lengths[:-1].astype(np.int64)) * self.dtype.itemsize
-        doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
         idx_tmp = f"{self.prefix}.idx.tmp"
-        with open(idx_tmp, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", 1))
-            f.write(struct.pack("<B", DTYPE_CODES[self.dtype.type]))
-            f.write(struct.pack("<Q", len(lengths)))
-            f.write(struct.pack("<Q", len(doc_idx)))
-            f.write(lengths.tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_idx.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        _write_idx(idx_tmp, self.dtype, lengths, pointers)
         os.replace(self._bin_tmp, f"{self.prefix}.bin")
         os.replace(idx_tmp, f"{self.prefix}.idx")
         return {"documents": len(lengths), "tokens": int(self.tokens), "bin_sha256": self._sha.hexdigest()}
@@ -76,6 +65,42 @@ class IndexedWriter:
         for p in (self._bin_tmp, f"{self.prefix}.idx.tmp"):
             if os.path.exists(p):
                 os.remove(p)
+
+
+def _write_idx(path: str, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray) -> None:
+    doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", DTYPE_CODES[dtype.type]))
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        f.write(np.asarray(pointers, dtype=np.int64).tobytes())
+        f.write(doc_idx.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_subset(src: str, dst: str, keep: np.ndarray) -> dict:
+    """The documents of shard `src` that `keep` marks, as shard `dst`: a new index over the same .bin (a hard
+    link; a copy where the filesystem has none), so that removing duplicates never rewrites token data. Megatron
+    reads sequences at the pointers the index gives, so the skipped documents' bytes are simply never read."""
+    idx = read_index(src)
+    keep = np.asarray(keep, dtype=bool)
+    bin_tmp = f"{dst}.bin.tmp"
+    if os.path.lexists(bin_tmp):
+        os.remove(bin_tmp)
+    try:
+        os.link(f"{src}.bin", bin_tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(f"{src}.bin", bin_tmp)
+    _write_idx(f"{dst}.idx.tmp", idx["dtype"], idx["lengths"][keep], idx["pointers"][keep])
+    os.replace(bin_tmp, f"{dst}.bin")
+    os.replace(f"{dst}.idx.tmp", f"{dst}.idx")
+    return {"documents": int(keep.sum()), "tokens": int(idx["lengths"][keep].astype(np.int64).sum())}
 
 
 def read_index(prefix: str) -> dict:

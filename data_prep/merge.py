@@ -1,8 +1,10 @@
-"""Combine per-rank outputs: one manifest, exact dedup made global, optionally one .bin/.idx prefix.
+"""Combine per-rank outputs: one manifest, exact and near dedup made global, optionally one .bin/.idx prefix.
 
-Ranks own contiguous blocks of the sorted inputs, so walking ranks in order walks the input in order; a
-document whose hash already appeared in an earlier rank is a cross-rank duplicate and is removed (its shard
-is rewritten). The result holds the same tokens as a single-process run (with --dedup exact).
+Ranks own contiguous blocks of the sorted inputs, so walking ranks in order walks the input in order. A document
+whose text already appeared in an earlier rank is a cross-rank exact duplicate; with --dedup near, the MinHash
+clusters are then formed over every rank's surviving documents at once (data_prep/minhash.py), keeping each
+cluster's first document. Shards lose their removed documents through a new index over the same .bin. The
+result holds the same documents as a single-process run, whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import os
 
 import numpy as np
 
-from data_prep import manifest as manifest_file
+from data_prep import manifest as manifest_file, minhash
 from data_prep.hashset import HashSet
-from data_prep.indexed import IndexedWriter, read_index
+from data_prep.indexed import IndexedWriter, read_index, write_subset
 
 
 def _kept(prefix: str, keep: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -48,38 +50,21 @@ def _rank_manifests(directory: str) -> list[dict]:
 
 def merge(directory: str, into: str | None = None) -> dict:
     manifests = _rank_manifests(directory)
-    dedup = manifests[0]["options"].get("dedup", "exact") != "none"
+    options = manifests[0]["options"]
     counts = {"documents_read": 0, "documents_kept": 0, "tokens": 0, "dropped": {}, "empty_files": 0}
     for m in manifests:
         counts["documents_read"] += m["counts"]["documents_read"]
         counts["empty_files"] += m["counts"]["empty_files"]
         for reason, n in m["counts"]["dropped"].items():
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
-    writer = IndexedWriter(os.path.join(directory, into), np.dtype(_dtype_of(directory, manifests))) if into \
-        else None
-    seen, shards = HashSet(spill_dir=os.path.join(directory, ".merge-dedup")), []
-    try:
-        for m in manifests:  # rank order is input order
-            for shard in m["shards"]:
-                prefix = os.path.join(directory, shard["path"])
-                hashes = np.load(f"{prefix}.hashes.npy")
-                keep = seen.first_seen(hashes) if dedup else np.ones(len(hashes), dtype=bool)
-                if not keep.all():
-                    counts["dropped"]["exact_duplicate"] = counts["dropped"].get("exact_duplicate", 0) + \
-                        int((~keep).sum())
-                tokens, lengths = _kept(prefix, keep)
-                counts["documents_kept"] += len(lengths)
-                counts["tokens"] += int(sum(lengths))
-                if writer is not None:
-                    writer.add_many(tokens, lengths)
-                elif not keep.all():
-                    shards.append(_rewrite(prefix, tokens, lengths, shard))
-                else:
-                    shards.append(shard)
-    finally:
-        seen.close()
-    if writer is not None:
-        shards = [{"path": into, **writer.close()}]
+    ranked = [shard for m in manifests for shard in m["shards"]]  # rank order is input order
+    keep = _exact_keep(directory, ranked, options.get("dedup", "exact") != "none", counts)
+    if options.get("dedup") == "near":
+        keep, dropped = minhash.near_keep_masks(directory, ranked, options["near_threshold"],
+                                                options.get("near_bands"), options.get("near_rows"),
+                                                options["num_perm"], base_keep=keep)
+        _count(counts, "near_duplicate", dropped)
+    shards = _write(directory, ranked, keep, into, counts, np.dtype(_dtype_of(directory, manifests)))
     if counts["documents_read"] != counts["documents_kept"] + sum(counts["dropped"].values()):
         raise RuntimeError("accounting error while merging: read != kept + dropped")
     manifest = {**manifests[0], "shards": shards, "counts": counts, "rank": None, "world_size": len(manifests),
@@ -90,17 +75,51 @@ def merge(directory: str, into: str | None = None) -> dict:
     return manifest
 
 
+def _count(counts: dict, reason: str, n: int) -> None:
+    if n:
+        counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+
+
+def _exact_keep(directory: str, shards: list[dict], dedup: bool, counts: dict) -> list[np.ndarray]:
+    """Per shard: documents that are the first of their text across all ranks (streaming, data_prep.hashset)."""
+    seen, keep = HashSet(spill_dir=os.path.join(directory, ".merge-dedup")), []
+    try:
+        for shard in shards:
+            hashes = np.load(os.path.join(directory, shard["path"] + ".hashes.npy"))
+            keep.append(seen.first_seen(hashes) if dedup else np.ones(len(hashes), dtype=bool))
+            _count(counts, "exact_duplicate", int((~keep[-1]).sum()))
+    finally:
+        seen.close()
+    return keep
+
+
+def _write(directory: str, shards: list[dict], keep: list[np.ndarray], into: str | None, counts: dict,
+           dtype) -> list[dict]:
+    """The merged output: every kept document in one new prefix (--into), or each rank's shards as they are,
+    re-indexed without the removed documents (data_prep.indexed.write_subset: the .bin is shared, not copied).
+    Rank outputs stay untouched, so merging again (say with --into) sees the same inputs."""
+    writer = IndexedWriter(os.path.join(directory, into), dtype) if into else None
+    out = []
+    for shard, mask in zip(shards, keep):
+        prefix = os.path.join(directory, shard["path"])
+        if writer is not None:
+            tokens, lengths = _kept(prefix, mask)
+            if lengths:
+                writer.add_many(tokens, lengths)
+            info = {"documents": len(lengths), "tokens": int(sum(lengths))}
+        elif mask.all():
+            info = shard
+            out.append(shard)
+        else:
+            info = write_subset(prefix, prefix + "-global", mask)
+            out.append({"path": shard["path"] + "-global", "bin_sha256": shard["bin_sha256"], **info})
+        counts["documents_kept"] += info["documents"]
+        counts["tokens"] += info["tokens"]
+    return [{"path": into, **writer.close()}] if writer is not None else out
+
+
 def _dtype_of(directory: str, manifests) -> str:
     for m in manifests:
         for s in m["shards"]:
             return str(read_index(os.path.join(directory, s["path"]))["dtype"])
     return "uint16"
-
-
-def _rewrite(prefix: str, tokens: np.ndarray, lengths: list[int], shard) -> dict:
-    """A copy of the shard without its cross-rank duplicates. Rank outputs stay untouched, so merging again
-    (say with --into) sees the same inputs."""
-    writer = IndexedWriter(prefix + "-global", read_index(prefix)["dtype"])
-    if lengths:
-        writer.add_many(tokens, lengths)
-    return {"path": shard["path"] + "-global", **writer.close()}

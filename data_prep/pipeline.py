@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from common.files import file_sha256
-from data_prep import manifest, readers, tokenizer as tok, work
+from data_prep import manifest, minhash, readers, tokenizer as tok, work
 from data_prep.clean import FilterConfig
-from data_prep.dedup import NearDupIndex
 from data_prep.hashset import HashSet
-from data_prep.indexed import token_dtype
+from data_prep.indexed import token_dtype, write_subset
 from data_prep.shards import FINISHED, ShardSet
 
 log = logging.getLogger("data_prep")
@@ -58,7 +57,9 @@ class PrepareOptions:
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: str = "exact"  # none | exact | near (near also does exact)
     near_threshold: float = 0.8
-    num_perm: int = 128
+    num_perm: int = 128  # MinHash buckets (a power of two)
+    near_bands: int | None = None  # LSH bands x rows; None: minhash.lsh_params(near_threshold, num_perm)
+    near_rows: int | None = None
     strict: bool = False
     rank: int = 0
     world_size: int = 1
@@ -220,10 +221,9 @@ def _worker_context():
 
 def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: str, vocab: int, hf) -> dict:
     shard_set = ShardSet(opts.output, opts.rank, np.dtype(cfg.dtype))
-    near = NearDupIndex(opts.near_threshold, opts.num_perm) if opts.dedup == "near" else None
     seen = HashSet(spill_dir=os.path.join(opts.output, f".dedup-r{opts.rank:03d}"))
     try:
-        cursor, counts = shard_set.restore(opts.fingerprint(files), seen, near)
+        cursor, counts = shard_set.restore(opts.fingerprint(files), seen)
         counts = Counter(counts)
         if cursor == FINISHED:
             log.info("%d committed shard(s) already hold the whole input; verified, rewriting the manifest",
@@ -235,7 +235,7 @@ def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: 
         skip = sys.maxsize if cursor == FINISHED else cursor
         units = itertools.islice(enumerate(reading.units()), skip, None)
         results = pool.imap(work.process, units) if pool is not None else map(work.process, units)
-        examples = _keep_or_drop(opts, results, cursor, shard_set, counts, seen, near, reading, hf)
+        examples = _keep_or_drop(opts, results, cursor, shard_set, counts, seen, reading, hf)
     except BaseException:
         shard_set.abort()
         raise
@@ -244,16 +244,39 @@ def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: 
     counts["empty_files"] += len(reading.empty_files)
     _check_accounting(counts, reading)
     backend = pool.apply(work.backend) if pool is not None else work.backend()
-    return _write_manifest(opts, shard_set, counts, examples, tokenizer_path, vocab, cfg, files, backend)
+    shards = list(shard_set.committed)
+    if opts.dedup == "near" and opts.world_size == 1:  # with several ranks, merge clusters across all of them
+        shards = _near_pass(opts, shards, counts)
+    return _write_manifest(opts, shards, counts, examples, tokenizer_path, vocab, cfg, files, backend)
+
+
+def _near_pass(opts: PrepareOptions, shards: list[dict], counts: Counter) -> list[dict]:
+    """Near duplicates over the whole output (data_prep/minhash.py): the shards' indexes are rewritten without
+    them (the .bin files stay as written, shared through a hard link)."""
+    keep, dropped = minhash.near_keep_masks(opts.output, shards, opts.near_threshold, opts.near_bands,
+                                            opts.near_rows, opts.num_perm)
+    if dropped:
+        counts["dropped:near_duplicate"] += dropped
+        counts["kept"] -= dropped
+    out = []
+    for shard, mask in zip(shards, keep):
+        if mask.all():
+            out.append(shard)
+            continue
+        prefix = os.path.join(opts.output, shard["path"])
+        info = write_subset(prefix, prefix + "-near", mask)
+        counts["tokens"] -= shard["tokens"] - info["tokens"]
+        out.append({"path": shard["path"] + "-near", "bin_sha256": shard["bin_sha256"], **info})
+    return out
 
 
 def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSet, counts: Counter,
-                  seen: HashSet, near: NearDupIndex | None, reading: _Reading, hf) -> dict:
+                  seen: HashSet, reading: _Reading, hf) -> dict:
     """Every keep/drop decision, in input order (so the output does not depend on the worker count)."""
     progress, examples = _Progress(opts.progress), defaultdict(list)
     tokens_done = 0
     try:
-        for unit_index, (kind, n_records, outcomes, packed, probe) in enumerate(results, start=cursor):
+        for unit_index, (kind, n_records, outcomes, packed, probe, sigs) in enumerate(results, start=cursor):
             if probe is not None:
                 work.check_probe(hf, probe)
             if n_records != len(outcomes):
@@ -265,26 +288,23 @@ def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSe
             first = seen.first_seen([o[1] for o in candidates]) if opts.dedup != "none" else \
                 np.ones(len(candidates), dtype=bool)
             keep = np.ones(len(packed), dtype=bool)  # token mask; documents dropped here are cleared
-            lengths, hashes, sigs, offset, c = [], [], [], 0, 0
+            lengths, hashes, offset, c = [], [], 0, 0
             for o in outcomes:
                 if o[0] is not None:
                     _drop(counts, examples, o[0], o[1])
                     continue
-                _, h, sig, n = o
+                _, h, n = o
                 offset += n
-                reason = None if first[c] else "exact_duplicate"
                 c += 1
-                if reason is None and near is not None and near.seen_similar(sig):
-                    reason = "near_duplicate"
-                if reason:
-                    counts["dropped:" + reason] += 1
+                if not first[c - 1]:
+                    counts["dropped:exact_duplicate"] += 1
                     keep[offset - n:offset] = False
                     continue
                 lengths.append(n)
                 hashes.append(h)
-                sigs.append(sig)
             if lengths:
-                shard_set.add(packed if keep.all() else packed[keep], lengths, hashes, sigs)
+                shard_set.add(packed if keep.all() else packed[keep], lengths, hashes,
+                              sigs[first] if sigs is not None else None)
             counts["kept"] += len(lengths)
             counts["tokens"] += sum(lengths)
             tokens_done += sum(lengths)
@@ -342,7 +362,7 @@ class _Progress:
             self.bar.close()
 
 
-def _write_manifest(opts, shard_set: ShardSet, counts: Counter, examples: dict, tokenizer_path, vocab, cfg,
+def _write_manifest(opts, shards: list[dict], counts: Counter, examples: dict, tokenizer_path, vocab, cfg,
                     files, backend: str) -> dict:
     dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
     read, kept = counts["processed"], counts["kept"]
@@ -351,7 +371,7 @@ def _write_manifest(opts, shard_set: ShardSet, counts: Counter, examples: dict, 
                           f"file(s); check --text-key and the filters (the drops logged above show where)")
     man = {
         "format": manifest.FORMAT,
-        "shards": list(shard_set.committed),
+        "shards": shards,
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": vocab, "eod_id": cfg.eod,
                       "sha256": file_sha256(tokenizer_path), "backend": backend},
         "options": {**opts.fingerprint([]), "filters": opts.filters.to_dict(), "tokenizer": None, "files": None},

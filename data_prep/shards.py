@@ -34,15 +34,15 @@ class ShardSet:
     def prefix(self, i: int) -> str:
         return os.path.join(self.dir, f"shard-r{self.rank:03d}-{i:05d}")
 
-    def add(self, flat: np.ndarray, lengths: list[int], hashes: list[int], sigs: list) -> None:
-        """Documents (each already ending in EOD) back to back in `flat`."""
+    def add(self, flat: np.ndarray, lengths: list[int], hashes: list[int], sigs: np.ndarray | None) -> None:
+        """Documents (each already ending in EOD) back to back in `flat`, their exact hashes and (--dedup near)
+        their MinHash signatures."""
         if self.writer is None:
             self.writer = IndexedWriter(self.prefix(self.index), self.dtype)
         self.writer.add_many(flat, lengths)
         self.hashes.append(np.asarray(hashes, dtype=np.uint64))
-        sigs = [s for s in sigs if s is not None]
-        if sigs:
-            self.sigs.append(np.stack(sigs))
+        if sigs is not None:
+            self.sigs.append(sigs)
 
     @property
     def open_tokens(self) -> int:
@@ -68,9 +68,10 @@ class ShardSet:
             self.writer.abort()
             self.writer = None
 
-    def restore(self, fingerprint: dict, seen: set, near=None) -> tuple[int, dict]:
-        """Verify committed shards of an earlier run with the same fingerprint; restore the dedup state into
-        `seen` (and `near`); -> (input position, counts) to continue from."""
+    def restore(self, fingerprint: dict, seen) -> tuple[int, dict]:
+        """Verify committed shards of an earlier run with the same fingerprint; restore the exact-dedup state into
+        `seen` (near duplicates are found over the whole output at the end); -> (input position, counts) to
+        continue from."""
         state_path = os.path.join(self.dir, f".prepare-r{self.rank:03d}.json")
         if os.path.exists(state_path):
             with open(state_path) as f:
@@ -86,9 +87,6 @@ class ShardSet:
                 state = json.load(f)
             verify_shard(prefix, state["shard"])
             seen.add(np.load(f"{prefix}.hashes.npy"))
-            if near is not None and os.path.exists(f"{prefix}.minhash.npy"):
-                for sig in np.load(f"{prefix}.minhash.npy"):
-                    near.seen_similar(sig)
             self.committed.append(state["shard"])
             cursor, counts = state["cursor"], state["counts"]
             self.index += 1

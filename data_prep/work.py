@@ -1,9 +1,10 @@
 """One work unit of prepare, as a worker process runs it: parse -> clean and filter -> hash -> tokenize -> pack.
 
 A unit is a list of records in input order; the result is, per record, either a drop (reason, where) or a
-candidate (exact hash, MinHash signature or None, token count with EOD), plus one flat array of the candidates'
-token ids, each followed by EOD, in the shard's dtype. Everything per token happens here (numpy on the
-tokenizer's flat buffers, no per-document Python lists), so the main process only decides and writes.
+candidate (exact hash, token count with EOD), plus one flat array of the candidates' token ids, each followed
+by EOD, in the shard's dtype, and with --dedup near their MinHash signatures (data_prep/minhash.py). Everything
+per token happens here (numpy on the tokenizer's flat buffers, no per-document Python lists), so the main
+process only decides and writes.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import xxhash
 
 from data_prep import readers, tokenizer as tok
 from data_prep.clean import FilterConfig, clean, parse_json_line
-from data_prep.dedup import MinHasher
+from data_prep import minhash
 
 STRICT_REASONS = ("bad_json", "bad_text_field", "bad_utf8")
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -49,8 +50,7 @@ _W: dict = {}
 def init(cfg: WorkConfig) -> None:
     """Load what every unit needs once per worker process."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our processes are the parallelism
-    _W.update(cfg=cfg, encoder=tok.Encoder(cfg.tokenizer, cfg.backend),
-              minhash=MinHasher(cfg.num_perm) if cfg.near else None, baseline_mb=None)
+    _W.update(cfg=cfg, encoder=tok.Encoder(cfg.tokenizer, cfg.backend), baseline_mb=None)
 
 
 CACHE_MB = 1024  # a worker's growth past its first units before its tokenizer (and its cache) is rebuilt
@@ -108,7 +108,9 @@ def read_range(path: str, start: int, end: int, first_line: int):
 def process(job: tuple) -> tuple:
     """job = (unit index, records) with records either [(source, line, raw, text, drop), ...] or
     ("range", path, start, end, first line) -> (kind, records seen, outcomes, packed ids, probe: a sample of the
-    texts and their gigatoken ids on every --verify-every-th unit, else None)."""
+    texts and their gigatoken ids on every --verify-every-th unit, else None, MinHash signatures of the
+    candidates with --dedup near, else None). An outcome is (reason, "file:line") for a drop, or (None, exact
+    hash, token count with EOD) for a candidate."""
     index, records = job
     kind = "range" if records and records[0] == "range" else "list"
     if kind == "range":
@@ -127,19 +129,20 @@ def process(job: tuple) -> tuple:
                 raise readers.InputError(f"{source}:{line}: {reason.replace('_', ' ')} (--strict)")
             outcomes.append((reason, f"{source}:{line}"))
             continue
-        sig = _W["minhash"].signature(text) if _W["minhash"] is not None else None
         h = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) if cfg.dedup else 0
-        outcomes.append((None, h, sig))
+        outcomes.append((None, h))
         texts.append(text)
         where.append(f"{source}:{line}")
     flat, lengths = _W["encoder"].encode(texts)
     probe = None
     if cfg.verify_every and index % cfg.verify_every == 0 and _W["encoder"].giga is not None:
         probe = _probe(texts, where, flat, lengths)
+    sigs = minhash.signatures(flat, lengths, cfg.num_perm) if cfg.near else None
     packed = np.insert(flat.astype(cfg.dtype, copy=False), np.cumsum(lengths), cfg.eod)
     _bound_memory()
     counts = iter((lengths + 1).tolist())
-    return kind, len(records), [o if o[0] is not None else (*o, next(counts)) for o in outcomes], packed, probe
+    outcomes = [o if o[0] is not None else (*o, next(counts)) for o in outcomes]
+    return kind, len(records), outcomes, packed, probe, sigs
 
 
 def _probe(texts: list[str], where: list[str], flat: np.ndarray, lengths: np.ndarray):
