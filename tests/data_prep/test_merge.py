@@ -77,3 +77,19 @@ def test_near_duplicates_across_ranks_match_one_process(tmp_path, tokenizer_dir,
     assert single["dropped"]["near_duplicate"] >= 25 and single["dropped"]["exact_duplicate"] == 9
     assert merged == single
     assert read_back(tmp_path / "ranks") == read_back(tmp_path / "single")
+
+
+def test_near_duplicates_across_mpi_ranks_match_one_process(tmp_path, tokenizer_dir, near_corpus):
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    base = ["-m", "data_prep", "prepare", "--input", str(near_corpus), "--tokenizer", tokenizer_dir, "--workers",
+            "1", "--dedup", "near", "--near-threshold", "0.7", "--progress", "log"]
+    subprocess.run([sys.executable, *base, "--output", str(tmp_path / "single")], check=True, cwd=ROOT,
+                   capture_output=True)
+    res = subprocess.run([mpiexec, "-n", "2", sys.executable, *base, "--output", str(tmp_path / "mpi")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "data_prep", "merge", "--output", str(tmp_path / "mpi")], check=True,
+                   cwd=ROOT, capture_output=True)
+    assert read_back(tmp_path / "mpi") == read_back(tmp_path / "single")
+    man = json.load(open(tmp_path / "mpi" / "manifest.json"))
+    assert man["counts"]["dropped"]["near_duplicate"] >= 25

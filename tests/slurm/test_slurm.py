@@ -115,7 +115,7 @@ def test_data_prep_array_and_merge_equal_a_single_process(slurm, tiny_tokenizer,
         with open(raw / f"part{i}.jsonl", "w") as f:
             for d in docs[i::4]:
                 f.write(json.dumps({"text": d}) + "\n")
-    args = ["--input", str(raw), "--tokenizer", tiny_tokenizer, "--shard-size", "5000"]
+    args = ["--input", str(raw), "--tokenizer", tiny_tokenizer, "--shard-size", "5000", "--dedup", "near"]
     subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "data_prep", "prepare", *args, "--output",
                     str(tmp_path / "single"), "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
     res = subprocess.run(["bash", "slurm/data_prep.sh", "submit", "--tasks", "2", "--output", str(tmp_path / "out"),
@@ -129,3 +129,4 @@ def test_data_prep_array_and_merge_equal_a_single_process(slurm, tiny_tokenizer,
     assert read_back(tmp_path / "out") == read_back(tmp_path / "single")
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["counts"]["dropped"].get("exact_duplicate") == 30 and man["world_size"] == 2
+    assert man["counts"] == json.loads((tmp_path / "single" / "manifest.json").read_text())["counts"]
