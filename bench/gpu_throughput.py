@@ -90,7 +90,7 @@ def _profile(step, n: int = 3) -> None:
 def run_baseline(cfg, b, s, steps, warmup, gas=1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pretrain.export import hf_config
+    from pretrain.hf import hf_config
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = LlamaConfig(**{k: v for k, v in hf_config(cfg, "float32").items() if k not in ("architectures",

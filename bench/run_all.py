@@ -107,14 +107,30 @@ def main(argv=None) -> int:
     where = _where()
     rows: list[tuple[str, str, str]] = []
 
-    dp_args = ["--input", os.path.join(ROOT, "data_prep"), "--vocab-size", "400", "--repeat", "1"] if a.quick else []
+    dp_args = ["--mb", "2", "--vocab-size", "400", "--rounds", "1"] if a.quick else []
     dp = _run("data_prep_throughput.py", dp_args, work)
     for n in (1, 2):
         r = dp.get(f"workers_{n}")
         if r:
-            rows.append((f"data_prep prepare end to end, {n} worker(s), {dp['corpus_mb']} MB corpus",
-                         f"{r['end_to_end_tokens_per_s'] / 1e6:.2f}M tok/s = {r['ratio']:.2f}x raw "
-                         f"encode_batch_fast with {n} thread(s) ({r['raw_tokens_per_s'] / 1e6:.2f}M)", where))
+            mbs = {k: dp["corpus_mb"] / r[f"{k}_s"] for k in ("anchor", "prepare", "raw", "near")}
+            rows.append((f"data_prep prepare, {n} worker(s), {dp['corpus_mb']} MB prose JSONL (default cleaning + "
+                         f"exact dedup; raw: cleaning and dedup off)",
+                         f"{mbs['prepare']:.1f} MB/s = {r['prepare_vs_anchor']:.2f}x the gigatoken encode_files + "
+                         f".bin anchor ({mbs['anchor']:.1f} MB/s); raw {mbs['raw']:.1f} MB/s = "
+                         f"{r['raw_vs_anchor']:.2f}x", where))
+            rows.append((f"data_prep prepare --dedup near, {n} worker(s)",
+                         f"{mbs['near']:.1f} MB/s = {r['near_vs_exact']:.2f}x prepare with exact dedup", where))
+            rows.append((f"tokenizer alone, {n} thread(s), same documents",
+                         f"gigatoken {dp['corpus_mb'] / r['gigatoken_encode_s']:.0f} MB/s, HF tokenizers "
+                         f"{dp['corpus_mb'] / r['tokenizers_encode_s']:.1f} MB/s", where))
+
+    nd = _run("near_dedup_recall.py", ["--originals", "200" if a.quick else "2000", "--layouts"], work)
+    default = next(k for k in nd if "x" in k and "accept" not in k)  # the layout --dedup near runs
+    r = nd[default]
+    rows.append((f"--dedup near recall by true Jaccard, {nd['originals']} originals + 5 variants each (default "
+                 f"LSH {default} bands x rows)",
+                 f"J 0.8-0.9: {r['recall_0.8_0.9']:.3f}, J >= 0.9: {r['recall_0.9_1.0']:.3f}, J 0.7-0.8: "
+                 f"{r['recall_0.7_0.8']:.3f}; {r['false_positives']} false positives", where))
 
     ld_args = ["--tokens", "3e5", "--shards", "1", "--seq-length", "128", "--batches", "5"] if a.quick else []
     ld = _run("loader_throughput.py", ld_args, work)

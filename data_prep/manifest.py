@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from common.files import write_json
+from common.files import file_sha256, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-indexed-dataset"
@@ -76,6 +76,22 @@ def tokenizer_path(paths: list[str]) -> str:
             return read(directory)["tokenizer"]["path"]
     raise ManifestError(f"no --tokenizer given and none of --data-path {' '.join(paths)} has a {MANIFEST} "
                         f"naming one; pass --tokenizer")
+
+
+def check_tokenizer(paths: list[str], tokenizer: str) -> None:
+    """The tokenizer a run uses must be the one its data was tokenized with (same tokenizer.json bytes): other ids
+    would train on silently wrong text."""
+    digest = None
+    for path in paths:
+        directory = data_dir(path)
+        if not os.path.exists(os.path.join(directory, MANIFEST)):
+            continue
+        made_with = read(directory)["tokenizer"]
+        digest = digest or file_sha256(tokenizer)
+        if made_with.get("sha256") not in (None, digest):
+            raise ManifestError(f"{directory} was tokenized with {made_with['path']}, which differs from the "
+                                f"tokenizer given ({tokenizer}); prepare the data with --tokenizer "
+                                f"{os.path.dirname(tokenizer)} or pass the matching tokenizer")
 
 
 def write(directory: str, manifest: dict, rank: int, world_size: int) -> str:

@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_args(p) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="named preset (default: tiny)")
+    g.add_argument("--model", choices=sorted(PRESETS),
+                   help="named preset (default: tiny; a resumed run without --model keeps its checkpoint's shape)")
+    g.add_argument("--init-from-hf", metavar="DIR",
+                   help="continue pretraining a Hugging Face Llama / Mistral / Qwen2 model: shape from DIR/"
+                        "config.json, weights from its safetensors (each rank reads only its slice), tokenizer "
+                        "from DIR; the optimizer starts fresh. Ignored once --save holds a checkpoint (resume)")
     for name, typ in MODEL_OVERRIDES.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override the preset's {name}")
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")

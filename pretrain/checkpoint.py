@@ -199,6 +199,22 @@ def complete_tags(save_dir: str) -> list[str]:
                   if TAG.match(t) and os.path.exists(os.path.join(save_dir, t, COMPLETE)))
 
 
+def saved_model_config(load_dir: str | None) -> dict | None:
+    """The model_config of the checkpoint a run would resume from (the tag directory itself, or the newest
+    complete tag), unverified: the shape a resumed run builds before find_resume checks the files. None when
+    there is none to read."""
+    if not load_dir:
+        return None
+    tags = [load_dir] if os.path.exists(os.path.join(load_dir, META)) else \
+        [os.path.join(load_dir, t) for t in reversed(complete_tags(load_dir))]
+    for tag_dir in tags:
+        try:
+            return read_meta(tag_dir)["model_config"]
+        except CheckpointError:
+            continue
+    return None
+
+
 def read_meta(tag_dir: str) -> dict:
     path = os.path.join(tag_dir, META)
     try:
@@ -322,28 +338,33 @@ def load(engine, tag_dir: str, layout: Layout, model_shapes: dict, load_optimize
     `same_layout` (then the RNG states were restored too, and the run continues bit for bit)."""
     meta = read_meta(tag_dir)
     reader = CheckpointReader(tag_dir, meta)
-    if reader.shapes != model_shapes:
-        diff = sorted(set(reader.shapes.items()) ^ set(model_shapes.items()))[:4]
-        raise CheckpointError(f"{tag_dir} holds another model than this run builds (first differences, "
-                              f"checkpoint vs run: {diff}); pass the model flags it was trained with "
-                              f"(meta.json: model_config)")
-    from megatron.core import parallel_state
-
-    tp, tp_rank = layout.tp, parallel_state.get_tensor_model_parallel_rank()
-    states = zero_state.STATES if load_optimizer else ("fp32",)
-    if load_optimizer:
-        zero_state.prepare_states(engine, int(meta.get("adam_step", 0)))
-    for slot in zero_state.slots(engine):
-        for state in states:
-            values = reader.local_range(slot.name, state, tp, tp_rank, slot.start, slot.numel)
-            zero_state.write(engine, slot, state, values)
-    zero_state.refresh_model_weights(engine)
+    load_states(engine, reader, layout, model_shapes, load_optimizer and reader.has_state("exp_avg"))
     engine.global_steps, engine.global_samples = meta["iteration"], meta["consumed_samples"]
     same_layout = meta["layout"] == layout_meta(layout)
     if same_layout:
         tensors, rng_meta = reader.rank_rng(rank())
         _set_rng_state(tensors, rng_meta)
     return {**meta, "same_layout": same_layout}
+
+
+def load_states(engine, reader, layout: Layout, model_shapes: dict, load_optimizer: bool) -> None:
+    """Every slot this rank holds, from `reader` (a CheckpointReader, or pretrain.hf.HFReader for weights only):
+    fp32 masters, and Adam's moments and step when `load_optimizer`; then the model's own weights."""
+    if reader.shapes != model_shapes:
+        diff = sorted(set(reader.shapes.items()) ^ set(model_shapes.items()))[:4]
+        raise CheckpointError(f"{reader.dir} holds another model than this run builds (first differences, "
+                              f"source vs run: {diff}); pass the model flags it was trained with")
+    from megatron.core import parallel_state
+
+    tp, tp_rank = layout.tp, parallel_state.get_tensor_model_parallel_rank()
+    states = zero_state.STATES if load_optimizer else ("fp32",)
+    if load_optimizer:
+        zero_state.prepare_states(engine, int(reader.meta.get("adam_step", 0)))
+    for slot in zero_state.slots(engine):
+        for state in states:
+            values = reader.local_range(slot.name, state, tp, tp_rank, slot.start, slot.numel)
+            zero_state.write(engine, slot, state, values)
+    zero_state.refresh_model_weights(engine)
 
 
 class CheckpointReader:

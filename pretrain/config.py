@@ -17,10 +17,15 @@ class ModelConfig:
     vocab_size: int = 32000  # the tokenizer's; the embedding is padded (see padded_vocab_size)
     seq_length: int = 2048
     rope_theta: float = 10000.0
+    # Llama 3.1's frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}, or None.
+    rope_scaling: dict | None = None
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
-    add_bias: bool = False
+    add_bias: bool = False  # biases on every linear layer (megatron's add_bias_linear)
+    qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
+    family: str = "llama"  # the Hugging Face family exports are written as (pretrain/hf.py)
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     # Pad the vocabulary to a multiple of this so that the shape (and so the model) does not depend on TP.
@@ -56,8 +61,9 @@ class ModelConfig:
         qkv = h * d * (self.num_attention_heads + 2 * self.num_query_groups)
         proj = self.num_attention_heads * d * h
         mlp = 3 * h * self.ffn_hidden_size  # gate, up, down
-        bias = (d * (self.num_attention_heads + 2 * self.num_query_groups) + h + 2 * self.ffn_hidden_size + h
-                if self.add_bias else 0)
+        qkv_bias = d * (self.num_attention_heads + 2 * self.num_query_groups)
+        bias = (qkv_bias + h + 2 * self.ffn_hidden_size + h if self.add_bias else
+                qkv_bias if self.qkv_bias else 0)
         return qkv + proj + mlp + 2 * h + bias  # two RMSNorm weights
 
     def num_params(self) -> int:
@@ -83,6 +89,8 @@ class ModelConfig:
             if self.add_bias:
                 shapes.update({p + "self_attention.linear_qkv.bias": (qkv,), p + "self_attention.linear_proj.bias":
                                (h,), p + "mlp.linear_fc1.bias": (2 * f,), p + "mlp.linear_fc2.bias": (h,)})
+            elif self.qkv_bias:
+                shapes[p + "self_attention.linear_qkv.bias"] = (qkv,)
         shapes[f"{L + 1}.norm.weight"] = (h,)
         if not self.tie_embeddings:
             shapes[f"{L + 2}.output_layer.weight"] = (self.padded_vocab_size, h)

@@ -24,21 +24,28 @@ from pretrain.zero_state import STATES
 MARKER = "dsllm_convert.json"
 
 def convert(load_dir: str, output_dir: str, tp: int = 1, pp: int = 1, tag: str | None = None) -> str:
-    from safetensors.torch import save_file
-
     tag_dir = resolve_tag(load_dir, tag)
     check_output_dir(output_dir, MARKER, [load_dir, tag_dir])
     reader = CheckpointReader(tag_dir)
+    source = {"checkpoint": os.path.abspath(tag_dir), "layout": reader.meta["layout"]}
+    return write_consolidated(reader, output_dir, tp, pp, os.path.basename(tag_dir), MARKER,
+                              {"converted_from": source})
+
+
+def write_consolidated(reader, output_dir: str, tp: int, pp: int, out_tag: str, marker: str, extra: dict) -> str:
+    """Every state `reader` has (a CheckpointReader, or pretrain.hf.HFReader: weights only), whole per TP rank of
+    `tp`, as a checkpoint directory with one tag; written beside output_dir and renamed into place. -> tag dir."""
+    from safetensors.torch import save_file
+
     validate_layout(reader.cfg, tp * pp, tp, pp, zero_stage=1 if pp > 1 else 3)
     states = [s for s in STATES if reader.has_state(s)]
     by_stage = defaultdict(list)
     for name in reader.names():
         by_stage[int(name.split(".", 1)[0])].append(name)
-    out_tag = os.path.basename(tag_dir)
     files = {}
     with atomic_dir(output_dir) as tmp:
         os.makedirs(os.path.join(tmp, out_tag))
-        for stage, names in sorted(by_stage.items()):
+        for stage, names in sorted(by_stage.items()):  # one layer's states in memory at a time
             per_rank = defaultdict(dict)
             for name in names:
                 for state in states:
@@ -53,12 +60,11 @@ def convert(load_dir: str, output_dir: str, tp: int = 1, pp: int = 1, tag: str |
                     save_file(tensors, t)
                 files[fname] = {"bytes": os.path.getsize(path), "xxh3_128": file_hash(path)}
         meta = {**reader.meta, "format": FORMAT, "version": VERSION, "files": files,
-                "layout": {"tp": tp, "pp": pp, "dp": None, "zero_stage": None, "world_size": None},
-                "converted_from": {"checkpoint": os.path.abspath(tag_dir), "layout": reader.meta["layout"]}}
+                "layout": {"tp": tp, "pp": pp, "dp": None, "zero_stage": None, "world_size": None}, **extra}
         write_json(os.path.join(tmp, out_tag, META), meta)
         write_text(os.path.join(tmp, out_tag, COMPLETE), str(meta["iteration"]))
         write_text(os.path.join(tmp, LATEST), out_tag)
-        write_json(os.path.join(tmp, MARKER), meta["converted_from"])
+        write_json(os.path.join(tmp, marker), extra)
     return os.path.join(output_dir, out_tag)
 
 

@@ -1,14 +1,15 @@
 """python -m pretrain.export --load CKPT_DIR --output HF_DIR [--dtype bfloat16|float32] [--tag iter_NNNNNNN]
 
-Writes a Hugging Face Llama checkpoint (config.json, model.safetensors, tokenizer files) from a checkpoint of any
-TP / PP / DP / ZeRO layout: the fp32 master weights, read by canonical name and merged across tensor-parallel
-ranks with the sharding table (pretrain/checkpoint.py:CheckpointReader). The checkpoint is verified first.
+Writes a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files; Llama, or the family a model
+imported with --init-from-hf came from: pretrain/hf.py) from a checkpoint of any TP / PP / DP / ZeRO layout: the
+fp32 master weights, read by canonical name and merged across tensor-parallel ranks with the sharding table
+(pretrain/checkpoint.py:CheckpointReader). The checkpoint is verified first.
 Nothing is unpickled, on either side: weights are safetensors.
 
 The output directory is written beside its final name and renamed into place when complete. An existing
 directory is replaced only if it is an earlier export (it holds dsllm_export.json); anything else, the
-checkpoint itself, or a directory containing it, is refused. The vocabulary stays padded (as trained) so that
-logits match ours exactly; config.vocab_size says so.
+checkpoint itself, or a directory containing it, is refused. The vocabulary padding (rows past the tokenizer's
+vocabulary, never a target) is dropped.
 """
 from __future__ import annotations
 
@@ -21,46 +22,10 @@ import sys
 import torch
 
 from common.files import atomic_dir, check_output_dir
+from pretrain import hf
 from pretrain.checkpoint import CheckpointError, CheckpointReader, resolve_tag
-from pretrain.config import ModelConfig
 
 MARKER = "dsllm_export.json"
-
-
-def to_hf_llama(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    L, h, d = cfg.num_layers, cfg.hidden_size, cfg.head_dim
-    nh, ng = cfg.num_attention_heads, cfg.num_query_groups
-    per_group = nh // ng
-    out = {"model.embed_tokens.weight": tensors["0.word_embeddings.weight"],
-           "model.norm.weight": tensors[f"{L + 1}.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = tensors[f"{L + 2}.output_layer.weight"]
-    for i in range(1, L + 1):
-        p, q = f"{i}.layer.", f"model.layers.{i - 1}."
-        # megatron's fused QKV rows: for each query group, its per_group query heads, then its key, its value.
-        qkv = tensors[p + "self_attention.linear_qkv.weight"].view(ng, (per_group + 2) * d, h)
-        out[q + "self_attn.q_proj.weight"] = qkv[:, : per_group * d].reshape(nh * d, h)
-        out[q + "self_attn.k_proj.weight"] = qkv[:, per_group * d: (per_group + 1) * d].reshape(ng * d, h)
-        out[q + "self_attn.v_proj.weight"] = qkv[:, (per_group + 1) * d:].reshape(ng * d, h)
-        out[q + "self_attn.o_proj.weight"] = tensors[p + "self_attention.linear_proj.weight"]
-        gate, up = tensors[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = gate, up
-        out[q + "mlp.down_proj.weight"] = tensors[p + "mlp.linear_fc2.weight"]
-        out[q + "input_layernorm.weight"] = tensors[p + "input_layernorm.weight"]
-        out[q + "post_attention_layernorm.weight"] = tensors[p + "pre_mlp_layernorm.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def hf_config(cfg: ModelConfig, dtype: str) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.seq_length, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": dtype, "initializer_range": cfg.init_std,
-    }
 
 
 def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: str | None = None,
@@ -72,14 +37,15 @@ def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: s
     reader = CheckpointReader(tag_dir)
     cfg = reader.cfg
     if cfg.add_bias:
-        raise ValueError("export: models with biases are not Llama-shaped; train with add_bias=False")
+        raise ValueError("export: biases on every linear layer match no Hugging Face family here; train with "
+                         "add_bias=False (Qwen2-style q/k/v biases export as Qwen2)")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     tensors = {name: reader.full(name) for name in reader.names()}
-    weights = {k: v.to(torch_dtype) for k, v in to_hf_llama(tensors, cfg).items()}
+    weights = {k: v.to(torch_dtype) for k, v in hf.to_hf(tensors, cfg).items()}
     tok_dir = _tokenizer_dir(reader.meta, tokenizer)
     with atomic_dir(output_dir) as tmp:
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _write_json(os.path.join(tmp, "config.json"), hf_config(cfg, dtype))
+        _write_json(os.path.join(tmp, "config.json"), hf.hf_config(cfg, dtype))
         _write_json(os.path.join(tmp, "generation_config.json"), {"do_sample": True, "temperature": 0.8, "top_k": 40})
         if tok_dir:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

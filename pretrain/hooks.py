@@ -84,8 +84,8 @@ def install_poison(engine, now, ranks=None, micro_batch=None) -> None:
 
 @torch.no_grad()
 def full_logits(engine, batch: dict):
-    """Full-vocabulary logits [b, s, vocab] of one micro-batch, on the ranks that hold the output layer (the last
-    pipeline stage); None elsewhere."""
+    """Full-vocabulary logits [b, s, vocab] of one micro-batch (the tokenizer's vocabulary: the padding columns,
+    -inf, are dropped), on the ranks that hold the output layer (the last pipeline stage); None elsewhere."""
     from megatron.core import tensor_parallel
 
     from pretrain.compat import device
@@ -110,7 +110,8 @@ def full_logits(engine, batch: dict):
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
     finally:
         engine.train()
-    return logits.transpose(0, 1).cpu()
+    vocab = next(m.vocab_size for m in engine.module.modules() if hasattr(m, "padded_vocab_size"))
+    return logits.transpose(0, 1)[..., :vocab].cpu()
 
 
 def dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
-from pretrain import checkpoint
+from pretrain import checkpoint, hf
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.compat import device
 from pretrain.config import ModelConfig, preset
@@ -103,16 +104,49 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------ setup
+# Model fields a flag may still set on an imported or resumed shape: they change no parameter.
+NOT_SHAPE = ("hidden_dropout", "attention_dropout", "init_std")
+
+
 def model_config(args, vocab_size: int) -> ModelConfig:
-    overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES}
-    return preset(args.model, vocab_size=vocab_size, tie_embeddings=args.tie_embeddings or None,
-                  seq_length=args.seq_length, **overrides)
+    """The model's shape: --init-from-hf's config.json; else, resuming without --model, the checkpoint's; else the
+    --model preset with flag overrides. A shape flag that contradicts an imported or resumed shape is an error
+    naming both (never a silently different model)."""
+    overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
+    saved = None if args.init_from_hf or args.model else checkpoint.saved_model_config(resume_source(args))
+    if not args.init_from_hf and not saved:
+        return preset(args.model or "tiny", vocab_size=vocab_size, tie_embeddings=args.tie_embeddings or None,
+                      seq_length=args.seq_length, **overrides)
+    if args.init_from_hf:
+        cfg, origin = hf.model_config(args.init_from_hf, args.seq_length), f"--init-from-hf {args.init_from_hf}"
+        if args.model:
+            raise LayoutError(f"--model {args.model} contradicts --init-from-hf {args.init_from_hf}, which gives "
+                              f"the shape (config.json); drop --model")
+    else:
+        cfg, origin = ModelConfig(**saved), f"the checkpoint in {resume_source(args)} (meta.json: model_config)"
+        cfg.seq_length = args.seq_length or cfg.seq_length
+    for key, value in overrides.items():
+        if key in NOT_SHAPE:
+            setattr(cfg, key, value)
+        elif getattr(cfg, key) != value:
+            raise LayoutError(f"--{key.replace('_', '-')} {value} contradicts {origin}, where {key} = "
+                              f"{getattr(cfg, key)}; drop the flag (the shape comes from there)")
+    if args.tie_embeddings and not cfg.tie_embeddings:
+        raise LayoutError(f"--tie-embeddings contradicts {origin}, whose embeddings are untied; drop the flag")
+    if vocab_size > cfg.vocab_size:
+        raise LayoutError(f"the tokenizer has {vocab_size} tokens but {origin} embeds {cfg.vocab_size}; use the "
+                          f"tokenizer the model was trained with")
+    return cfg
 
 
 def tokenizer_path(args) -> str:
-    if args.tokenizer:
-        return tokenizers.resolve(args.tokenizer)
-    return manifest.tokenizer_path([path for _, path in parse_data_path(args.data_path)])
+    """--tokenizer, else --init-from-hf's, else the data manifest's; it must be the one the data was made with."""
+    paths = [path for _, path in parse_data_path(args.data_path)]
+    if args.tokenizer or args.init_from_hf:
+        path = tokenizers.resolve(args.tokenizer or args.init_from_hf)
+        manifest.check_tokenizer(paths, path)
+        return path
+    return manifest.tokenizer_path(paths)
 
 
 def setup(args) -> Run:
@@ -140,6 +174,8 @@ def setup(args) -> Run:
     run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
                   "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}
     if resume_from:
+        if args.init_from_hf:
+            log(f"--init-from-hf {args.init_from_hf} is not read: resuming from {resume_from}")
         loaded = checkpoint.load(engine, resume_from, layout, cfg.parameter_shapes(), not args.no_load_optim)
         state.iteration, state.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
         run_config["resumed_from"] = {"checkpoint": os.path.abspath(resume_from), "layout": loaded["layout"],
@@ -148,6 +184,9 @@ def setup(args) -> Run:
                                                    f"{_layout_text(checkpoint.layout_meta(layout))})")
         log(f"resumed from {resume_from} at iteration {state.iteration} ({state.consumed_samples} samples "
             f"consumed){change}")
+    elif args.init_from_hf:
+        import_hf_weights(engine, cfg, layout, args.init_from_hf)
+        run_config["init_from_hf"] = os.path.abspath(args.init_from_hf)
     train_iter = micro_batches(datasets[0], state.consumed_samples, layout.micro_batch_size,
                                parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers)
     peak = args.peak_tflops or device_peak_tflops()[0]
@@ -157,6 +196,15 @@ def setup(args) -> Run:
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
                state=state)
+
+
+def import_hf_weights(engine, cfg: ModelConfig, layout: Layout, hf_dir: str) -> None:
+    """Every rank reads its own slots' elements from the safetensors (pretrain/hf.py); the optimizer is fresh."""
+    t0 = time.time()
+    checkpoint.load_states(engine, hf.HFReader(hf_dir, cfg), layout, cfg.parameter_shapes(), load_optimizer=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"initialised from {hf_dir} ({cfg.family}, {cfg.num_params() / 1e6:.2f}M parameters) in "
+        f"{time.time() - t0:.1f} s; the optimizer starts fresh; peak RSS {peak:.0f} MiB per rank")
 
 
 def resume_source(args) -> str | None:
@@ -186,7 +234,9 @@ def _datasets(args, cfg: ModelConfig, layout: Layout, train_iters: int, vocab: i
 def fit(run: Run) -> int:
     """Train until --train-iters; -> exit code."""
     args, state = run.args, run.state
-    log(f"model {args.model}: {run.cfg.num_params() / 1e6:.2f}M parameters; layout TP={run.layout.tp} "
+    cfg = run.cfg
+    log(f"model: {cfg.num_params() / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads); layout TP={run.layout.tp} "
         f"PP={run.layout.pp} DP={run.layout.dp} ZeRO-{run.layout.zero_stage}; global batch "
         f"{run.layout.global_batch_size} x {run.cfg.seq_length} tokens, {run.layout.grad_accum_steps} "
         f"micro-batch(es) of {run.layout.micro_batch_size} per rank; {run.train_iters} iterations")

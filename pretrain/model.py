@@ -41,7 +41,8 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, recompute: str = "none") -
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim,
         normalization="RMSNorm", layernorm_epsilon=cfg.norm_eps, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=cfg.add_bias, hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
+        add_bias_linear=cfg.add_bias, add_qkv_bias=cfg.qkv_bias, hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
         sequence_parallel=False, params_dtype=torch.float32,
         # We initialise every weight ourselves, layout-independently (init_parameters below).
@@ -96,6 +97,7 @@ class Embedding(nn.Module):
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             cfg.padded_vocab_size, cfg.hidden_size, init_method=tconfig.init_method, config=tconfig)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.vocab_size, self.padded_vocab_size = cfg.vocab_size, cfg.padded_vocab_size  # for tied logits
 
     def forward(self, tokens):
         return self.dropout(self.word_embeddings(tokens).transpose(0, 1).contiguous())
@@ -109,6 +111,12 @@ class Block(nn.Module):
         self.layer = build_module(layer_spec(), config=tconfig, layer_number=layer_number)
         self.rotary = RotaryEmbedding(kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta,
                                       use_cpu_initialization=not torch.cuda.is_available())
+        if cfg.rope_scaling:  # Llama 3.1's scaled frequencies (megatron's function is transformers' formula)
+            s = cfg.rope_scaling
+            self.rotary.inv_freq = self.rotary._apply_scaling(
+                self.rotary.inv_freq, factor=s["factor"], low_freq_factor=s["low_freq_factor"],
+                high_freq_factor=s["high_freq_factor"],
+                original_max_position_embeddings=s["original_max_position_embeddings"])
         self.recompute = recompute
 
     def _layer(self, hidden, rotary_pos_emb):
@@ -155,9 +163,27 @@ class OutputLayer(nn.Module):
         # A plain attribute, not a submodule: the tied weight is registered once, under the embedding.
         self._tied = [tied_embedding] if tied_embedding is not None else []
 
+        self.vocab_size, self.padded_vocab_size = cfg.vocab_size, cfg.padded_vocab_size
+
     def forward(self, hidden):
         weight = self._tied[0].word_embeddings.weight if self._tied else None
-        return self.output_layer(hidden, weight=weight)[0]
+        return mask_vocab_padding(self.output_layer(hidden, weight=weight)[0], self.vocab_size,
+                                  self.padded_vocab_size)
+
+
+def mask_vocab_padding(logits, vocab_size: int, padded_vocab_size: int):
+    """-inf in the columns past the tokenizer's vocabulary (this TP rank's share of them): the padding rows are
+    never a target and are dropped on export, so they must not take probability mass either. Without this, a
+    model imported from Hugging Face computes a different loss than transformers does (the zero rows' logits join
+    every softmax), and an exported model a different one than was trained. In place on the projection's output
+    (its backward does not need it); the masked columns' gradient is zero."""
+    if vocab_size == padded_vocab_size:
+        return logits
+    local = padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+    first = vocab_size - parallel_state.get_tensor_model_parallel_rank() * local
+    if first < local:
+        logits[..., max(first, 0):] = float("-inf")
+    return logits
 
 
 def lm_loss(logits, labels, loss_mask):
@@ -236,7 +262,8 @@ def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, recompute: str =
 def _tied_logits(embedding: Embedding, hidden):
     """Output projection with the (vocab-parallel) input embedding's weight: [s, b, h] -> [s, b, v/tp]."""
     hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-    return F.linear(hidden, embedding.word_embeddings.weight)
+    return mask_vocab_padding(F.linear(hidden, embedding.word_embeddings.weight), embedding.vocab_size,
+                              embedding.padded_vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,10 +292,14 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     for raw_name, param in model.named_parameters():
         name = sharding.canonical_name(raw_name)
         # megatron marks TP-split weights only inside its own init, which we replace; DeepSpeed's gradient
-        # norm and our own read this mark to count each shard once (not only TP rank 0's).
+        # norm and our own read this mark to count each shard once (not only TP rank 0's). Biases are marked at
+        # construction already (megatron's helper asserts the mark is new), so they are checked instead.
         dim, _ = sharding.split_rule(name)
-        tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=dim is not None,
-                                                             dim=-1 if dim is None else dim, stride=1)
+        if hasattr(param, "tensor_model_parallel"):
+            assert bool(param.tensor_model_parallel) == (dim is not None), f"{name}: megatron splits it otherwise"
+        else:
+            tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=dim is not None,
+                                                                 dim=-1 if dim is None else dim, stride=1)
         with _gathered(param):
             if param.numel() == 0:
                 continue

@@ -1,0 +1,254 @@
+"""Hugging Face checkpoints in and out: config.json <-> ModelConfig, HF parameter names <-> ours, and a reader that
+serves any layout's rank-local slices straight from HF safetensors.
+
+Families: Llama (1/2/3, with Llama 3.1's rope scaling), Mistral (without a sliding window in use) and Qwen2 (bias
+on the query/key/value projections only: megatron's add_qkv_bias), with grouped-query attention, tied or untied
+embeddings, any rope_theta and rms_norm_eps. A config that asks for something the model here does not compute
+(a sliding window in use, mixture of experts, another rope scaling, biases elsewhere, another activation) is
+refused naming the field: never approximated.
+
+Our fused layouts (pretrain/sharding.py): linear_qkv rows are, per query group, its query heads, then its key,
+then its value; linear_fc1 rows are [gate; up]. The vocabulary is padded to a multiple of 128 (rows past the
+HF vocabulary are zero on import and dropped on export). Nothing is unpickled: safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from pretrain import sharding
+from pretrain.config import ModelConfig
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+class HFConfigError(ValueError):
+    """A Hugging Face config this model cannot reproduce; names the field."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, Llama-3 scaling parameters or None) from either spelling: transformers 5's rope_parameters,
+    or the older rope_theta + rope_scaling."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise HFConfigError(f"config.json: rope scaling {kind!r} (rope_scaling / rope_parameters.rope_type) is not "
+                            f"implemented here; only Llama 3.1's 'llama3' is")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {k: scaling[k] for k in keys}
+
+
+def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init-from-hf {hf_dir}: no config.json (a directory written by "
+                                f"save_pretrained or downloaded from the Hub)")
+    with open(path) as f:
+        hf = json.load(f)
+    family = hf.get("model_type")
+    if family not in ARCHITECTURES:
+        raise HFConfigError(f"{path}: model_type {family!r} is not one of {', '.join(ARCHITECTURES)}")
+    _refuse_unsupported(hf, family, path)
+    theta, scaling = _rope(hf)
+    h, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, h // heads):
+        raise HFConfigError(f"{path}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "
+                            f"({h // heads}), which the model here assumes")
+    return ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=h, num_attention_heads=heads,
+                       num_query_groups=hf.get("num_key_value_heads", heads),
+                       ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                       seq_length=seq_length or min(hf.get("max_position_embeddings", 2048), 4096),
+                       rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       init_std=hf.get("initializer_range", 0.02),
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
+                       family=family)
+
+
+def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
+    def refuse(field, why):
+        raise HFConfigError(f"{path}: {field} = {hf.get(field)!r}: {why}; the model here would not compute the "
+                            f"same function, so it is refused rather than approximated")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "only SiLU (SwiGLU) is implemented")
+    for field in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if hf.get(field):
+            refuse(field, "mixture of experts is not implemented")
+    window = hf.get("sliding_window")
+    if window is not None and (family == "mistral" or hf.get("use_sliding_window")) and \
+            window < hf.get("max_position_embeddings", window + 1):
+        refuse("sliding_window", "sliding-window attention is not implemented")
+    if family != "qwen2" and hf.get("attention_bias"):
+        refuse("attention_bias", "biases on the attention projections are implemented for Qwen2's q/k/v only")
+    if hf.get("mlp_bias"):
+        refuse("mlp_bias", "biases in the MLP are not implemented")
+
+
+def hf_config(cfg: ModelConfig, dtype: str) -> dict:
+    """config.json of the export (the family the model came from; Llama for our own)."""
+    family = cfg.family or "llama"
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if not cfg.rope_scaling else \
+        {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling}
+    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+           "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+           "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": cfg.seq_length, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+           "rope_parameters": rope, "rope_scaling": None if not cfg.rope_scaling else rope,
+           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype, "initializer_range": cfg.init_std}
+    if family == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    if family == "mistral":
+        out["sliding_window"] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ weights out
+def to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our full (TP-merged) tensors by canonical name -> HF names; the vocabulary padding is dropped."""
+    L, h, d = cfg.num_layers, cfg.hidden_size, cfg.head_dim
+    nh, ng = cfg.num_attention_heads, cfg.num_query_groups
+    per_group, v = nh // ng, cfg.vocab_size
+    out = {"model.embed_tokens.weight": tensors["0.word_embeddings.weight"][:v],
+           "model.norm.weight": tensors[f"{L + 1}.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = tensors[f"{L + 2}.output_layer.weight"][:v]
+    for i in range(1, L + 1):
+        p, q = f"{i}.layer.", f"model.layers.{i - 1}."
+        for suffix, width in (("weight", h), ("bias", None)):
+            name = p + f"self_attention.linear_qkv.{suffix}"
+            if name not in tensors:
+                continue
+            qkv = tensors[name].view(ng, (per_group + 2) * d, *([width] if width else []))
+            out[q + f"self_attn.q_proj.{suffix}"] = qkv[:, : per_group * d].reshape(nh * d, *qkv.shape[2:])
+            out[q + f"self_attn.k_proj.{suffix}"] = qkv[:, per_group * d: (per_group + 1) * d].reshape(
+                ng * d, *qkv.shape[2:])
+            out[q + f"self_attn.v_proj.{suffix}"] = qkv[:, (per_group + 1) * d:].reshape(ng * d, *qkv.shape[2:])
+        out[q + "self_attn.o_proj.weight"] = tensors[p + "self_attention.linear_proj.weight"]
+        gate, up = tensors[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = gate, up
+        out[q + "mlp.down_proj.weight"] = tensors[p + "mlp.linear_fc2.weight"]
+        out[q + "input_layernorm.weight"] = tensors[p + "input_layernorm.weight"]
+        out[q + "post_attention_layernorm.weight"] = tensors[p + "pre_mlp_layernorm.weight"]
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------ weights in
+class HFReader:
+    """Serves our parameters, by canonical name and as any layout's rank-local range, from an HF directory's
+    safetensors (one file or sharded with an index), reading only the rows a rank needs."""
+
+    def __init__(self, hf_dir: str, cfg: ModelConfig):
+        from safetensors import safe_open
+
+        self.dir, self.cfg = hf_dir, cfg
+        self.shapes = cfg.parameter_shapes()
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+            with open(os.path.join(hf_dir, "model.safetensors"), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            weight_map = {k: "model.safetensors" for k in header if k != "__metadata__"}
+        else:
+            raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json (only "
+                                    f"safetensors are read: a pickled pytorch_model.bin could run code)")
+        self._files = {name: safe_open(os.path.join(hf_dir, name), framework="pt") for name in set(weight_map.values())}
+        self._where = weight_map
+        self.meta = {"iteration": 0, "consumed_samples": 0, "adam_step": 0, "model_config": cfg.__dict__,
+                     "layout": {"tp": 1, "pp": 1, "dp": None, "zero_stage": None, "world_size": None},
+                     "run_config": {"init_from_hf": os.path.abspath(hf_dir)}}
+        if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):  # export takes the tokenizer from here
+            self.meta["run_config"]["tokenizer_path"] = os.path.abspath(os.path.join(hf_dir, "tokenizer.json"))
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def has_state(self, state: str) -> bool:
+        return state == "fp32"
+
+    def _rows(self, hf_name: str, r0: int, r1: int, c0: int | None = None, c1: int | None = None) -> torch.Tensor:
+        if hf_name not in self._where:
+            raise KeyError(f"{self.dir}: no tensor {hf_name} (the config says it should exist)")
+        s = self._files[self._where[hf_name]].get_slice(hf_name)
+        t = s[r0:r1] if c0 is None else s[r0:r1, c0:c1]
+        return t.float()
+
+    def local_rows(self, name: str, tp: int, rank: int, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of TP rank `rank`'s slice of our parameter `name` under `tp` ranks (fp32)."""
+        cfg, L = self.cfg, self.cfg.num_layers
+        stage, rest = name.split(".", 1)
+        if rest == "word_embeddings.weight" or rest == "output_layer.weight":
+            hf = "model.embed_tokens.weight" if rest.startswith("word") or cfg.tie_embeddings else "lm_head.weight"
+            base = rank * cfg.padded_vocab_size // tp
+            a, b = base + r0, base + r1
+            rows = self._rows(hf, min(a, cfg.vocab_size), min(b, cfg.vocab_size))
+            pad = torch.zeros(b - a - len(rows), cfg.hidden_size)  # the padded vocabulary
+            return torch.cat([rows, pad]) if len(pad) else rows
+        if name == f"{L + 1}.norm.weight":
+            return self._rows("model.norm.weight", r0, r1)
+        q = f"model.layers.{int(stage) - 1}."
+        part = rest[len("layer."):]
+        simple = {"input_layernorm.weight": "input_layernorm.weight",
+                  "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
+        if part in simple:
+            return self._rows(q + simple[part], r0, r1)
+        if part.startswith("self_attention.linear_qkv."):
+            return self._qkv_rows(q, part.rsplit(".", 1)[1], tp, rank, r0, r1)
+        if part == "self_attention.linear_proj.weight":
+            cols = cfg.num_attention_heads * cfg.head_dim // tp
+            return self._rows(q + "self_attn.o_proj.weight", r0, r1, rank * cols, (rank + 1) * cols)
+        if part == "mlp.linear_fc2.weight":
+            cols = cfg.ffn_hidden_size // tp
+            return self._rows(q + "mlp.down_proj.weight", r0, r1, rank * cols, (rank + 1) * cols)
+        if part == "mlp.linear_fc1.weight":  # [gate; up], each split across TP ranks on its own
+            f = cfg.ffn_hidden_size // tp
+            pieces = []
+            for src, lo, hi in (("gate_proj", 0, f), ("up_proj", f, 2 * f)):
+                a, b = max(r0, lo), min(r1, hi)
+                if a < b:
+                    pieces.append(self._rows(q + f"mlp.{src}.weight", rank * f + a - lo, rank * f + b - lo))
+            return torch.cat(pieces)
+        raise KeyError(f"no Hugging Face tensor maps to {name}")
+
+    def _qkv_rows(self, q: str, suffix: str, tp: int, rank: int, r0: int, r1: int) -> torch.Tensor:
+        """Our fused QKV rows of a rank: per query group, its query heads, its key, its value."""
+        cfg = self.cfg
+        d, per_group = cfg.head_dim, cfg.num_attention_heads // cfg.num_query_groups
+        block = (per_group + 2) * d
+        first_group = rank * cfg.num_query_groups // tp
+        pieces = []
+        for g in range(r0 // block, -(-r1 // block)):
+            group = first_group + g
+            lo, hi = max(r0 - g * block, 0), min(r1 - g * block, block)
+            for src, start, width, row0 in (("q_proj", 0, per_group * d, group * per_group * d),
+                                            ("k_proj", per_group * d, d, group * d),
+                                            ("v_proj", (per_group + 1) * d, d, group * d)):
+                a, b = max(lo, start), min(hi, start + width)
+                if a < b:
+                    pieces.append(self._rows(q + f"self_attn.{src}.{suffix}", row0 + a - start, row0 + b - start))
+        return torch.cat(pieces)
+
+    def local_range(self, name: str, state: str, tp: int, tp_rank: int, start: int, numel: int) -> torch.Tensor:
+        if state != "fp32":
+            raise KeyError(f"{self.dir} holds weights only, no {state}")
+        shape = sharding.local_shape(name, self.shapes[name], tp)
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        r0, r1 = start // row, -(-(start + numel) // row)
+        rows = self.local_rows(name, tp, tp_rank, r0, r1).reshape(-1)
+        return rows[start - r0 * row:start - r0 * row + numel].clone()
+
+    def full(self, name: str, state: str = "fp32") -> torch.Tensor:
+        shape = self.shapes[name]
+        return self.local_rows(name, 1, 0, 0, shape[0]).reshape(shape)
