@@ -100,7 +100,7 @@ def main():
                                           for s in micro]))
         report[name] = {"first_loss": result.loss, **partitioning(engine)}
         torch.distributed.barrier()
-    if owner:
+    if not a.import_only and owner:
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f)
     torch.distributed.barrier()
