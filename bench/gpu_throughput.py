@@ -3,8 +3,13 @@
 Ours: pretrain.model (megatron-core layers, SDPA) under DeepSpeed (bf16, ZeRO stage as given, recompute as given).
 Baseline: the same shape, batch and sequence in transformers' LlamaForCausalLM (SDPA attention), fp32 master
 weights with bf16 autocast, torch's fused AdamW: what a user would write by hand.
+Both sides get the same work: the same accumulation, recompute (the baseline has only whole-layer gradient
+checkpointing, so "selective" and "full" both run it there, and the row says so) and --compile (each decoder
+layer torch.compile'd). Each side runs in its own fresh process: a DeepSpeed engine stays alive after its run
+(a backward hook holds it), which would inflate the other side's memory and make it run out early.
 Reports tokens/s, model TFLOP/s per GPU (6N + attention, as pretrain.config.flops_per_token), MFU against the
-device's dense bf16 peak (named in the output), and peak memory. Synthetic tokens.
+device's dense bf16 peak (named in the output), peak memory, and the model states (parameters, gradients,
+optimizer states) once the optimizer has stepped. Synthetic tokens.
 
   python bench/gpu_throughput.py --model 1b --seq-length 2048 --micro-batch-size 8 --zero 1
   python bench/gpu_throughput.py --model tiny --steps 2 --warmup 1   # CPU smoke run (CI)
@@ -64,13 +69,12 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
                                 "stage3_param_persistence_threshold": 1e6}}
     engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute, compile_layers=compile_layers,
                           fused_swiglu=fuse_swiglu)
-    if torch.cuda.is_available():  # model states (and buffers) before any activation exists
-        MEASURED["model_states_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     from pretrain.compat import device
 
     data = _batches(cfg, b, s, device())
     losses = []
     sec = _timed(lambda: losses.append(train_step(engine, data).loss), steps, warmup)
+    _model_states()
     if os.environ.get("BENCH_PROFILE"):
         _profile(lambda: train_step(engine, data))
     return sec, losses[-1]
@@ -87,7 +91,15 @@ def _profile(step, n: int = 3) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def run_baseline(cfg, b, s, steps, warmup, gas=1):
+def _model_states() -> None:
+    """GPU memory between steps, after the optimizer has stepped (so Adam's states exist) and with no activation
+    alive: parameters, gradients, optimizer states, buffers."""
+    if torch.cuda.is_available():
+        _sync()
+        MEASURED["model_states_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+
+
+def run_baseline(cfg, b, s, steps, warmup, gas=1, recompute="none", compile_layers=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pretrain.hf import hf_config
@@ -97,6 +109,12 @@ def run_baseline(cfg, b, s, steps, warmup, gas=1):
                                                                                        "model_type")})
     hf._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf).to(dev)
+    if recompute != "none":  # transformers recomputes whole decoder layers only
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        MEASURED["recompute_ran"] = "full (whole layers)"
+    if compile_layers:
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(layer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type == "cuda")
     data = _batches(cfg, b, s, dev)
@@ -114,7 +132,9 @@ def run_baseline(cfg, b, s, steps, warmup, gas=1):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    return _timed(step, steps, warmup), losses[-1]
+    sec = _timed(step, steps, warmup)
+    _model_states()
+    return sec, losses[-1]
 
 
 def main(argv=None) -> int:
@@ -130,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="append the result as a JSON line to this file")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (both sides); real runs accumulate, amortising the step")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile every transformer layer")
+    p.add_argument("--compile", action="store_true", help="both sides: torch.compile every transformer layer")
     p.add_argument("--fuse-swiglu", action="store_true", help="ours: megatron's fused SwiGLU")
     a = p.parse_args(argv)
     single_rank_env(29611)
@@ -144,28 +164,48 @@ def main(argv=None) -> int:
               "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute,
               "device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile,
               "fuse_swiglu": a.fuse_swiglu}
-    runs = {"ours": lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps, a.warmup,
-                                     a.compile, a.fuse_swiglu, a.grad_accum),
-            "baseline": lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,
-                                             a.grad_accum)}
-    for which in (["ours", "baseline"] if a.which == "both" else [a.which]):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            sec, loss = runs[which]()
-        except torch.OutOfMemoryError:
-            result[which] = "out of memory"
-            continue
-        tflops = flops / sec / 1e12
-        result[which] = {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 1),
-                         "mfu": round(tflops / peak, 3) if peak else None, "loss": round(loss, 3),
-                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                         if torch.cuda.is_available() else None, **MEASURED}
-        MEASURED.clear()
+    if a.which == "both":  # each side in a fresh process of its own (see the module docstring)
+        for which in ("ours", "baseline"):
+            result[which] = _side_in_subprocess(argv if argv is not None else sys.argv[1:], which)
+    else:
+        result[a.which] = _measure(a, cfg, flops, tokens, peak)
     if isinstance(result.get("ours"), dict) and isinstance(result.get("baseline"), dict):
         result["ours_over_baseline"] = round(result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
     return emit(result, a.json)
+
+
+def _measure(a, cfg, flops: float, tokens: int, peak: float):
+    """One side in this process: -> its figures, or "out of memory"."""
+    if a.which == "ours":
+        run = lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps,  # noqa: E731
+                               a.warmup, a.compile, a.fuse_swiglu, a.grad_accum)
+    else:
+        run = lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,  # noqa: E731
+                                   a.grad_accum, a.recompute, a.compile)
+    try:
+        sec, loss = run()
+    except torch.OutOfMemoryError:
+        return "out of memory"
+    tflops = flops / sec / 1e12
+    return {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 1),
+            "mfu": round(tflops / peak, 3) if peak else None, "loss": round(loss, 3),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
+            else None, **MEASURED}
+
+
+def _side_in_subprocess(argv: list[str], which: str):
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "side.jsonl")
+        args = [x for i, x in enumerate(argv) if x != "--json" and (i == 0 or argv[i - 1] != "--json")]
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--which", which, "--json", out])
+        if res.returncode != 0:
+            raise RuntimeError(f"the {which} side failed (exit code {res.returncode}); its output is above")
+        with open(out) as f:
+            return json.loads(f.read())[which]
 
 
 if __name__ == "__main__":

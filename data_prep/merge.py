@@ -49,6 +49,8 @@ def _rank_manifests(directory: str) -> list[dict]:
 
 
 def merge(directory: str, into: str | None = None) -> dict:
+    if into is not None:
+        manifest_file.check_shard_name(into)  # it becomes a shard path of the manifest
     manifests = _rank_manifests(directory)
     options = manifests[0]["options"]
     counts = {"documents_read": 0, "documents_kept": 0, "tokens": 0, "dropped": {}, "empty_files": 0}

@@ -9,6 +9,10 @@ What we add around it:
   node-local cache makes other nodes' ranks look for files nobody wrote. Builders run with megatron seeing a
   single process; an all-reduce of their status is the barrier, so a failing builder makes every rank fail with
   its error (and a dead one makes them fail at the process-group timeout) instead of waiting forever.
+- Every .npy in the cache directory is checked to hold a plain array before megatron opens it: megatron loads
+  them with numpy.load(allow_pickle=True) (docs/FINDINGS.md, "Data"), so a pickled object array placed there by
+  anyone who can write the directory would run code on every rank. A file that is not a plain array stops the
+  run, naming it; the cache is never trusted past its headers.
 - A sampler driven by consumed_samples: DP rank r's m-th micro-batch of a step takes samples
   consumed + (m * dp + r) * b ... + b. The global order does not depend on DP, so resuming at k with another DP
   size sees exactly the samples an uninterrupted run would have seen from k on.
@@ -187,6 +191,7 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int]):
         random_seed=cfg.seed, sequence_length=cfg.seq_length, path_to_cache=cache,
         tokenizer=_Tokenizer(cfg.vocab_size, cfg.eod_id), reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True, **blend_kw)
+    check_cache_arrays(cache)
     shared = _cache_is_shared(cache)
     builder = _is_builder(shared)
 
@@ -211,6 +216,29 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int]):
     if datasets is None:
         datasets = build()  # cache hits: only loads the index files
     return datasets
+
+
+def check_cache_arrays(cache_dir: str) -> None:
+    """Refuse an index cache holding anything megatron's numpy.load(allow_pickle=True) would unpickle: every .npy
+    must have a valid header of a plain (non-object) dtype. Only headers are read."""
+    from numpy.lib import format as npy
+
+    for name in sorted(os.listdir(cache_dir)):
+        if not name.endswith(".npy"):
+            continue
+        path = os.path.join(cache_dir, name)
+        try:
+            with open(path, "rb") as f:
+                read = npy.read_array_header_1_0 if npy.read_magic(f) == (1, 0) else npy.read_array_header_2_0
+                _, _, dtype = read(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"index cache file {path} is not a valid .npy ({e}); delete {cache_dir} (it is "
+                            f"rebuilt) and rerun") from None
+        if dtype.hasobject:
+            raise DataError(f"index cache file {path} holds pickled Python objects ({dtype}), which megatron would "
+                            f"unpickle (and so run) on load; megatron's index builder never writes these. Delete "
+                            f"{cache_dir}, check who can write there, and rerun (or pass --data-cache-dir to a "
+                            f"directory only this run writes)")
 
 
 def _check_split_sizes(prefixes: list[str], split: str, num_samples) -> None:

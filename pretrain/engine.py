@@ -170,3 +170,13 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     if compile_layers or fused_swiglu:
         apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine
+
+
+def zero3_partitioning(engine) -> dict:
+    """Under ZeRO-3: how many parameter tensors (and elements) this rank holds only a partition of; the rest stay
+    whole on every rank (DeepSpeed's stage3_param_persistence_threshold). Empty for other stages."""
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
+    split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
+    return {"zero3_params": len(params), "partitioned": len(split),
+            "partitioned_elements": sum(p.ds_numel for p in split),
+            "all_elements": sum(p.ds_numel for p in params)} if params else {}

@@ -35,7 +35,7 @@ from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.compat import device
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
-from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero_stage_of
+from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
 from pretrain.metrics import MetricsWriter, StepLog, device_peak_tflops
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
@@ -240,6 +240,11 @@ def fit(run: Run) -> int:
         f"PP={run.layout.pp} DP={run.layout.dp} ZeRO-{run.layout.zero_stage}; global batch "
         f"{run.layout.global_batch_size} x {run.cfg.seq_length} tokens, {run.layout.grad_accum_steps} "
         f"micro-batch(es) of {run.layout.micro_batch_size} per rank; {run.train_iters} iterations")
+    part = zero3_partitioning(run.engine)
+    if part:
+        log(f"ZeRO-3: {part['partitioned']} of {part['zero3_params']} parameter tensors "
+            f"({part['partitioned_elements'] / max(part['all_elements'], 1):.1%} of the elements) partitioned over "
+            f"DP={run.layout.dp}; the rest (under stage3_param_persistence_threshold) stay whole on every rank")
     while state.iteration < run.train_iters:
         train_one_step(run)
         if run.skips.exhausted:

@@ -135,3 +135,31 @@ def test_a_shard_too_small_for_the_split_is_refused_not_hung(tiny_data, tmp_path
     # megatron's GPTDataset would loop forever building it.
     with pytest.raises(DataError, match="none of which fall in the test part of --split 98,1,1"):
         _build([tiny_data], tmp_path, split="98,1,1")
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_planted_in_the_index_cache_is_never_loaded(two_corpora, tmp_path):
+    a, _ = two_corpora
+    _build([a], tmp_path)  # builds the cache
+    cache = next(tmp_path.glob("cache-*"))
+    victim = sorted(cache.glob("*-document_index.npy"))[0]
+    marker = tmp_path / "pwned"
+    np.save(victim, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=f"{victim.name} holds pickled Python objects"):
+        _build([a], tmp_path)
+    assert not marker.exists()
+    # the check is what stops it: megatron itself would run the payload
+    np.load(victim, allow_pickle=True)
+    assert marker.exists()
+    victim.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(DataError, match=f"{victim.name} is not a valid .npy"):
+        _build([a], tmp_path)

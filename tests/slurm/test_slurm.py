@@ -66,6 +66,8 @@ def test_pretrain_script_trains_and_checkpoints(slurm, tiny_data, tmp_path, node
     assert res.returncode == 0, res.stderr + log[-3000:]
     assert f"on {nodes} node(s) x {procs} cpu process(es)" in log
     assert "DP=2 ZeRO-3" in log
+    partitioned = log.split("ZeRO-3: ")[1].split()
+    assert int(partitioned[0]) > 0 and "partitioned over DP=2" in log  # the matrices really are split
     assert steps(tmp_path) == [1, 2, 3, 4]
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"
 

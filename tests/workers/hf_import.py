@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from pretrain import checkpoint, hf  # noqa: E402
-from pretrain.engine import OptimConfig, build_engine, load_ds_config  # noqa: E402
+from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning  # noqa: E402
 from pretrain.hooks import full_logits  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
 from pretrain.step import train_step  # noqa: E402
@@ -42,14 +42,6 @@ def batch_seqs(vocab: int, n: int, seed: int) -> torch.Tensor:
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def partitioning(engine) -> dict:
-    """Under ZeRO-3: how many parameters this rank holds only a partition of."""
-    params = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
-    return {"zero3_params": len(params),
-            "partitioned": sum(not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel
-                               for p in params)}
 
 
 def import_one(hf_dir, a, layout_args):
@@ -98,7 +90,7 @@ def main():
         micro = [step_seqs[(m * dp + dp_rank) * b:(m * dp + dp_rank + 1) * b] for m in range(layout.grad_accum_steps)]
         result = train_step(engine, iter([{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": torch.ones(b, SEQ)}
                                           for s in micro]))
-        report[name] = {"first_loss": result.loss, **partitioning(engine)}
+        report[name] = {"first_loss": result.loss, **zero3_partitioning(engine)}
         torch.distributed.barrier()
     if not a.import_only and owner:
         with open(os.path.join(a.out, "report.json"), "w") as f:

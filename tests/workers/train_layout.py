@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from pretrain import checkpoint, zero_state  # noqa: E402
 from pretrain.config import preset  # noqa: E402
-from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero_stage_of  # noqa: E402
+from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of  # noqa: E402
 from pretrain.hooks import full_logits, install_poison  # noqa: E402
 from pretrain.memory import SavedActivations  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
@@ -92,14 +92,6 @@ def poison(engine, spec, current):
     install_poison(engine, lambda: (current["step"], mode if current["step"] == at_step else None), ranks, at_micro)
 
 
-def partitioning(engine) -> dict:
-    """Under ZeRO-3: how many parameters this rank holds only a partition of (the rest are persistent)."""
-    params = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
-    split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
-    return {"zero3_params": len(params), "partitioned": len(split),
-            "partitioned_elements": sum(p.ds_numel for p in split), "all_elements": sum(p.ds_numel for p in params)}
-
-
 def owns_loss(layout) -> bool:
     from megatron.core import parallel_state as ps
 
@@ -148,7 +140,7 @@ def main():
         poison(engine, a.nan, current)
     report = {"losses": {}, "grad_norms": {}, "skipped": {}, "master_sum": {start: master_sum(engine)},
               "adam_step": {start: zero_state.adam_step(engine)},
-              "param_dtype": str(next(engine.module.parameters()).dtype), **partitioning(engine)}
+              "param_dtype": str(next(engine.module.parameters()).dtype), **zero3_partitioning(engine)}
     for step in range(start + 1, a.steps + 1):
         batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
         if "activation_bytes" not in report:  # the first step's forward passes
