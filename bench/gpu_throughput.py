@@ -67,7 +67,9 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
           "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
                                 "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
                                 "stage3_param_persistence_threshold": 1e6}}
-    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), recompute, compile_layers=compile_layers,
+    from pretrain.model import ModelOptions
+
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), ModelOptions(recompute), compile_layers=compile_layers,
                           fused_swiglu=fuse_swiglu)
     from pretrain.compat import device
 

@@ -52,6 +52,9 @@ def _data_args(p) -> None:
     g.add_argument("--data-cache-dir", help="index cache directory (default: <data dir>/.index_cache)")
     g.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
     g.add_argument("--seq-length", type=int, help="tokens per sample (default: the preset's)")
+    g.add_argument("--document-mask", action="store_true",
+                   help="attend only within each document of a packed sample (EOD-separated) and restart positions "
+                        "at every document start, as Llama 3 trained (FlexAttention on GPU)")
 
 
 def _schedule_args(p) -> None:
@@ -82,6 +85,9 @@ def _parallel_args(p) -> None:
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (needs ZeRO 0/1)")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                    help="activation checkpointing")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron's sequence parallelism with --tp > 1: norms, dropout and residuals on 1/TP of the "
+                        "sequence each (activation memory outside attention and the MLP divided by TP)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer layer (GPU speed; ZeRO 0-2; first steps are slower)")
     g.add_argument("--fused-swiglu", action="store_true", help="megatron's fused SwiGLU kernel (torch.compile)")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.files import NoSpaceError, atomic_path, is_no_space, write_json, write_text
+from common.files import NoSpaceError, atomic_path, file_xxh3, is_no_space, write_json, write_text
 from pretrain import sharding, zero_state
 from pretrain.parallel import Layout, barrier, is_rank0, log, rank, world_size
 
@@ -130,14 +130,7 @@ def _gather(obj) -> list:
     return out
 
 
-def file_hash(path: str) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_hash = file_xxh3
 
 
 def _prune(save_dir: str, keep_last: int, keep: str) -> None:

@@ -26,6 +26,9 @@ class ModelConfig:
     add_bias: bool = False  # biases on every linear layer (megatron's add_bias_linear)
     qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
     family: str = "llama"  # the Hugging Face family exports are written as (pretrain/hf.py)
+    # "clm": a causal decoder trained on the next token; "mlm": the same layers with bidirectional attention
+    # trained on masked tokens (an encoder, exported as EuroBERT)
+    objective: str = "clm"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     # Pad the vocabulary to a multiple of this so that the shape (and so the model) does not depend on TP.
@@ -46,6 +49,10 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups="
                 f"{self.num_query_groups}; GQA needs whole groups of query heads"
             )
+
+    @property
+    def causal(self) -> bool:
+        return self.objective == "clm"
 
     @property
     def head_dim(self) -> int:

@@ -41,7 +41,7 @@ _ZERO_AUTO = {
 
 
 def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False,
-                   hidden_size: int | None = None) -> dict:
+                   hidden_size: int | None = None, sequence_parallel: bool = False) -> dict:
     """Read a DeepSpeed JSON config and fill its "auto" fields: batch sizes from the layout, ZeRO bucket sizes and
     the ZeRO-3 persistence threshold from `hidden_size`; `fp32` turns mixed precision off whatever the file says
     (--fp32: debugging and exactness tests).
@@ -82,6 +82,11 @@ def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False,
     if layout.pp > 1 and cfg.get("bf16", {}).get("enabled"):
         # bf16 + PP + ZeRO-1 needs fp32 gradient accumulation (DeepSpeed issue 1835).
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if layout.pp > 1 and sequence_parallel:
+        # DeepSpeed's pipeline engine sends 1/TP of each activation per TP rank and all-gathers it on the next
+        # stage ("pipe_partitioned", on by default), assuming the TP ranks hold the same activation; under
+        # sequence parallelism each holds its own part of the sequence, and the gathered tensor would be wrong.
+        cfg["pipeline"] = {**cfg.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     return cfg
 
 
@@ -118,7 +123,7 @@ def build_optimizer(groups: list[dict], ds_config: dict, opt: OptimConfig):
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
 
 
-def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, recompute: str, seed: int):
+def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, options, seed: int):
     """Construct the model for this rank (partitioned at construction under ZeRO-3) and initialise it."""
     import deepspeed
     from megatron.core import parallel_state
@@ -126,27 +131,28 @@ def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, recompute: st
     from pretrain.model import GPT, build_pipeline, init_parameters
 
     if layout.pp > 1:
-        model = build_pipeline(cfg, layout.tp, layout.pp, layout.dp, recompute, seed)
+        model = build_pipeline(cfg, layout.tp, layout.pp, layout.dp, options, seed)
     elif layout.zero_stage == 3:
         # Partition over the data-parallel group only: the default (whole world) would split TP shards
         # across TP ranks and silently compute a wrong loss (docs/FINDINGS.md, "ZeRO-3 together with tensor
         # parallelism").
         with deepspeed.zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(),
                                  config_dict_or_path=ds_config, mpu=MegatronMpu()):
-            model = GPT(cfg, layout.tp, recompute)
+            model = GPT(cfg, layout.tp, options)
     else:
-        model = GPT(cfg, layout.tp, recompute)
+        model = GPT(cfg, layout.tp, options)
     init_parameters(model, cfg, seed)
     return model
 
 
-def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimConfig, recompute: str = "none",
+def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimConfig, options=None,
                  seed: int = 1234, compile_layers: bool = False, fused_swiglu: bool = False):
     """Model -> DeepSpeed engine, in this order (each step assumes the ones before it):
     1. construct the model: tensor parallelism lives inside megatron's layers; PP > 1 cuts the layer list into
        DeepSpeed pipeline stages; under ZeRO-3 parameters are partitioned over the data-parallel group as they
-       are created (zero.Init), so no rank ever holds the whole model. Recompute is chosen here too (megatron's
-       selective modules, or Block's full-layer checkpoint).
+       are created (zero.Init), so no rank ever holds the whole model. `options` (pretrain.model.ModelOptions)
+       are chosen here too: recompute (megatron's selective modules, or Block's full-layer checkpoint),
+       sequence parallelism (inside megatron's layers, from their config) and document masking.
     2. initialise every weight from (seed, canonical name): the same model under any layout.
     3. the optimizer: AdamW over decay / no-decay groups (DeepSpeedCPUAdam when the optimizer is offloaded).
     4. deepspeed.initialize: ZeRO partitioning of gradients and optimizer states, bf16, gradient clipping.
@@ -160,7 +166,9 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     from pretrain.step import guard_plain_optimizer
     from pretrain.zero_state import undo_construction_step
 
-    model = build_model(cfg, layout, ds_config, recompute, seed)
+    from pretrain.model import ModelOptions
+
+    model = build_model(cfg, layout, ds_config, options or ModelOptions(), seed)
     optimizer = build_optimizer(param_groups(model, opt.weight_decay), ds_config, opt)
     # With a PipelineModule the topology comes from the module, and DeepSpeed must get no mpu.
     mpu = None if layout.pp > 1 else MegatronMpu()

@@ -38,6 +38,7 @@ from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, 
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
 from pretrain.metrics import MetricsWriter, StepLog, device_peak_tflops
+from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
                                peers_report, validate_layout)
 from pretrain.schedule import lr_at
@@ -156,20 +157,25 @@ def setup(args) -> Run:
     cfg = model_config(args, vocab)
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
-                             args.micro_batch_size, args.global_batch_size, args.recompute, args.compile)
+                             args.micro_batch_size, args.global_batch_size, args.recompute, args.compile,
+                             args.sequence_parallel)
     stop, hooks = StopSignal(), TestHooks()
     init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes)
     hooks.announce()
-    ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, args.fp32, cfg.hidden_size)
+    ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, args.fp32, cfg.hidden_size,
+                               args.sequence_parallel)
     resume_from = checkpoint.find_resume(resume_source(args))
     opt = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1, beta2=args.adam_beta2,
                       eps=args.adam_eps, clip_grad=args.clip_grad)
-    engine = build_engine(cfg, layout, ds_config, opt, args.recompute, args.seed, args.compile, args.fused_swiglu)
+    eod = tokenizers.eod_id(tokenizer, tok_path)
+    options = ModelOptions(recompute=args.recompute, sequence_parallel=args.sequence_parallel,
+                           document_eod=eod if args.document_mask else None)
+    engine = build_engine(cfg, layout, ds_config, opt, options, args.seed, args.compile, args.fused_swiglu)
     hooks.install(engine)
 
     gbs, seq = layout.global_batch_size, cfg.seq_length
     train_iters = args.train_iters or math.ceil(args.train_tokens / (gbs * seq))
-    datasets = _datasets(args, cfg, layout, train_iters, vocab, tokenizers.eod_id(tokenizer, tok_path))
+    datasets = _datasets(args, cfg, layout, train_iters, vocab, eod)
     state = RunState()
     run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
                   "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}

@@ -56,11 +56,11 @@ _HEAD_SHAPES = [(256, 1024, 128, 2), (384, 1024, 128, 2), (256, 2048, 128, 2), (
 def layer_saved_bytes(h, a, g, f, d, s, b, recompute, device, dtype=torch.bfloat16) -> int:
     """Bytes autograd keeps for one Block's backward (one TP rank with a/g/f its own slices)."""
     from pretrain.config import ModelConfig
-    from pretrain.model import Block, transformer_config
+    from pretrain.model import Block, ModelOptions, transformer_config
 
     cfg = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=a, num_query_groups=g, ffn_hidden_size=f,
                       vocab_size=128, seq_length=s)
-    tconfig = transformer_config(cfg, 1, recompute)
+    tconfig = transformer_config(cfg, 1, ModelOptions(recompute=recompute))
     tconfig.kv_channels = d  # a TP rank's slice: a/tp heads of the full head dim, the full hidden size
     block = Block(cfg, tconfig, 1, recompute)
     block.rotary = type(block.rotary)(kv_channels=d, rotary_percent=1.0, rotary_base=cfg.rope_theta,
@@ -81,7 +81,7 @@ def head_saved_bytes(h, v, s, b, device, dtype=torch.bfloat16) -> int:
     cfg = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=4, vocab_size=v,
                       make_vocab_size_divisible_by=1, seq_length=s)
     tconfig = transformer_config(cfg, 1)
-    norm = FinalNorm(cfg).to(device=device, dtype=dtype)
+    norm = FinalNorm(cfg, tconfig).to(device=device, dtype=dtype)
     out = OutputLayer(cfg, tconfig).to(device=device, dtype=dtype)
     x = torch.randn(s, b, h, dtype=dtype, device=device, requires_grad=True)
     labels = torch.randint(0, v, (b, s), device=device)

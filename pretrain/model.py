@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.compat import apply_cpu_compat
@@ -35,8 +37,22 @@ from pretrain import sharding
 apply_cpu_compat()
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, recompute: str = "none") -> TransformerConfig:
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a run computes its model, beyond the shape (pretrain/config.py): chosen per run, never part of a
+    checkpoint or an export, and the same model (same parameters, same names) whatever they are."""
+
+    recompute: str = "none"  # none / selective (megatron's core_attn + mlp) / full (whole layers)
+    # megatron's sequence parallelism (TP > 1): norms, dropout and residuals work on 1/TP of the sequence
+    sequence_parallel: bool = False
+    # --document-mask: each token attends only within its own document (EOD-separated) and positions restart at
+    # every document start. The EOD id, or None for plain causal attention across the packed sample.
+    document_eod: int | None = None
+
+
+def transformer_config(cfg: ModelConfig, tp: int = 1, options: ModelOptions = ModelOptions()) -> TransformerConfig:
     """megatron-core's config for one layer. Our pipeline split is DeepSpeed's, so megatron sees PP=1."""
+    recompute = options.recompute
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim,
@@ -44,7 +60,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, recompute: str = "none") -
         add_bias_linear=cfg.add_bias, add_qkv_bias=cfg.qkv_bias, hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-        sequence_parallel=False, params_dtype=torch.float32,
+        sequence_parallel=options.sequence_parallel and tp > 1, params_dtype=torch.float32,
         # We initialise every weight ourselves, layout-independently (init_parameters below).
         perform_initialization=False, use_cpu_initialization=not torch.cuda.is_available(),
         # Fused kernels need Apex/TE; plain PyTorch paths are what runs everywhere.
@@ -58,9 +74,13 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, recompute: str = "none") -
 
 
 class SDPAttention(MegatronModule):
-    """Causal core attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+    """Core attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 
-    Drop-in for megatron's DotProductAttention, which materialises the [b, heads, s, s] score matrix.
+    Drop-in for megatron's DotProductAttention, which materialises the [b, heads, s, s] score matrix. Causal
+    unless the layer spec says otherwise. With --document-mask, megatron's `attention_mask` argument carries the
+    [b, s] document ids (pretrain.model.document_ids): on GPU FlexAttention computes the masked attention from a
+    block mask built from them (no s x s mask in memory; blocks of other documents are skipped), elsewhere SDPA
+    takes the equivalent dense boolean mask (CPU tests; FlexAttention on CPU is checked against it).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
@@ -68,47 +88,156 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.causal = attn_mask_type == AttnMaskType.causal
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
+        gqa = q.size(1) != k.size(1)
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with rng:  # heads differ across TP ranks, so their dropout masks must too (megatron's TP stream)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                 scale=self.softmax_scale, enable_gqa=q.size(1) != k.size(1))
+            if attention_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal,
+                                                     scale=self.softmax_scale, enable_gqa=gqa)
+            elif q.is_cuda and dropout_p == 0:  # FlexAttention has no dropout
+                out = _flex_attention()(q, k, v, block_mask=document_block_mask(attention_mask, self.causal),
+                                        scale=self.softmax_scale, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(attention_mask, self.causal),
+                                                     dropout_p=dropout_p, scale=self.softmax_scale,
+                                                     enable_gqa=gqa)
         s, b = query.size(0), query.size(1)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def layer_spec():
-    """megatron-core's local GPT layer (RMSNorm, SwiGLU MLP, GQA self-attention) with SDPA core attention."""
+# ------------------------------------------------------------------------------------------ document masking
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[b, s] token ids -> [b, s] int32 document index within each sample: a document ends with its EOD, so
+    the token after an EOD starts the next one (the first document may have begun in an earlier sample)."""
+    ends = (tokens == eod).to(torch.int32)
+    return (torch.cumsum(ends, dim=1, dtype=torch.int32) - ends).contiguous()
+
+
+def document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, s] position of each token within its document (0 at every document start)."""
+    s = doc.size(1)
+    idx = torch.arange(s, device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first
+
+
+def document_mask(doc: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The dense [b, 1, s, s] boolean mask (True = may attend) of document masking."""
+    mask = doc[:, None, :, None] == doc[:, None, None, :]
+    if causal:
+        s = doc.size(1)
+        mask = mask & torch.ones(s, s, dtype=torch.bool, device=doc.device).tril()
+    return mask
+
+
+_BLOCK_MASK: dict = {}
+
+
+def document_block_mask(doc: torch.Tensor, causal: bool):
+    """FlexAttention's BlockMask for `doc`, built once per micro-batch: every layer (and a recompute) gets the
+    same document-id tensor, so the last one is kept."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (doc.data_ptr(), doc._version, tuple(doc.shape), causal, doc.device)
+    if key not in _BLOCK_MASK:
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = doc[b, q_idx] == doc[b, kv_idx]
+            return same & (q_idx >= kv_idx) if causal else same
+
+        _BLOCK_MASK.clear()
+        _BLOCK_MASK[key] = create_block_mask(mask_mod, doc.size(0), None, doc.size(1), doc.size(1),
+                                             device=doc.device)
+    return _BLOCK_MASK[key]
+
+
+_FLEX = []
+
+
+def _flex_attention():
+    """torch.compile'd flex_attention (the eager one is a slow reference), compiled once per process."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention)
+    return _FLEX[0]
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm as megatron's spec builds a norm (config, hidden_size, eps), also under sequence
+    parallelism, which megatron's torch-norm wrapper refuses (it needs Apex or Transformer Engine otherwise):
+    each TP rank then normalises its own part of the sequence, so the weight's gradient is the sum over TP ranks,
+    which copy_to_tensor_model_parallel_region (identity forward, all-reduce backward) gives it."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        self.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x):
+        weight = self.weight
+        if self.sequence_parallel:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+def layer_spec(causal: bool = True):
+    """megatron-core's local GPT layer (RMSNorm, SwiGLU MLP, GQA self-attention) with SDPA core attention (causal,
+    or bidirectional for an encoder) and our RMSNorm (the same function as megatron's torch-norm wrapper, and it
+    works under sequence parallelism)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    attention = spec.submodules.self_attention
+    attention.submodules.core_attention = SDPAttention
+    attention.params = {**attention.params, "attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask}
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
 class Embedding(nn.Module):
-    """Token ids [b, s] -> hidden [s, b, h]; the vocabulary is split across TP ranks."""
+    """Token ids [b, s] -> hidden [s, b, h] (under sequence parallelism this rank's [s/tp, b, h]); the vocabulary is
+    split across TP ranks. With document masking the output is (hidden, document ids [b, s]): every later stage
+    needs the ids, and they travel with the activations (between pipeline stages too)."""
 
-    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig):
+    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, document_eod: int | None = None):
         super().__init__()
+        self.sequence_parallel = tconfig.sequence_parallel
+        # Under sequence parallelism the partial embeddings are reduce-scattered along the sequence ([s/tp, b, h])
+        # instead of all-reduced, as megatron's LanguageModelEmbedding does.
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
-            cfg.padded_vocab_size, cfg.hidden_size, init_method=tconfig.init_method, config=tconfig)
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=tconfig.init_method, config=tconfig,
+            reduce_scatter_embeddings=self.sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.vocab_size, self.padded_vocab_size = cfg.vocab_size, cfg.padded_vocab_size  # for tied logits
+        self.document_eod = document_eod
 
     def forward(self, tokens):
-        return self.dropout(self.word_embeddings(tokens).transpose(0, 1).contiguous())
+        hidden = self.word_embeddings(tokens)
+        if self.sequence_parallel:  # already [s/tp, b, h]; each TP rank holds other tokens: its own dropout
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                hidden = self.dropout(hidden)
+        else:
+            hidden = self.dropout(hidden.transpose(0, 1).contiguous())
+        if self.document_eod is None:
+            return hidden
+        return hidden, document_ids(tokens, self.document_eod)
 
 
 class Block(nn.Module):
-    """One megatron TransformerLayer with RoPE; `recompute="full"` recomputes the whole layer in backward."""
+    """One megatron TransformerLayer with RoPE; `recompute="full"` recomputes the whole layer in backward. Takes and
+    returns hidden [s, b, h], or (hidden, document ids) with document masking (positions then restart at every
+    document start)."""
 
     def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, layer_number: int, recompute: str = "none"):
         super().__init__()
-        self.layer = build_module(layer_spec(), config=tconfig, layer_number=layer_number)
+        self.layer = build_module(layer_spec(cfg.causal), config=tconfig, layer_number=layer_number)
         self.rotary = RotaryEmbedding(kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta,
                                       use_cpu_initialization=not torch.cuda.is_available())
         if cfg.rope_scaling:  # Llama 3.1's scaled frequencies (megatron's function is transformers' formula)
@@ -118,16 +247,28 @@ class Block(nn.Module):
                 high_freq_factor=s["high_freq_factor"],
                 original_max_position_embeddings=s["original_max_position_embeddings"])
         self.recompute = recompute
+        # Under sequence parallelism this rank holds 1/tp of the sequence; attention sees all of it.
+        self.seq_factor = tconfig.tensor_model_parallel_size if tconfig.sequence_parallel else 1
 
-    def _layer(self, hidden, rotary_pos_emb):
-        return self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb)[0]
+    def _layer(self, hidden, rotary_pos_emb, doc=None):
+        # Dropout and residuals in the sequence-parallel region act on this rank's own tokens (megatron's
+        # TransformerBlock forks the TP RNG stream around its layers for the same reason).
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.seq_factor > 1 else contextlib.nullcontext()
+        with rng:
+            return self.layer(hidden, attention_mask=doc, rotary_pos_emb=rotary_pos_emb)[0]
 
-    def forward(self, hidden):
-        rotary_pos_emb = self.rotary(hidden.size(0))
+    def forward(self, x):
+        hidden, doc = x if isinstance(x, tuple) else (x, None)
+        seq = hidden.size(0) * self.seq_factor
+        rotary_pos_emb = self.rotary(seq)  # [s, 1, 1, d]
+        if doc is not None:  # per-token positions: [s, b, 1, d]
+            rotary_pos_emb = rotary_pos_emb[:, 0, 0][document_positions(doc).t()].unsqueeze(2)
         if self.recompute == "full" and self.training:
             # megatron's checkpoint replays its RNG tracker, so dropout is identical in the recompute.
-            return tensor_parallel.checkpoint(self._layer, False, hidden, rotary_pos_emb)
-        return self._layer(hidden, rotary_pos_emb)
+            out = tensor_parallel.checkpoint(self._layer, False, hidden, rotary_pos_emb, doc)
+        else:
+            out = self._layer(hidden, rotary_pos_emb, doc)
+        return out if doc is None else (out, doc)
 
 
 def apply_speedups(model: nn.Module, compile_layers: bool = False, fused_swiglu: bool = False) -> None:
@@ -144,16 +285,19 @@ def apply_speedups(model: nn.Module, compile_layers: bool = False, fused_swiglu:
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    """The last norm; drops the document ids that travelled with the hidden states."""
 
-    def forward(self, hidden):
-        return self.norm(hidden)
+    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig):
+        super().__init__()
+        self.norm = RMSNorm(tconfig, cfg.hidden_size, eps=cfg.norm_eps)
+
+    def forward(self, x):
+        return self.norm(x[0] if isinstance(x, tuple) else x)
 
 
 class OutputLayer(nn.Module):
-    """hidden [s, b, h] -> this TP rank's slice of the logits [s, b, vocab/tp]."""
+    """hidden [s, b, h] -> this TP rank's slice of the logits [s, b, vocab/tp]. Under sequence parallelism the
+    column-parallel projection all-gathers the sequence first (megatron's layer does it from the config)."""
 
     def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, tied_embedding: Embedding | None = None):
         super().__init__()
@@ -204,14 +348,14 @@ def pipeline_loss(logits, labels_and_mask):
 class GPT(nn.Module):
     """The whole model on one pipeline stage. Children are named "0".."L+2" exactly as in PipelineModule."""
 
-    def __init__(self, cfg: ModelConfig, tp: int = 1, recompute: str = "none"):
+    def __init__(self, cfg: ModelConfig, tp: int = 1, options: ModelOptions = ModelOptions()):
         super().__init__()
         self.cfg = cfg
-        tconfig = transformer_config(cfg, tp, recompute)
-        embedding = Embedding(cfg, tconfig)
+        tconfig = transformer_config(cfg, tp, options)
+        embedding = Embedding(cfg, tconfig, options.document_eod)
         stages = [embedding]
-        stages += [Block(cfg, tconfig, i + 1, recompute) for i in range(cfg.num_layers)]
-        stages += [FinalNorm(cfg), OutputLayer(cfg, tconfig, embedding if cfg.tie_embeddings else None)]
+        stages += [Block(cfg, tconfig, i + 1, options.recompute) for i in range(cfg.num_layers)]
+        stages += [FinalNorm(cfg, tconfig), OutputLayer(cfg, tconfig, embedding if cfg.tie_embeddings else None)]
         for i, stage in enumerate(stages):
             self.add_module(str(i), stage)
         if cfg.tie_embeddings:
@@ -239,21 +383,22 @@ class GPT(nn.Module):
         return lm_loss(logits, labels, loss_mask)
 
 
-def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, recompute: str = "none", seed: int = 1234):
+def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, options: ModelOptions = ModelOptions(),
+                   seed: int = 1234):
     """The same stages as `GPT`, cut into `pp` DeepSpeed pipeline stages (blocks balanced across stages)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    tconfig = transformer_config(cfg, tp, recompute)
+    tconfig, eod = transformer_config(cfg, tp, options), options.document_eod
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", Embedding, cfg, tconfig, tied_weight_attr="word_embeddings.weight")
-        last = TiedLayerSpec("embed", Embedding, cfg, tconfig, forward_fn=_tied_logits,
+        first = TiedLayerSpec("embed", Embedding, cfg, tconfig, eod, tied_weight_attr="word_embeddings.weight")
+        last = TiedLayerSpec("embed", Embedding, cfg, tconfig, eod, forward_fn=_tied_logits,
                              tied_weight_attr="word_embeddings.weight")
     else:
-        first = LayerSpec(Embedding, cfg, tconfig)
+        first = LayerSpec(Embedding, cfg, tconfig, eod)
         last = LayerSpec(OutputLayer, cfg, tconfig)
-    specs = [first] + [LayerSpec(Block, cfg, tconfig, i + 1, recompute) for i in range(cfg.num_layers)]
-    specs += [LayerSpec(FinalNorm, cfg), last]
+    specs = [first] + [LayerSpec(Block, cfg, tconfig, i + 1, options.recompute) for i in range(cfg.num_layers)]
+    specs += [LayerSpec(FinalNorm, cfg, tconfig), last]
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     return PipelineModule(layers=specs, loss_fn=pipeline_loss, topology=topology, partition_method="type:Block",
                           activation_checkpoint_interval=0, seed_layers=False, base_seed=seed)
@@ -261,7 +406,10 @@ def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, recompute: str =
 
 def _tied_logits(embedding: Embedding, hidden):
     """Output projection with the (vocab-parallel) input embedding's weight: [s, b, h] -> [s, b, v/tp]."""
-    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    if embedding.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters, as the linear layer
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    else:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
     return mask_vocab_padding(F.linear(hidden, embedding.word_embeddings.weight), embedding.vocab_size,
                               embedding.padded_vocab_size)
 

@@ -39,7 +39,8 @@ class Layout:
 
 def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 1, zero_stage: int = 0,
                     micro_batch_size: int = 1, global_batch_size: int | None = None,
-                    recompute: str = "none", compile_layers: bool = False) -> Layout:
+                    recompute: str = "none", compile_layers: bool = False,
+                    sequence_parallel: bool = False) -> Layout:
     """Check a layout before anything is built; the trainer and the planner both call this."""
     if tp < 1 or pp < 1:
         raise LayoutError(f"--tp ({tp}) and --pp ({pp}) must be >= 1")
@@ -71,6 +72,9 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
     if compile_layers and zero_stage == 3:
         raise LayoutError("--compile is supported with ZeRO 0-2: DeepSpeed's ZeRO-3 parameter hooks break "
                           "torch.compile'd layers; drop --compile or use ds_configs/zero2.json")
+    if sequence_parallel and tp == 1:
+        raise LayoutError("--sequence-parallel splits the sequence across tensor-parallel ranks: it needs --tp > 1 "
+                          "(drop it, or raise --tp)")
     if recompute not in RECOMPUTE_MODES:
         raise LayoutError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     if micro_batch_size < 1:

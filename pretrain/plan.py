@@ -79,6 +79,7 @@ class PlanInput:
     global_batch_size: int | None = None
     seq_length: int = 2048
     recompute: str = "selective"
+    sequence_parallel: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
     reduce_bucket_size: float = 5e7  # elements, as in ds_configs/zero3.json
@@ -105,35 +106,25 @@ def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
     return {"per_gpu": per_stage, "largest_module": largest}
 
 
-def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: str, device_type: str) -> float:
+def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: str, device_type: str,
+                           sequence_parallel: bool = False) -> float:
+    """Bytes one layer keeps for backward on one TP rank. The attention and MLP internals are split by TP; under
+    sequence parallelism so is everything per hidden unit and per token (norm inputs, residuals, layer input)."""
     c = ACTIVATION_COEFFICIENTS[device_type][mode]
-    d = cfg.head_dim
-    per_token = (c["token_h"] * cfg.hidden_size + c["token_f"] * cfg.ffn_hidden_size / tp
+    d, sp = cfg.head_dim, tp if sequence_parallel else 1
+    per_token = (c["token_h"] * cfg.hidden_size / sp + c["token_f"] * cfg.ffn_hidden_size / tp
                  + c["token_q"] * cfg.num_attention_heads * d / tp + c["token_kv"] * cfg.num_query_groups * d / tp
-                 + c["token_heads"] * cfg.num_attention_heads / tp + c["token_one"])
+                 + c["token_heads"] * cfg.num_attention_heads / tp + c["token_one"] / sp)
     return seq * mb * per_token + seq * c["position_d"] * d
 
 
-def plan(p: PlanInput) -> dict:
-    cfg = p.model.replace(seq_length=p.seq_length)
-    world = p.nodes * p.gpus_per_node
-    layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute)
-    if p.gpu not in GPUS:
-        raise LayoutError(f"--gpu {p.gpu!r} is not known; choose one of {', '.join(GPUS)}")
-    if p.offload_params and p.zero != 3:
-        raise LayoutError("--offload-params needs ZeRO-3 (DeepSpeed offloads parameters only in stage 3)")
-    if p.offload_optimizer and p.zero == 0:
-        raise LayoutError("--offload-optimizer needs ZeRO stage 1, 2 or 3")
-    gpu, dp = GPUS[p.gpu], layout.dp
-    counts = rank_params(cfg, p.tp, p.pp)
-    psi, big = counts["per_gpu"], counts["largest_module"]
-
-    # model states (bytes per GPU), DeepSpeed's accounting
+def _model_states(p: PlanInput, psi: float, big: float, dp: int) -> dict:
+    """Bytes per GPU of parameters, gradients, optimizer states, ZeRO-3's gathered set and communication
+    buckets (DeepSpeed's accounting, module docstring), and what offload moves to the CPU."""
     params = 2 * psi / dp if p.zero == 3 else 2 * psi
     grads16 = 0 if p.zero == 3 else 2 * psi / dp if p.zero == 2 else 2 * psi
     grads32 = 4 * psi / dp if p.zero >= 1 else 4 * psi
     optim = 12 * psi / dp
-    gathered = 4 * big if p.zero == 3 else 0
     cpu = 0.0
     if p.offload_optimizer:
         cpu += grads32 + optim
@@ -146,25 +137,47 @@ def plan(p: PlanInput) -> dict:
     buckets = 2 * p.reduce_bucket_size * (2 if p.overlap_comm else 1) if p.zero >= 1 else 0
     if p.zero == 3:
         buckets += 2 * p.prefetch_bucket_size
+    return {"params": params, "grads16": grads16, "grads32": grads32, "optim": optim, "cpu": cpu,
+            "gathered": 4 * big if p.zero == 3 else 0, "buckets": buckets}
 
-    # activations: layers on the busiest stage x micro-batches in flight (1F1B keeps up to pp on stage 0)
-    in_flight = min(p.pp, layout.grad_accum_steps) if p.pp > 1 else 1
-    layers = cfg.num_layers // p.pp
-    per_layer = layer_activation_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, p.recompute, p.device_type)
-    acts = layers * per_layer * in_flight
+
+def _activations(p: PlanInput, cfg: ModelConfig, grad_accum_steps: int) -> tuple[float, float]:
+    """(bytes kept by the layers of the busiest stage, bytes of the output layer and loss) per GPU."""
+    # 1F1B keeps up to pp micro-batches in flight on stage 0
+    in_flight = min(p.pp, grad_accum_steps) if p.pp > 1 else 1
+    layer = lambda mode: layer_activation_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, mode,  # noqa: E731
+                                                p.device_type, p.sequence_parallel)
+    acts = cfg.num_layers // p.pp * layer(p.recompute) * in_flight
     if p.recompute == "full":  # backward re-runs one layer at a time with everything kept
-        acts += layer_activation_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, "none", p.device_type)
+        acts += layer("none")
     tokens = p.seq_length * p.micro_batch_size
     ch = ACTIVATION_COEFFICIENTS[p.device_type]["head"]
     v = cfg.padded_vocab_size / p.tp
     head = tokens * (ch["token_h"] * cfg.hidden_size + ch["token_v"] * v + ch["token_one"])
     # not saved but alive: the bf16 logits while their fp32 copy is made (forward), the bf16 logits gradient
-    # (backward; the fp32 one reuses the saved softmax). Checked against H100 peaks: bench/RESULTS.md.
+    # (backward; the fp32 one reuses the saved softmax). Calibrated to H100 peaks: bench/RESULTS.md.
     logits = tokens * v * 2
+    return acts, head + logits
 
-    forward_peak = params + optim + (grads32 if p.zero == 3 else 0) + gathered + acts + head + logits
-    states = params + grads16 + grads32 + optim + gathered
-    step_peak = states + buckets
+
+def plan(p: PlanInput) -> dict:
+    cfg = p.model.replace(seq_length=p.seq_length)
+    world = p.nodes * p.gpus_per_node
+    layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute,
+                             sequence_parallel=p.sequence_parallel)
+    if p.gpu not in GPUS:
+        raise LayoutError(f"--gpu {p.gpu!r} is not known; choose one of {', '.join(GPUS)}")
+    if p.offload_params and p.zero != 3:
+        raise LayoutError("--offload-params needs ZeRO-3 (DeepSpeed offloads parameters only in stage 3)")
+    if p.offload_optimizer and p.zero == 0:
+        raise LayoutError("--offload-optimizer needs ZeRO stage 1, 2 or 3")
+    gpu = GPUS[p.gpu]
+    counts = rank_params(cfg, p.tp, p.pp)
+    m = _model_states(p, counts["per_gpu"], counts["largest_module"], layout.dp)
+    acts, head = _activations(p, cfg, layout.grad_accum_steps)
+    forward_peak = m["params"] + m["optim"] + (m["grads32"] if p.zero == 3 else 0) + m["gathered"] + acts + head
+    states = m["params"] + m["grads16"] + m["grads32"] + m["optim"] + m["gathered"]
+    step_peak = states + m["buckets"]
     peak = max(forward_peak, step_peak)
     need = peak * (1 + FRAGMENTATION) + RESERVED_GIB * GiB
 
@@ -175,18 +188,18 @@ def plan(p: PlanInput) -> dict:
     tokens_per_s = tokens_per_gpu_s * world
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     return {
-        "model": {"parameters": cfg.num_params(), "parameters_per_gpu": psi, "largest_module": big,
-                  "flops_per_token": flops_per_token},
+        "model": {"parameters": cfg.num_params(), "parameters_per_gpu": counts["per_gpu"],
+                  "largest_module": counts["largest_module"], "flops_per_token": flops_per_token},
         "layout": {**asdict(layout), "grad_accum_steps": layout.grad_accum_steps, "gpu": p.gpu,
-                   "recompute": p.recompute, "offload_optimizer": p.offload_optimizer,
-                   "offload_params": p.offload_params},
-        "memory_gib": {"parameters": gib(params), "gradients": gib(grads16 + grads32), "optimizer_states": gib(optim),
-                       "zero3_gathered": gib(gathered), "communication_buckets": gib(buckets),
-                       "activations": gib(acts), "output_and_loss": gib(head + logits),
-                       "model_states": gib(states),
+                   "recompute": p.recompute, "sequence_parallel": p.sequence_parallel,
+                   "offload_optimizer": p.offload_optimizer, "offload_params": p.offload_params},
+        "memory_gib": {"parameters": gib(m["params"]), "gradients": gib(m["grads16"] + m["grads32"]),
+                       "optimizer_states": gib(m["optim"]), "zero3_gathered": gib(m["gathered"]),
+                       "communication_buckets": gib(m["buckets"]), "activations": gib(acts),
+                       "output_and_loss": gib(head), "model_states": gib(states),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
-                       "with_reserve": gib(need), "device": gpu.memory_gib, "cpu_offload_per_node":
-                           gib(cpu * p.gpus_per_node * 1.5)},
+                       "with_reserve": gib(need), "device": gpu.memory_gib,
+                       "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5)},
         "model_states_bytes": int(states),
         "fits": need <= gpu.memory_gib * GiB,
         "speed": {"mfu": p.mfu, "tokens_per_s_per_gpu": round(tokens_per_gpu_s),
@@ -235,6 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--global-batch-size", type=int)
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--recompute", default="selective")
+    ap.add_argument("--sequence-parallel", action="store_true", help="megatron's sequence parallelism (--tp > 1)")
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
     ap.add_argument("--reduce-bucket-size", type=float, default=5e7)
@@ -247,7 +261,8 @@ def main(argv=None) -> int:
     try:
         r = plan(PlanInput(model=model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu, tp=a.tp, pp=a.pp,
                            zero=a.zero, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
-                           seq_length=a.seq_length, recompute=a.recompute, offload_optimizer=a.offload_optimizer,
+                           seq_length=a.seq_length, recompute=a.recompute, sequence_parallel=a.sequence_parallel,
+                           offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
                            prefetch_bucket_size=a.prefetch_bucket_size, mfu=a.mfu))
     except LayoutError as e:

@@ -53,7 +53,8 @@ def train_layout(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
 
     def run(nproc: int, **flags):
-        flags = {k: v for k, v in flags.items() if not (k in ("tp", "pp") and v == 1)}
+        flags = {k: v for k, v in flags.items()  # the worker's defaults, spelled out or not, are one run
+                 if v is not False and v is not None and not (k in ("tp", "pp") and v == 1)}
         if "ds_config" in flags:
             flags = {k: v for k, v in flags.items() if k != "zero"}
         else:
@@ -145,11 +146,11 @@ def meta_model_builder():
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    from pretrain.model import GPT
+    from pretrain.model import GPT, ModelOptions
 
-    def build(cfg, device="meta", recompute="none"):
+    def build(cfg, device="meta", recompute="none", **options):
         if device != "meta":  # real CPU tensors (tiny configs only)
-            return GPT(cfg, 1, recompute)
+            return GPT(cfg, 1, ModelOptions(recompute=recompute, **options))
         original = torch.cuda.current_device
         torch.cuda.current_device = lambda: "meta"
         try:

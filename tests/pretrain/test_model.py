@@ -29,3 +29,77 @@ def test_speedups_compute_the_same_layer(meta_model_builder):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for (name, a), b in zip(eager.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------ document masking
+def _random_model(builder, cfg, **options):
+    torch.manual_seed(0)
+    model = builder(cfg, device="cpu", **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def _packed(eod, lengths, vocab, seed):
+    """Documents of the given lengths (each ending with EOD but the last, cut off) back to back."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        d = torch.randint(0, vocab, (n,), generator=g)
+        d[d == eod] = eod + 1
+        d[-1] = eod
+        docs.append(d)
+    docs[-1] = docs[-1][:-1]
+    return torch.cat(docs), [len(d) for d in docs]
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_document_mask_equals_each_document_alone(meta_model_builder, objective):
+    """Per-token logits (so losses) of a packed sample with --document-mask equal those of each document run
+    alone; without the mask, the later documents see the earlier ones (the comparison can fail)."""
+    from pretrain.model import document_ids, document_positions
+
+    eod = 5
+    cfg = preset("tiny", num_layers=2, seq_length=64, objective=objective)
+    masked = _random_model(meta_model_builder, cfg, document_eod=eod)
+    plain = _random_model(meta_model_builder, cfg)
+    rows = [_packed(eod, [9, 1, 30, 25], cfg.vocab_size, seed=1), _packed(eod, [40, 25], cfg.vocab_size, seed=2)]
+    tokens = torch.stack([t for t, _ in rows])
+    assert document_ids(tokens, eod)[0].tolist() == [0] * 9 + [1] + [2] * 30 + [3] * 24
+    assert document_positions(document_ids(tokens, eod))[0, 10:13].tolist() == [0, 1, 2]
+    with torch.no_grad():
+        packed = masked.logits(tokens).transpose(0, 1)
+        unmasked = plain.logits(tokens).transpose(0, 1)
+        worst_mixed = 0.0
+        for b, (_, lengths) in enumerate(rows):
+            start = 0
+            for n in lengths:
+                alone = plain.logits(tokens[b:b + 1, start:start + n]).transpose(0, 1)[0]
+                err = (packed[b, start:start + n] - alone).abs().max().item()
+                assert err < 1e-5, (b, start, n, err)
+                worst_mixed = max(worst_mixed, (unmasked[b, start:start + n] - alone).abs().max().item())
+                start += n
+    assert worst_mixed > 1e-3  # packing without the mask is another computation
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_attention_path_equals_the_dense_mask(causal):
+    """The GPU path (FlexAttention with a block mask built from the document ids) computes the CPU path's
+    attention (SDPA with the dense mask). Run eagerly on CPU, forward only: torch 2.13 has no FlexAttention
+    backward on CPU; the mask, which is ours, is what both directions share."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from pretrain.model import document_block_mask, document_ids, document_mask
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (2, 256), generator=g)
+    doc = document_ids(tokens, eod=3)
+    q = torch.randn(2, 4, 256, 16, generator=g)
+    k, v = (torch.randn(2, 2, 256, 16, generator=g) for _ in range(2))
+    flex = flex_attention(q, k, v, block_mask=document_block_mask(doc, causal), enable_gqa=True)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc, causal),
+                                                             enable_gqa=True)
+    assert (flex - dense).abs().max() < 1e-5
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    assert (flex - plain).abs().max() > 1e-2  # the mask is not a no-op here

@@ -69,3 +69,41 @@ def test_bf16_matches_fp32_within_tolerance_and_descends(train_layout):
     assert max(diffs) < 2e-4
     assert max(diffs) > 0  # really computed in another precision
     assert run["losses"][-1] < run["losses"][0]
+
+
+# ------------------------------------------------------------------------------------------ document masking
+DOC = dict(document_eod=0)  # the worker then puts a document boundary every few tokens
+
+
+def test_document_mask_changes_the_model_the_same_way_under_every_layout(train_layout):
+    ref = train_layout(1, **REF, **DOC)
+    assert max(abs(a - b) for a, b in zip(ref["losses"], train_layout(1, **REF)["losses"])) > 1e-3  # it is on
+    for n, layout in ((2, dict(tp=2)), (2, dict(pp=2, zero=1)), (2, dict(zero=3, recompute="full")),
+                      (2, dict(tp=2, recompute="selective")), (4, dict(tp=2, pp=2, zero=1))):
+        assert_same(train_layout(n, **{**REF, **layout}, **DOC), ref)
+
+
+# ------------------------------------------------------------------------------------------ sequence parallel
+SP = dict(tp=2, sequence_parallel=True)
+
+
+@pytest.mark.parametrize("n, layout, tie", [(2, {}, False), (2, dict(zero=3), False),
+                                            (2, dict(recompute="full"), False), (4, dict(pp=2, zero=1), False),
+                                            (4, dict(pp=2, zero=1), True)],
+                         ids=["tp2", "tp2-zero3", "tp2-full-recompute", "tp2-pp2", "tp2-pp2-tied"])
+def test_sequence_parallel_matches_one_process(train_layout, n, layout, tie):
+    assert_same(train_layout(n, **{**REF, **SP, **layout}, tie=tie), train_layout(1, **REF, tie=tie))
+
+
+def test_sequence_parallel_with_document_mask(train_layout):
+    assert_same(train_layout(2, **{**REF, **SP}, **DOC), train_layout(1, **REF, **DOC))
+
+
+def test_sequence_parallel_keeps_less_activation_memory_per_rank(train_layout):
+    """What autograd saves on one rank for the first step (pretrain.memory.SavedActivations): sequence parallelism
+    splits the norms' and residuals' activations across the 2 TP ranks, the attention and MLP ones were already.
+    On this tiny model the vocabulary-parallel head, which SP does not change, holds most of the bytes."""
+    tp, sp = train_layout(2, **{**REF, "tp": 2}), train_layout(2, **{**REF, **SP})
+    print(f"saved activation bytes per rank: TP2 {tp['activation_bytes']}, TP2 + SP {sp['activation_bytes']} "
+          f"({1 - sp['activation_bytes'] / tp['activation_bytes']:.1%} less)")
+    assert sp["activation_bytes"] < 0.92 * tp["activation_bytes"]

@@ -129,3 +129,12 @@ def test_cpu_activation_coefficients_match_a_fresh_measurement_of_our_layers(tmp
     for mode, coef in fitted.items():
         for k, v in coef.items():
             assert v == pytest.approx(stored[mode].get(k, 0), abs=0.05), (mode, k, v)
+
+
+def test_sequence_parallel_divides_the_per_token_activations_by_tp():
+    base = dict(model=preset("7b"), nodes=1, tp=4, zero=1, micro_batch_size=1, seq_length=4096, recompute="none")
+    without, with_sp = (plan(PlanInput(**base, sequence_parallel=sp))["memory_gib"]["activations"]
+                        for sp in (False, True))
+    assert 0.4 * without < with_sp < 0.95 * without
+    with pytest.raises(LayoutError, match="--sequence-parallel .* needs --tp > 1"):
+        plan(PlanInput(**{**base, "tp": 1}, sequence_parallel=True))

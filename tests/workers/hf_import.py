@@ -53,7 +53,7 @@ def import_one(hf_dir, a, layout_args):
                                           "stage3_param_persistence_threshold")})
     ds = load_ds_config({"zero_optimization": stage, "bf16": {"enabled": False}}, layout, clip_grad=1.0, fp32=True,
                         hidden_size=cfg.hidden_size)
-    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-3, weight_decay=0.1), "none", seed=7)
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-3, weight_decay=0.1), seed=7)
     rss_built, reader = rss_mib(), hf.HFReader(hf_dir, cfg)
     checkpoint.load_states(engine, reader, layout, cfg.parameter_shapes(), load_optimizer=False)
     # The reader is still open: the safetensors pages it touched (mapped) are still counted in RSS.

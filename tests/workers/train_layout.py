@@ -20,6 +20,7 @@ from pretrain.config import preset  # noqa: E402
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of  # noqa: E402
 from pretrain.hooks import full_logits, install_poison  # noqa: E402
 from pretrain.memory import SavedActivations  # noqa: E402
+from pretrain.model import ModelOptions  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
 from pretrain.step import train_step  # noqa: E402
 
@@ -33,6 +34,8 @@ def parse():
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=4)
     p.add_argument("--recompute", default="none")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--document-eod", type=int, help="document masking with this EOD id (0 occurs in the batches)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="train until this global step")
@@ -53,18 +56,21 @@ def build(a):
     cfg = preset("tiny", tie_embeddings=a.tie)
     world = int(os.environ.get("WORLD_SIZE", 1))
     zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero
-    layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute)
+    layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute,
+                             sequence_parallel=a.sequence_parallel)
     init_distributed(a.tp, a.pp, seed=7)
     if a.ds_config:
-        ds = load_ds_config(a.ds_config, layout, clip_grad=1.0, fp32=not a.bf16, hidden_size=cfg.hidden_size)
+        ds = load_ds_config(a.ds_config, layout, clip_grad=1.0, fp32=not a.bf16, hidden_size=cfg.hidden_size,
+                            sequence_parallel=a.sequence_parallel)
     else:
         # ZeRO-3 sized as the shipped config does ("auto" from the hidden size): every matrix is partitioned.
         auto = {} if zero == 0 else {"reduce_bucket_size": "auto"} if zero < 3 else \
             {k: "auto" for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
                                  "stage3_param_persistence_threshold")}
         ds = load_ds_config({"zero_optimization": {"stage": zero, **auto}, "bf16": {"enabled": a.bf16}}, layout,
-                            clip_grad=1.0, hidden_size=cfg.hidden_size)
-    engine = build_engine(cfg, layout, ds, OptimConfig(lr=a.lr, weight_decay=0.1), a.recompute, seed=7)
+                            clip_grad=1.0, hidden_size=cfg.hidden_size, sequence_parallel=a.sequence_parallel)
+    options = ModelOptions(recompute=a.recompute, sequence_parallel=a.sequence_parallel, document_eod=a.document_eod)
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=a.lr, weight_decay=0.1), options, seed=7)
     return cfg, layout, engine
 
 
@@ -73,7 +79,13 @@ def global_batch(cfg, layout, step):
     gen = torch.Generator().manual_seed(1000 + step)
     start = torch.randint(0, cfg.vocab_size, (layout.global_batch_size, 1), generator=gen)
     stride = torch.randint(1, 4, (layout.global_batch_size, 1), generator=gen)
-    return (start + stride * torch.arange(cfg.seq_length + 1)) % cfg.vocab_size
+    seqs = (start + stride * torch.arange(cfg.seq_length + 1)) % cfg.vocab_size
+    if EOD is not None:  # document masking: a document boundary every few tokens
+        seqs[seqs % 11 == 0] = EOD
+    return seqs
+
+
+EOD = None  # --document-eod
 
 
 def micro_batches(cfg, layout, step, dp_rank):
@@ -126,7 +138,9 @@ def _dp_rank():
 
 
 def main():
+    global EOD
     a = parse()
+    EOD = a.document_eod
     cfg, layout, engine = build(a)
     from megatron.core import parallel_state as ps
 
