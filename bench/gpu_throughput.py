@@ -36,10 +36,17 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _batches(cfg, b, s, device):
+EOD = 0  # with --document-mask: documents of ~DOC_TOKENS tokens end with this id
+DOC_TOKENS = 512
+
+
+def _batches(cfg, b, s, device, documents=False):
     g = torch.Generator().manual_seed(0)
     while True:
-        x = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g).to(device)
+        x = torch.randint(1, cfg.vocab_size, (b, s + 1), generator=g)
+        if documents:
+            x[torch.rand(b, s + 1, generator=g) < 1 / DOC_TOKENS] = EOD
+        x = x.to(device)
         yield {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": torch.ones(b, s, device=device)}
 
 
@@ -54,7 +61,8 @@ def _timed(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fuse_swiglu=False, gas=1):
+def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fuse_swiglu=False, gas=1,
+             document_mask=False):
     from pretrain.engine import OptimConfig, build_engine
     from pretrain.parallel import init_distributed, validate_layout
     from pretrain.step import train_step
@@ -69,11 +77,12 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
                                 "stage3_param_persistence_threshold": 1e6}}
     from pretrain.model import ModelOptions
 
-    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), ModelOptions(recompute), compile_layers=compile_layers,
+    options = ModelOptions(recompute, document_eod=EOD if document_mask else None)
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), options, compile_layers=compile_layers,
                           fused_swiglu=fuse_swiglu)
     from pretrain.compat import device
 
-    data = _batches(cfg, b, s, device())
+    data = _batches(cfg, b, s, device(), documents=document_mask)
     losses = []
     sec = _timed(lambda: losses.append(train_step(engine, data).loss), steps, warmup)
     _model_states()
@@ -154,6 +163,8 @@ def main(argv=None) -> int:
                    help="micro-batches per optimizer step (both sides); real runs accumulate, amortising the step")
     p.add_argument("--compile", action="store_true", help="both sides: torch.compile every transformer layer")
     p.add_argument("--fuse-swiglu", action="store_true", help="ours: megatron's fused SwiGLU")
+    p.add_argument("--document-mask", action="store_true",
+                   help=f"ours: --document-mask over documents of ~{DOC_TOKENS} tokens (the baseline packs without it)")
     a = p.parse_args(argv)
     single_rank_env(29611)
     cfg = preset(a.model, seq_length=a.seq_length)
@@ -165,7 +176,7 @@ def main(argv=None) -> int:
     result = {"model": a.model, "params_M": round(cfg.num_params() / 1e6, 1), "seq": a.seq_length,
               "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute,
               "device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile,
-              "fuse_swiglu": a.fuse_swiglu}
+              "fuse_swiglu": a.fuse_swiglu, "document_mask": a.document_mask, "separate_processes": True}
     if a.which == "both":  # each side in a fresh process of its own (see the module docstring)
         for which in ("ours", "baseline"):
             result[which] = _side_in_subprocess(argv if argv is not None else sys.argv[1:], which)
@@ -180,7 +191,7 @@ def _measure(a, cfg, flops: float, tokens: int, peak: float):
     """One side in this process: -> its figures, or "out of memory"."""
     if a.which == "ours":
         run = lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps,  # noqa: E731
-                               a.warmup, a.compile, a.fuse_swiglu, a.grad_accum)
+                               a.warmup, a.compile, a.fuse_swiglu, a.grad_accum, a.document_mask)
     else:
         run = lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,  # noqa: E731
                                    a.grad_accum, a.recompute, a.compile)

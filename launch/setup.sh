@@ -28,6 +28,9 @@ echo "setup: installing into .venv (one time, about a minute)"
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   .venv/bin/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 \
     || echo "setup: note: could not prebuild DeepSpeed's shm comm op (it will be built on first use)"
+  # DeepSpeedCPUAdam (ds_configs/zero3_offload.json) is JIT-built on first use too: about 90 s on 2 cores.
+  .venv/bin/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder as B; B().load()" >/dev/null 2>&1 \
+    || echo "setup: note: could not prebuild DeepSpeed's CPU Adam op (it will be built on first use)"
 fi
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -57,3 +57,14 @@ def test_all_benchmarks_in_one_command_print_one_table(tmp_path):
     for what in ("data_prep prepare, 1 worker", "data_prep prepare, 2 worker",
                  "GPTDataset index build", "training loader"):
         assert any(what in line for line in table), res.stdout
+
+
+def test_context_sweep_runs_at_tiny_size(tmp_path):
+    res = subprocess.run([sys.executable, "bench/context_sweep.py", "--model", "tiny", "--tokens", "64", "--seqs",
+                          "32", "64", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = json.loads((tmp_path / "r.jsonl").read_text())["sweep"]
+    assert [r["seq"] for r in sweep] == [32, 64]
+    assert all(r[k]["tokens_per_s"] > 0 for r in sweep for k in ("plain", "document_mask"))

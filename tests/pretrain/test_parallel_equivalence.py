@@ -81,6 +81,8 @@ def test_document_mask_changes_the_model_the_same_way_under_every_layout(train_l
     for n, layout in ((2, dict(tp=2)), (2, dict(pp=2, zero=1)), (2, dict(zero=3, recompute="full")),
                       (2, dict(tp=2, recompute="selective")), (4, dict(tp=2, pp=2, zero=1))):
         assert_same(train_layout(n, **{**REF, **layout}, **DOC), ref)
+    bf16 = train_layout(2, ds_config="ds_configs/zero3.json", bf16=True, **DOC)  # as shipped
+    assert max(abs(a - b) / b for a, b in zip(bf16["losses"], ref["losses"])) < 2e-4
 
 
 # ------------------------------------------------------------------------------------------ sequence parallel

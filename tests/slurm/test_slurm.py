@@ -73,7 +73,7 @@ def test_pretrain_script_trains_and_checkpoints(slurm, tiny_data, tmp_path, node
 
 
 def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
-    env = train_env(tiny_data, tmp_path, CPU_PROCS_PER_NODE="1", TRAIN_ITERS="30", SAVE_INTERVAL="1000")
+    env = train_env(tiny_data, tmp_path, CPU_PROCS_PER_NODE="1", TRAIN_ITERS="12", SAVE_INTERVAL="1000")
     res = sbatch("slurm/pretrain_1b.sh", "--nodes=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out", env=env,
                  wait=False)
     assert res.returncode == 0, res.stderr
@@ -100,7 +100,7 @@ def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
     assert "received SIGUSR1" in log and "(preemption)" in log
     saved = int(log.split("saved checkpoint ")[1].split("iter_")[1][:7])
     assert f"resumed from {tmp_path / 'ck' / f'iter_{saved:07d}'} at iteration {saved}" in log
-    assert max(steps(tmp_path)) == 30 and (tmp_path / "ck" / "latest").read_text() == "iter_0000030"
+    assert max(steps(tmp_path)) == 12 and (tmp_path / "ck" / "latest").read_text() == "iter_0000012"
 
 
 def test_data_prep_array_and_merge_equal_a_single_process(slurm, tiny_tokenizer, tmp_path):
