@@ -139,24 +139,24 @@ def document_mask(doc: torch.Tensor, causal: bool) -> torch.Tensor:
     return mask
 
 
-_BLOCK_MASK: dict = {}
+_BLOCK_MASK: list = []  # [(document-id tensor, causal, BlockMask)] of the last micro-batch
 
 
 def document_block_mask(doc: torch.Tensor, causal: bool):
-    """FlexAttention's BlockMask for `doc`, built once per micro-batch: every layer (and a recompute) gets the
-    same document-id tensor, so the last one is kept."""
+    """FlexAttention's BlockMask for `doc`, built once per micro-batch: every layer of a forward pass gets the same
+    document-id tensor object, so the last one is kept. Keyed by object identity while holding a reference, never
+    by address: a freed tensor's memory is reused by the next micro-batch's ids, and an address key would hand
+    that micro-batch the previous one's mask. (A recompute sees a detached copy and rebuilds the mask.)"""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (doc.data_ptr(), doc._version, tuple(doc.shape), causal, doc.device)
-    if key not in _BLOCK_MASK:
+    if not (_BLOCK_MASK and _BLOCK_MASK[0][0] is doc and _BLOCK_MASK[0][1] == causal):
         def mask_mod(b, h, q_idx, kv_idx):
             same = doc[b, q_idx] == doc[b, kv_idx]
             return same & (q_idx >= kv_idx) if causal else same
 
-        _BLOCK_MASK.clear()
-        _BLOCK_MASK[key] = create_block_mask(mask_mod, doc.size(0), None, doc.size(1), doc.size(1),
-                                             device=doc.device)
-    return _BLOCK_MASK[key]
+        mask = create_block_mask(mask_mod, doc.size(0), None, doc.size(1), doc.size(1), device=doc.device)
+        _BLOCK_MASK[:] = [(doc, causal, mask)]
+    return _BLOCK_MASK[0][2]
 
 
 _FLEX = []

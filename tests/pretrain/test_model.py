@@ -103,3 +103,22 @@ def test_flex_attention_path_equals_the_dense_mask(causal):
     assert (flex - dense).abs().max() < 1e-5
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     assert (flex - plain).abs().max() > 1e-2  # the mask is not a no-op here
+
+
+def test_the_block_mask_cache_never_hands_one_micro_batch_another_ones_mask():
+    """The cache is keyed by the tensor object, not its memory: the next micro-batch's ids, even if they land at
+    the same address, get their own mask."""
+    from pretrain.model import document_block_mask, document_ids, document_mask
+
+    a = document_ids(torch.tensor([[1, 3, 1, 1, 3, 1, 1, 1] * 16]), eod=3)
+    first = document_block_mask(a, True)
+    assert document_block_mask(a, True) is first  # the same ids: the same mask (every layer of one pass)
+    b = a.clone()
+    b.copy_(document_ids(torch.tensor([[3, 1, 1, 1, 1, 1, 3, 1] * 16]), eod=3))
+    second = document_block_mask(b, True)
+    assert second is not first
+    q = torch.randn(1, 1, 128, 8)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dense = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=document_mask(b, True))
+    assert (flex_attention(q, q, q, block_mask=second) - dense).abs().max() < 1e-5
