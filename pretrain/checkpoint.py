@@ -119,7 +119,7 @@ def _write_rank_file(engine, tag_dir: str, layout: Layout) -> dict:
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"rng": json.dumps(rng_meta), "tp_rank": str(tp_rank),
                                           "dp_rank": str(dp_rank)})
-    return {name: {"bytes": os.path.getsize(path), "xxh3_128": file_hash(path)}}
+    return {name: {"bytes": os.path.getsize(path), "xxh3_128": file_xxh3(path)}}
 
 
 def _gather(obj) -> list:
@@ -128,9 +128,6 @@ def _gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-file_hash = file_xxh3
 
 
 def _prune(save_dir: str, keep_last: int, keep: str) -> None:
@@ -245,7 +242,7 @@ def verify(tag_dir: str) -> list[str]:
                 problems.append(f"{path} is missing")
             elif os.path.getsize(path) != want["bytes"]:
                 problems.append(f"{path} has {os.path.getsize(path)} bytes, meta.json says {want['bytes']}")
-            elif file_hash(path) != want["xxh3_128"]:
+            elif file_xxh3(path) != want["xxh3_128"]:
                 problems.append(f"{path}: content changed since it was saved (xxh3-128 differs)")
     return sorted({p for ps in _gather(problems) for p in ps})
 

@@ -14,9 +14,9 @@ import os
 import sys
 from collections import defaultdict
 
-from common.files import atomic_dir, atomic_path, check_output_dir, write_json, write_text
+from common.files import atomic_dir, atomic_path, check_output_dir, file_xxh3, write_json, write_text
 from pretrain import sharding
-from pretrain.checkpoint import (COMPLETE, FORMAT, LATEST, META, VERSION, CheckpointError, CheckpointReader, file_hash,
+from pretrain.checkpoint import (COMPLETE, FORMAT, LATEST, META, VERSION, CheckpointError, CheckpointReader,
                                  resolve_tag)
 from pretrain.parallel import LayoutError, validate_layout
 from pretrain.zero_state import STATES
@@ -58,7 +58,7 @@ def write_consolidated(reader, output_dir: str, tp: int, pp: int, out_tag: str, 
                 path = os.path.join(tmp, out_tag, fname)
                 with atomic_path(path) as t:
                     save_file(tensors, t)
-                files[fname] = {"bytes": os.path.getsize(path), "xxh3_128": file_hash(path)}
+                files[fname] = {"bytes": os.path.getsize(path), "xxh3_128": file_xxh3(path)}
         meta = {**reader.meta, "format": FORMAT, "version": VERSION, "files": files,
                 "layout": {"tp": tp, "pp": pp, "dp": None, "zero_stage": None, "world_size": None}, **extra}
         write_json(os.path.join(tmp, out_tag, META), meta)

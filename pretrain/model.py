@@ -15,6 +15,7 @@ Hidden states are [sequence, batch, hidden], megatron's layout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -159,16 +160,12 @@ def document_block_mask(doc: torch.Tensor, causal: bool):
     return _BLOCK_MASK[0][2]
 
 
-_FLEX = []
-
-
+@functools.cache
 def _flex_attention():
     """torch.compile'd flex_attention (the eager one is a slow reference), compiled once per process."""
-    if not _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX.append(torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention)
-    return _FLEX[0]
+    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
 
 
 class RMSNorm(torch.nn.RMSNorm):

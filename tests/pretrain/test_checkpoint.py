@@ -108,13 +108,13 @@ def test_a_planted_pickle_is_never_executed(saved, tmp_path):
     marker = tmp_path / "pwned"
 
     def plant(ck):
-        from pretrain.checkpoint import file_hash
+        from common.files import file_xxh3
 
         path = ck / "iter_0000004" / "rank00000.safetensors"
         os.environ["MARKER"] = str(marker)
         path.write_bytes(pickle.dumps({"module": _Payload()}))
         meta = json.loads((ck / "iter_0000004" / "meta.json").read_text())
-        meta["files"][path.name] = {"bytes": path.stat().st_size, "xxh3_128": file_hash(str(path))}
+        meta["files"][path.name] = {"bytes": path.stat().st_size, "xxh3_128": file_xxh3(str(path))}
         (ck / "iter_0000004" / "meta.json").write_text(json.dumps(meta))
 
     out, losses, _ = resume(saved, tmp_path, plant, check=False)
