@@ -9,7 +9,9 @@ from common.files import atomic_path, write_json
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+MASK_TOKEN = "<|mask|>"  # masked-language-model input (EuroBERT's spelling); every tokenizer trained here has one
 _EOS_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+_MASK_CANDIDATES = (MASK_TOKEN, "[MASK]", "<mask>")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_frequency: int = 2) -> str:
@@ -19,7 +21,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOD_TOKEN, PAD_TOKEN],
+                                  special_tokens=[EOD_TOKEN, PAD_TOKEN, MASK_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(output_dir, exist_ok=True)
@@ -29,9 +31,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
     # What transformers.AutoTokenizer needs to load this directory (used by the HF export).
     write_json(os.path.join(output_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN,
-        "pad_token": PAD_TOKEN, "unk_token": None, "model_max_length": 1_000_000_000, "add_bos_token": False})
+        "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN, "unk_token": None, "model_max_length": 1_000_000_000,
+        "add_bos_token": False})
     write_json(os.path.join(output_dir, "special_tokens_map.json"),
-               {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": PAD_TOKEN})
+               {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN})
     return path
 
 
@@ -50,23 +53,56 @@ def load(path: str):
     return Tokenizer.from_file(resolve(path))
 
 
-def eod_id(tokenizer, tokenizer_path: str) -> int:
-    """The tokenizer's end-of-document id: its configured eos_token, else a well-known special token."""
+def _configured_token(tokenizer_path: str, key: str) -> str | None:
+    """tokenizer_config.json's `key` (eos_token, mask_token, ...) beside the tokenizer.json, if any."""
     config = os.path.join(os.path.dirname(resolve(tokenizer_path)), "tokenizer_config.json")
-    names = []
-    if os.path.exists(config):
-        with open(config) as f:
-            eos = json.load(f).get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if eos:
-            names.append(eos)
-    for name in names + list(_EOS_CANDIDATES):
+    if not os.path.exists(config):
+        return None
+    with open(config) as f:
+        value = json.load(f).get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _special_id(tokenizer, tokenizer_path: str, key: str, candidates: tuple[str, ...]) -> int | None:
+    configured = _configured_token(tokenizer_path, key)
+    for name in ([configured] if configured else []) + list(candidates):
         tid = tokenizer.token_to_id(name)
         if tid is not None:
             return tid
-    raise ValueError(f"--tokenizer {tokenizer_path}: found no end-of-document token (looked for eos_token in "
-                     f"tokenizer_config.json and {', '.join(_EOS_CANDIDATES)}); add one to the tokenizer")
+    return None
+
+
+def eod_id(tokenizer, tokenizer_path: str) -> int:
+    """The tokenizer's end-of-document id: its configured eos_token, else a well-known special token."""
+    tid = _special_id(tokenizer, tokenizer_path, "eos_token", _EOS_CANDIDATES)
+    if tid is None:
+        raise ValueError(f"--tokenizer {tokenizer_path}: found no end-of-document token (looked for eos_token in "
+                         f"tokenizer_config.json and {', '.join(_EOS_CANDIDATES)}); add one to the tokenizer")
+    return tid
+
+
+def mask_id(tokenizer, tokenizer_path: str) -> int:
+    """The mask token's id (--objective mlm): tokenizer_config.json's mask_token, else a well-known spelling."""
+    tid = _special_id(tokenizer, tokenizer_path, "mask_token", _MASK_CANDIDATES)
+    if tid is None:
+        raise ValueError(f"--objective mlm: the tokenizer {tokenizer_path} has no mask token (looked for mask_token "
+                         f"in tokenizer_config.json and {', '.join(_MASK_CANDIDATES)}). Train one with `python -m "
+                         f"data_prep train-tokenizer` (it adds {MASK_TOKEN}), or add a special mask token to this "
+                         f"tokenizer and re-run data_prep with it")
+    return tid
+
+
+def special_token_ids(tokenizer, tokenizer_path: str) -> dict:
+    """{bos,eos,pad,mask}_token_id as a Hugging Face config.json states them (None where the tokenizer has none)."""
+    return {"bos_token_id": _special_id(tokenizer, tokenizer_path, "bos_token", ()),
+            "eos_token_id": _special_id(tokenizer, tokenizer_path, "eos_token", _EOS_CANDIDATES),
+            "pad_token_id": _special_id(tokenizer, tokenizer_path, "pad_token", (PAD_TOKEN,)),
+            "mask_token_id": _special_id(tokenizer, tokenizer_path, "mask_token", _MASK_CANDIDATES)}
+
+
+def special_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of every added token marked special (end of document, padding, mask, ...): never masked or drawn."""
+    return tuple(sorted(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special))
 
 
 class Encoder:

@@ -39,6 +39,15 @@ def _model_args(p) -> None:
     for name, typ in MODEL_OVERRIDES.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override the preset's {name}")
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")
+    g.add_argument("--objective", choices=["clm", "mlm"],
+                   help="clm (default): a decoder trained on the next token; mlm: an encoder (bidirectional "
+                        "attention) trained on masked tokens, exported as a Hugging Face EuroBERT (pretrain/mlm.py)")
+    g.add_argument("--mask-prob", type=float, help="mlm: share of ordinary tokens chosen per sample (default 0.15)")
+    g.add_argument("--mask-replace-prob", type=float,
+                   help="mlm: share of the chosen tokens replaced by the mask token (default 0.8)")
+    g.add_argument("--mask-random-prob", type=float,
+                   help="mlm: share of the chosen tokens replaced by a random token (default 0.1; the rest of the "
+                        "chosen stay unchanged)")
     g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the data manifest's)")
 
 

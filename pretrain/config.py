@@ -35,6 +35,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self):
+        if self.objective not in ("clm", "mlm"):
+            raise ValueError(f"objective={self.objective!r}: use 'clm' (decoder) or 'mlm' (encoder)")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -106,9 +108,11 @@ class ModelConfig:
     def flops_per_token(self, seq_length: int | None = None) -> float:
         """Model FLOPs of one token's forward + backward (3x forward), attention scores included.
 
-        Matmul parameters cost 2 FLOPs each per token forward; causal attention (QK^T and AV) costs
-        2 * 2 * s * h per layer forward, of which half is masked out and skipped by flash kernels, which we
-        count as Megatron and PaLM do (full s), so figures compare with theirs. Recompute is not counted.
+        Matmul parameters cost 2 FLOPs each per token forward; attention (QK^T and AV) costs 2 * 2 * s * h per
+        layer forward. Bidirectional (mlm) attention computes all of it. Causal (clm) attention has half masked
+        out, skipped by flash kernels, which we count as Megatron and PaLM do (full s), so figures compare with
+        theirs. The mlm head projects every position, as EuroBERT's does, so both objectives have the same count.
+        Recompute is not counted.
         """
         s = seq_length or self.seq_length
         matmul_params = self.num_params() - self.hidden_size * (2 * self.num_layers + 1)

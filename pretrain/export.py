@@ -1,10 +1,10 @@
 """python -m pretrain.export --load CKPT_DIR --output HF_DIR [--dtype bfloat16|float32] [--tag iter_NNNNNNN]
 
 Writes a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files; Llama, or the family a model
-imported with --init-from-hf came from: pretrain/hf.py) from a checkpoint of any TP / PP / DP / ZeRO layout: the
-fp32 master weights, read by canonical name and merged across tensor-parallel ranks with the sharding table
-(pretrain/checkpoint.py:CheckpointReader). The checkpoint is verified first.
-Nothing is unpickled, on either side: weights are safetensors.
+imported with --init-from-hf came from, or EuroBERT for an --objective mlm encoder: pretrain/hf.py) from a
+checkpoint of any TP / PP / DP / ZeRO layout: the fp32 master weights, read by canonical name and merged across
+tensor-parallel ranks with the sharding table (pretrain/checkpoint.py:CheckpointReader). The checkpoint is verified
+first. Nothing is unpickled, on either side: weights are safetensors.
 
 The output directory is written beside its final name and renamed into place when complete. An existing
 directory is replaced only if it is an earlier export (it holds dsllm_export.json); anything else, the
@@ -43,10 +43,13 @@ def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: s
     tensors = {name: reader.full(name) for name in reader.names()}
     weights = {k: v.to(torch_dtype) for k, v in hf.to_hf(tensors, cfg).items()}
     tok_dir = _tokenizer_dir(reader.meta, tokenizer)
+    config = hf.hf_config(cfg, dtype, _token_ids(tok_dir) if hf.export_family(cfg) == "eurobert" else None)
     with atomic_dir(output_dir) as tmp:
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _write_json(os.path.join(tmp, "config.json"), hf.hf_config(cfg, dtype))
-        _write_json(os.path.join(tmp, "generation_config.json"), {"do_sample": True, "temperature": 0.8, "top_k": 40})
+        _write_json(os.path.join(tmp, "config.json"), config)
+        if cfg.objective == "clm":  # an encoder generates nothing
+            _write_json(os.path.join(tmp, "generation_config.json"),
+                        {"do_sample": True, "temperature": 0.8, "top_k": 40})
         if tok_dir:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if os.path.exists(os.path.join(tok_dir, name)):
@@ -59,6 +62,15 @@ def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: s
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def _token_ids(tok_dir: str | None) -> dict:
+    """The special token ids config.json states (EuroBERT's mask_token_id above all), from the run's tokenizer."""
+    from data_prep import tokenizer as tokenizers
+
+    if not tok_dir or not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return {}
+    return tokenizers.special_token_ids(tokenizers.load(tok_dir), os.path.join(tok_dir, "tokenizer.json"))
 
 
 def _tokenizer_dir(meta: dict, override: str | None) -> str | None:
@@ -82,7 +94,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Hugging Face Llama checkpoint -> {out}")
+    print(f"Hugging Face checkpoint -> {out}")
     return 0
 
 

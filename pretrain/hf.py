@@ -1,11 +1,13 @@
 """Hugging Face checkpoints in and out: config.json <-> ModelConfig, HF parameter names <-> ours, and a reader that
 serves any layout's rank-local slices straight from HF safetensors.
 
-Families: Llama (1/2/3, with Llama 3.1's rope scaling), Mistral (without a sliding window in use) and Qwen2 (bias
-on the query/key/value projections only: megatron's add_qkv_bias), with grouped-query attention, tied or untied
-embeddings, any rope_theta and rms_norm_eps. A config that asks for something the model here does not compute
-(a sliding window in use, mixture of experts, another rope scaling, biases elsewhere, another activation) is
-refused naming the field: never approximated.
+Families: Llama (1/2/3, with Llama 3.1's rope scaling), Mistral (without a sliding window in use) and Qwen2 (bias on
+the query/key/value projections only: megatron's add_qkv_bias), with grouped-query attention, tied or untied
+embeddings, any rope_theta and rms_norm_eps; and EuroBERT, the encoder: Llama's layers with bidirectional attention
+and Llama's parameter names (EuroBertForMaskedLM's head is the final norm + lm_head, as ours), which is what an
+--objective mlm model is written as and read from. A config that asks for something the model here does not compute
+(a sliding window in use, mixture of experts, another rope scaling, biases elsewhere, another activation) is refused
+naming the field: never approximated.
 
 Our fused layouts (pretrain/sharding.py): linear_qkv rows are, per query group, its query heads, then its key,
 then its value; linear_fc1 rows are [gate; up]. The vocabulary is padded to a multiple of 128 (rows past the
@@ -22,7 +24,8 @@ import torch
 from pretrain import sharding
 from pretrain.config import ModelConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "eurobert": "EuroBertForMaskedLM"}
 
 
 class HFConfigError(ValueError):
@@ -69,7 +72,7 @@ def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
                        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
                        init_std=hf.get("initializer_range", 0.02),
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
-                       family=family)
+                       family=family, objective="mlm" if family == "eurobert" else "clm")
 
 
 def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
@@ -92,9 +95,21 @@ def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
         refuse("mlp_bias", "biases in the MLP are not implemented")
 
 
-def hf_config(cfg: ModelConfig, dtype: str) -> dict:
-    """config.json of the export (the family the model came from; Llama for our own)."""
-    family = cfg.family or "llama"
+def export_family(cfg: ModelConfig) -> str:
+    """The family an export is written as: EuroBERT for an mlm encoder; for a decoder the family it was imported
+    from (a decoder imported from EuroBERT weights: Llama, which has the same names); Llama for our own."""
+    if cfg.objective == "mlm":
+        if cfg.qkv_bias:
+            raise ValueError("export: an mlm model with q/k/v biases (imported from Qwen2) matches no encoder family "
+                             "here (EuroBERT's attention_bias would add an output-projection bias too)")
+        return "eurobert"
+    return "llama" if cfg.family in (None, "eurobert") else cfg.family
+
+
+def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict | None = None) -> dict:
+    """config.json of the export (`export_family`). token_ids: {bos,eos,pad,mask}_token_id from the tokenizer
+    (EuroBERT needs mask_token_id: its default, 128002, is EuroBERT's own vocabulary's)."""
+    family = export_family(cfg)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if not cfg.rope_scaling else \
         {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling}
     out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
@@ -110,6 +125,12 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
         out.update(attention_bias=False, mlp_bias=False)
     if family == "mistral":
         out["sliding_window"] = None
+    if family == "eurobert":
+        if (token_ids or {}).get("mask_token_id") is None:
+            raise ValueError("export: an mlm model's config needs its tokenizer's mask token id; pass --tokenizer "
+                             "(the tokenizer the run trained with, which has a mask token)")
+        out.update(use_cache=False)
+    out.update({k: v for k, v in (token_ids or {}).items() if v is not None})
     return out
 
 

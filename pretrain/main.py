@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
-from pretrain import checkpoint, hf
+from pretrain import checkpoint, hf, mlm
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.compat import device
 from pretrain.config import ModelConfig, preset
@@ -42,7 +42,8 @@ from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
                                peers_report, validate_layout)
 from pretrain.schedule import lr_at
-from pretrain.step import SkipCounter, StepResult, eval_loss, train_step
+from pretrain.step import SkipCounter, StepResult, train_step
+from pretrain.step import evaluate as evaluate_batches
 
 EXIT_PREEMPTED = 3
 EXIT_TOO_MANY_SKIPS = 4
@@ -117,7 +118,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     saved = None if args.init_from_hf or args.model else checkpoint.saved_model_config(resume_source(args))
     if not args.init_from_hf and not saved:
         return preset(args.model or "tiny", vocab_size=vocab_size, tie_embeddings=args.tie_embeddings or None,
-                      seq_length=args.seq_length, **overrides)
+                      seq_length=args.seq_length, objective=args.objective, **overrides)
     if args.init_from_hf:
         cfg, origin = hf.model_config(args.init_from_hf, args.seq_length), f"--init-from-hf {args.init_from_hf}"
         if args.model:
@@ -134,6 +135,11 @@ def model_config(args, vocab_size: int) -> ModelConfig:
                               f"{getattr(cfg, key)}; drop the flag (the shape comes from there)")
     if args.tie_embeddings and not cfg.tie_embeddings:
         raise LayoutError(f"--tie-embeddings contradicts {origin}, whose embeddings are untied; drop the flag")
+    if args.objective and args.objective != cfg.objective:
+        if not args.init_from_hf:  # a resumed run keeps its objective; imported weights may take either
+            raise LayoutError(f"--objective {args.objective} contradicts {origin}, trained as {cfg.objective}; "
+                              f"drop the flag, or start a new run (--save elsewhere) from an export")
+        cfg.objective = args.objective
     if vocab_size > cfg.vocab_size:
         raise LayoutError(f"the tokenizer has {vocab_size} tokens but {origin} embeds {cfg.vocab_size}; use the "
                           f"tokenizer the model was trained with")
@@ -155,6 +161,7 @@ def setup(args) -> Run:
     tokenizer = tokenizers.load(tok_path)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     cfg = model_config(args, vocab)
+    masking = masking_config(args, cfg, tokenizer, tok_path, vocab)
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute, args.compile,
@@ -176,6 +183,8 @@ def setup(args) -> Run:
     gbs, seq = layout.global_batch_size, cfg.seq_length
     train_iters = args.train_iters or math.ceil(args.train_tokens / (gbs * seq))
     datasets = _datasets(args, cfg, layout, train_iters, vocab, eod)
+    if masking:
+        datasets = mlm.wrap(datasets, masking)
     state = RunState()
     run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
                   "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}
@@ -202,6 +211,31 @@ def setup(args) -> Run:
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
                state=state)
+
+
+MASK_FLAGS = {"mask_prob": "prob", "mask_replace_prob": "replace", "mask_random_prob": "random"}
+
+
+def masking_config(args, cfg: ModelConfig, tokenizer, tok_path: str, vocab: int) -> mlm.MaskingConfig | None:
+    """--objective mlm's masking (pretrain/mlm.py), or None for clm. Options that belong to the other objective
+    are refused, naming them."""
+    given = [k for k in MASK_FLAGS if getattr(args, k) is not None]
+    if cfg.objective == "clm":
+        if given:
+            raise LayoutError(f"--{given[0].replace('_', '-')} applies to --objective mlm only; this run trains "
+                              f"clm (a decoder): drop it, or pass --objective mlm")
+        return None
+    if args.sample_prompt:
+        raise LayoutError("--sample-prompt generates text, which an mlm encoder does not do; drop it (evaluation "
+                          "reports masked-token loss, accuracy and perplexity)")
+    try:
+        mask = tokenizers.mask_id(tokenizer, tok_path)
+        return mlm.MaskingConfig(mask_id=mask, special_ids=tuple(sorted({*tokenizers.special_ids(tokenizer), mask})),
+                                 vocab_size=vocab, seed=args.seed,
+                                 **{field: getattr(args, k) for k, field in MASK_FLAGS.items()
+                                    if getattr(args, k) is not None})
+    except ValueError as e:
+        raise LayoutError(str(e)) from None
 
 
 def import_hf_weights(engine, cfg: ModelConfig, layout: Layout, hf_dir: str) -> None:
@@ -308,16 +342,20 @@ def train_one_step(run: Run) -> StepResult:
 
 
 def evaluate(run: Run, dataset, name: str) -> dict:
-    """Mean loss over --eval-iters global batches of `dataset`, logged as <name>_loss / <name>_ppl."""
+    """Mean loss over --eval-iters global batches of `dataset`, logged as <name>_loss / <name>_ppl, and the top-1
+    accuracy over the tokens the loss counts as <name>_accuracy (masked tokens for mlm, next tokens for clm)."""
     if dataset is None:
         return {}
     layout = run.layout
     it = micro_batches(dataset, 0, layout.micro_batch_size, parallel_state.get_data_parallel_rank(), layout.dp,
                        num_workers=0, cycle=True)
-    loss = eval_loss(run.engine, it, run.args.eval_iters * layout.grad_accum_steps)
-    out = {f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50))}
+    result = evaluate_batches(run.engine, it, run.args.eval_iters * layout.grad_accum_steps)
+    loss = result["loss"]
+    out = {f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50)), f"{name}_accuracy": result["accuracy"]}
     run.metrics.write({"step": run.state.iteration, "consumed_samples": run.state.consumed_samples, **out})
-    log(f"iteration {run.state.iteration:6d} | {name} loss {loss:.4f} | {name} ppl {out[f'{name}_ppl']:.2f}")
+    what = "masked-token" if run.cfg.objective == "mlm" else "next-token"
+    log(f"iteration {run.state.iteration:6d} | {name} loss {loss:.4f} | {name} ppl {out[f'{name}_ppl']:.2f} | "
+        f"{name} {what} accuracy {result['accuracy']:.4f}")
     return out
 
 

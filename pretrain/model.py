@@ -327,10 +327,69 @@ def mask_vocab_padding(logits, vocab_size: int, padded_vocab_size: int):
     return logits
 
 
+class TokenAccuracy:
+    """Top-1 accuracy over the loss-counted tokens (the next token for clm, the masked ones for mlm), counted by
+    lm_loss inside `counting()` (evaluation only: training pays nothing). Every rank that computes a loss counts;
+    the counts are summed over all ranks at the end, where the TP ranks' equal counts cancel in the ratio (under
+    PP only the last stage counts)."""
+
+    def __init__(self):
+        self.counts = None  # [correct, total] while counting
+        self.result = float("nan")
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Count inside the block; afterwards `result` holds the accuracy over every rank (all must call it)."""
+        self.counts = torch.zeros(2, dtype=torch.float64)
+        try:
+            yield self
+        finally:
+            self.result, self.counts = self._reduce(self.counts), None
+
+    def add(self, logits, labels, loss_mask) -> None:
+        mask = loss_mask.t().float()
+        hit = (top1_correct(logits, labels).float() * mask).sum()
+        self.counts = self.counts + torch.stack([hit, mask.sum()]).double().cpu()
+
+    @staticmethod
+    def _reduce(counts) -> float:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            from pretrain.compat import device
+
+            counts = counts.to(device())
+            dist.all_reduce(counts)
+        return (counts[0] / counts[1]).item() if counts[1] > 0 else float("nan")
+
+
+ACCURACY = TokenAccuracy()
+
+
+@torch.no_grad()
+def top1_correct(logits, labels):
+    """Vocab-parallel logits [s, b, v/tp] and labels [b, s] -> [s, b] bool: the label's logit is the largest over
+    the whole vocabulary (all TP ranks; a tie counts as correct). Two all-reduces of [s, b] over TP."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    best = logits.max(dim=-1).values.float()
+    width = logits.size(-1)
+    local = labels.t() - parallel_state.get_tensor_model_parallel_rank() * width
+    here = (local >= 0) & (local < width)
+    label_logit = logits.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1).float()
+    label_logit = torch.where(here, label_logit, torch.zeros_like(label_logit))
+    if tp > 1:
+        torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(label_logit, group=group)
+    return label_logit >= best
+
+
 def lm_loss(logits, labels, loss_mask):
     """Mean cross-entropy over unmasked tokens; logits are vocab-parallel [s, b, v/tp], labels [b, s].
     megatron's vocab_parallel_cross_entropy works in place: fp32 logits are overwritten (bf16 ones are copied by
     .float() first), so a caller that needs the logits afterwards must not compute the loss on them."""
+    if ACCURACY.counts is not None:
+        ACCURACY.add(logits, labels, loss_mask)
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
     loss_mask = loss_mask.float()
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)

@@ -89,6 +89,7 @@ class PlanInput:
     overlap_comm: bool = True
     mfu: float = 0.35
     device_type: str = "cuda"  # which measured activation coefficients
+    mask_prob: float = 0.15  # --objective mlm (model.objective): the share of tokens the loss counts
 
 
 def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
@@ -206,7 +207,9 @@ def plan(p: PlanInput) -> dict:
         "fits": need <= gpu.memory_gib * GiB,
         "speed": {"mfu": p.mfu, "tokens_per_s_per_gpu": round(tokens_per_gpu_s),
                   "tokens_per_s": round(tokens_per_s), "step_s": round(step_tokens / tokens_per_s, 3),
-                  "tokens_per_step": step_tokens},
+                  "tokens_per_step": step_tokens, "objective": cfg.objective,
+                  # mlm: every position is computed (same FLOPs, same memory), the loss counts the masked share
+                  "loss_tokens_per_step": round(step_tokens * (p.mask_prob if cfg.objective == "mlm" else 1))},
     }
 
 
@@ -233,6 +236,9 @@ def format_plan(r: dict) -> str:
                                               "TP/PP, or offload)")
     out.append(f"at {s['mfu']:.0%} MFU: {s['tokens_per_s_per_gpu']:,} tokens/s per GPU, {s['tokens_per_s']:,} "
                f"tokens/s in all, {s['step_s']} s per step of {s['tokens_per_step']:,} tokens")
+    if s["objective"] == "mlm":
+        out.append(f"objective mlm: bidirectional attention and the head over every position cost what clm does; "
+                   f"the loss counts the masked ~{s['loss_tokens_per_step']:,} tokens of each step")
     return "\n".join(out)
 
 
@@ -257,16 +263,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prefetch-bucket-size", type=float, default=5e7)
     ap.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary (default: the preset's)")
     ap.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation to predict speed at")
+    ap.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="as the trainer's --objective")
+    ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
-    model = preset(a.model, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
+    model = preset(a.model, objective=a.objective, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
     try:
         r = plan(PlanInput(model=model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu, tp=a.tp, pp=a.pp,
                            zero=a.zero, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
                            seq_length=a.seq_length, recompute=a.recompute, sequence_parallel=a.sequence_parallel,
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
-                           prefetch_bucket_size=a.prefetch_bucket_size, mfu=a.mfu))
+                           prefetch_bucket_size=a.prefetch_bucket_size, mfu=a.mfu, mask_prob=a.mask_prob))
     except LayoutError as e:
         print(f"plan: invalid layout: {e}", file=sys.stderr)
         return 2

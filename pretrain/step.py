@@ -128,25 +128,34 @@ def _pipeline_step(engine, micro_batches) -> StepResult:
 
 
 @torch.no_grad()
-def eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
-    """Mean loss over `num_micro_batches` micro-batches per DP rank, averaged over DP."""
+def evaluate(engine, micro_batches, num_micro_batches: int) -> dict:
+    """{"loss": mean loss over `num_micro_batches` micro-batches per DP rank, averaged over DP; "accuracy": top-1
+    accuracy over every loss-counted token of them (pretrain.model.TokenAccuracy)}."""
+    from pretrain.model import ACCURACY
+
     engine.eval()
     try:
-        if is_pipeline(engine):
-            it = _pipeline_feed(micro_batches)
-            total, n = 0.0, 0
-            # eval_batch consumes gradient_accumulation_steps micro-batches per call.
-            for _ in range(max(1, num_micro_batches // engine.gradient_accumulation_steps())):
-                total += float(engine.eval_batch(data_iter=it))
-                n += 1
-            return total / n
-        losses = []
-        for _ in range(num_micro_batches):
-            batch = _to_device(next(micro_batches))
-            losses.append(engine(batch["tokens"], batch["labels"], batch["loss_mask"]).detach().float())
-        return _dp_mean(torch.stack(losses).mean())
+        with ACCURACY.counting():
+            loss = _eval_loss(engine, micro_batches, num_micro_batches)
+        return {"loss": loss, "accuracy": ACCURACY.result}
     finally:
         engine.train()
+
+
+def _eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
+    if is_pipeline(engine):
+        it = _pipeline_feed(micro_batches)
+        total, n = 0.0, 0
+        # eval_batch consumes gradient_accumulation_steps micro-batches per call.
+        for _ in range(max(1, num_micro_batches // engine.gradient_accumulation_steps())):
+            total += float(engine.eval_batch(data_iter=it))
+            n += 1
+        return total / n
+    losses = []
+    for _ in range(num_micro_batches):
+        batch = _to_device(next(micro_batches))
+        losses.append(engine(batch["tokens"], batch["labels"], batch["loss_mask"]).detach().float())
+    return _dp_mean(torch.stack(losses).mean())
 
 
 class SkipCounter:

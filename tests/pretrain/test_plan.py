@@ -138,3 +138,17 @@ def test_sequence_parallel_divides_the_per_token_activations_by_tp():
     assert 0.4 * without < with_sp < 0.95 * without
     with pytest.raises(LayoutError, match="--sequence-parallel .* needs --tp > 1"):
         plan(PlanInput(**{**base, "tp": 1}, sequence_parallel=True))
+
+
+def test_mlm_plan_costs_what_clm_costs_and_counts_the_masked_tokens():
+    """An mlm encoder computes every position (bidirectional attention, the head over all of them), so memory and
+    FLOPs equal the decoder's; the loss counts --mask-prob of the tokens."""
+    base = dict(nodes=1, gpus_per_node=8, micro_batch_size=2, seq_length=2048)
+    clm = plan(PlanInput(model=preset("1b"), **base))
+    mlm = plan(PlanInput(model=preset("1b", objective="mlm"), mask_prob=0.3, **base))
+    assert mlm["memory_gib"] == clm["memory_gib"] and mlm["model"] == clm["model"]
+    assert mlm["speed"]["objective"] == "mlm" and clm["speed"]["objective"] == "clm"
+    assert mlm["speed"]["loss_tokens_per_step"] == round(0.3 * clm["speed"]["loss_tokens_per_step"])
+    out = subprocess.run([sys.executable, "-m", "pretrain.plan", "--model", "125m", "--objective", "mlm"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    assert "objective mlm" in out and "masked" in out

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -20,9 +21,10 @@ from pretrain.config import preset  # noqa: E402
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of  # noqa: E402
 from pretrain.hooks import full_logits, install_poison  # noqa: E402
 from pretrain.memory import SavedActivations  # noqa: E402
+from pretrain.mlm import MaskingConfig, mask_sample  # noqa: E402
 from pretrain.model import ModelOptions  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
-from pretrain.step import train_step  # noqa: E402
+from pretrain.step import evaluate, train_step  # noqa: E402
 
 
 def parse():
@@ -36,6 +38,8 @@ def parse():
     p.add_argument("--recompute", default="none")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--document-eod", type=int, help="document masking with this EOD id (0 occurs in the batches)")
+    p.add_argument("--objective", default="clm", help="mlm: bidirectional attention on masked samples "
+                                                        "(pretrain.mlm, mask id 1, special ids 0 and 1)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="train until this global step")
@@ -53,7 +57,7 @@ def parse():
 
 
 def build(a):
-    cfg = preset("tiny", tie_embeddings=a.tie)
+    cfg = preset("tiny", tie_embeddings=a.tie, objective=a.objective)
     world = int(os.environ.get("WORLD_SIZE", 1))
     zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero
     layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute,
@@ -91,8 +95,19 @@ EOD = None  # --document-eod
 def micro_batches(cfg, layout, step, dp_rank):
     seqs, b = global_batch(cfg, layout, step), layout.micro_batch_size
     for m in range(layout.grad_accum_steps):
-        chunk = seqs[(m * layout.dp + dp_rank) * b:(m * layout.dp + dp_rank + 1) * b]
-        yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:], "loss_mask": torch.ones(b, cfg.seq_length)}
+        first = (m * layout.dp + dp_rank) * b
+        yield sample_batch(cfg, seqs[first:first + b], step * layout.global_batch_size + first)
+
+
+def sample_batch(cfg, seqs, first_index):
+    """clm: next-token pairs; mlm: the first seq_length tokens masked by pretrain.mlm, seeded by sample index."""
+    if cfg.objective == "clm":
+        return {"tokens": seqs[:, :-1], "labels": seqs[:, 1:], "loss_mask": torch.ones(len(seqs), cfg.seq_length)}
+    masked = [mask_sample(s[:-1].numpy(), MASKING, first_index + i) for i, s in enumerate(seqs)]
+    return {k: torch.from_numpy(np.stack([m[k] for m in masked])) for k in ("tokens", "labels", "loss_mask")}
+
+
+MASKING = MaskingConfig(mask_id=1, special_ids=(0, 1), vocab_size=512, seed=7)
 
 
 def poison(engine, spec, current):
@@ -113,8 +128,7 @@ def owns_loss(layout) -> bool:
 
 def dump(engine, cfg, layout, path, owner):
     """Full-vocabulary logits of a fixed micro-batch (one no step ever trains on)."""
-    seqs = global_batch(cfg, layout, 10**6)[: layout.micro_batch_size]
-    batch = {"tokens": seqs[:, :-1], "labels": seqs[:, 1:], "loss_mask": torch.ones(len(seqs), cfg.seq_length)}
+    batch = sample_batch(cfg, global_batch(cfg, layout, 10**6)[: layout.micro_batch_size], 10**6)
     logits = full_logits(engine, batch)
     if owner:
         torch.save({"tokens": batch["tokens"], "logits": logits}, path)
@@ -171,6 +185,8 @@ def main():
                             {"worker": vars(a)}, keep_last=10)
             if a.dump_logits:
                 dump(engine, cfg, layout, a.dump_logits.format(step=step), owns_loss(layout))
+    # held-out batches (never trained on): loss and top-1 accuracy over the loss-counted tokens
+    report["eval"] = evaluate(engine, micro_batches(cfg, layout, 10**6 + 1, dp_rank), layout.grad_accum_steps)
     if owns_loss(layout):
         with open(a.out, "w") as f:
             json.dump(report, f)
