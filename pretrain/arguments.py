@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="ds_configs/zero3.json", help="DeepSpeed JSON config (batch fields may be \"auto\")")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
-    for add_group in (_model_args, _data_args, _schedule_args, _parallel_args, _run_args):
+    for add_group in (_model_args, _data_args, _schedule_args, _parallel_args, _run_args, _monitor_args):
         add_group(p)
     return p
 
@@ -123,6 +123,22 @@ def _run_args(p) -> None:
     g.add_argument("--sample-prompt", help="print a generated sample for this prompt at the end")
     g.add_argument("--sample-tokens", type=int, default=64)
     g.add_argument("--plot", action="store_true", help="write <log-dir>/loss.png at the end")
+    g.add_argument("--wandb-project", help="also log to Weights & Biases under this project (rank 0; needs "
+                                           "`pip install wandb`; WANDB_MODE=offline on clusters without internet)")
+    g.add_argument("--wandb-run-name", help="W&B run name (default: W&B's)")
+    g.add_argument("--wandb-entity", help="W&B team or user (default: the logged-in user's)")
+
+
+def _monitor_args(p) -> None:
+    g = p.add_argument_group("stragglers and stalls (pretrain/monitor.py)")
+    g.add_argument("--straggler-threshold", type=float, default=0.2,
+                   help="every log interval, name a rank whose own work or data wait per step exceeds its pipeline "
+                        "stage's median by more than this fraction")
+    g.add_argument("--stall-factor", type=float, default=10.0,
+                   help="a step running this many times the recent median step time is a stall: every thread's "
+                        "stack goes to <log-dir>/stall-rank<R>-step<N>.txt (nothing is stopped)")
+    g.add_argument("--stall-min-seconds", type=float, default=60.0,
+                   help="a step shorter than this is never a stall (first steps: factor x this)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

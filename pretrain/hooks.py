@@ -6,16 +6,20 @@ PRETRAIN_INJECT_NAN_AT=3,4       the loss of steps 3 and 4 becomes NaN (so do it
 PRETRAIN_INJECT_NAN_GRAD_AT=5    step 5's loss stays finite but its gradients are NaN
 PRETRAIN_INJECT_RANK=1           inject on this global rank only (default: every rank)
 PRETRAIN_DUMP_LOGITS=FILE        at the end, the full-vocabulary logits of the first micro-batch go to FILE
+PRETRAIN_SLOW_RANK=1:0.3         global rank 1 sleeps 0.3 s in every training forward pass (a straggler)
+PRETRAIN_STALL_AT=1:4:20         global rank 1 sleeps 20 s in the first forward pass of step 4 (a stall)
 """
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 from pretrain.parallel import log, rank
 
-VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS")
+VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS",
+             "PRETRAIN_SLOW_RANK", "PRETRAIN_STALL_AT")
 
 
 class _NanGradient(torch.autograd.Function):
@@ -45,6 +49,10 @@ class TestHooks:
         only = env.get("PRETRAIN_INJECT_RANK")
         self.ranks = None if not only else {int(only)}
         self.dump_logits_path = env.get("PRETRAIN_DUMP_LOGITS") or None
+        slow = env.get("PRETRAIN_SLOW_RANK", "").split(":")
+        self.slow = (int(slow[0]), float(slow[1])) if len(slow) == 2 else None
+        stall = env.get("PRETRAIN_STALL_AT", "").split(":")
+        self.stall = (int(stall[0]), int(stall[1]), float(stall[2])) if len(stall) == 3 else None
         self.step = 0  # the step being taken (1-based); set by the loop
 
     def announce(self) -> None:
@@ -53,9 +61,29 @@ class TestHooks:
                 "); this run injects faults on purpose. Unset these variables for real training.")
 
     def install(self, engine) -> None:
+        if self.slow or self.stall:
+            engine.module.register_forward_pre_hook(self._sleep)
         if self.nan_steps or self.nan_grad_steps:
             install_poison(engine, lambda: (self.step, "loss" if self.step in self.nan_steps else
                                             "grad" if self.step in self.nan_grad_steps else None), self.ranks)
+
+
+    def _sleep(self, module, inputs):
+        """PRETRAIN_SLOW_RANK / PRETRAIN_STALL_AT: this rank's own work takes longer (not a collective)."""
+        if not module.training:
+            return
+        if self.slow and rank() == self.slow[0]:
+            time.sleep(self.slow[1])
+        if self.stall and rank() == self.stall[0] and self.step == self.stall[1] and self._stalled != self.step:
+            self._stalled = self.step
+            _stall_here(self.stall[2])
+
+    _stalled = None
+
+
+def _stall_here(seconds: float) -> None:
+    """A named frame for the watchdog's stack dump to show."""
+    time.sleep(seconds)
 
 
 def install_poison(engine, now, ranks=None, micro_batch=None) -> None:

@@ -37,7 +37,8 @@ from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
-from pretrain.metrics import MetricsWriter, StepLog, device_peak_tflops
+from pretrain.metrics import MetricsWriter, StepLog, check_wandb_installed, device_peak_tflops, new_wandb_id
+from pretrain.monitor import CollectiveTracker, StragglerMonitor, TimedIterator, Watchdog, straggler_lines
 from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
                                peers_report, validate_layout)
@@ -102,6 +103,8 @@ class Run:
     stop: StopSignal
     hooks: TestHooks
     run_config: dict
+    stragglers: StragglerMonitor
+    watchdog: Watchdog
     state: RunState = field(default_factory=RunState)
 
 
@@ -157,6 +160,11 @@ def tokenizer_path(args) -> str:
 
 
 def setup(args) -> Run:
+    try:
+        check_wandb_installed(args.wandb_project)
+    except ImportError as e:
+        raise LayoutError(str(e)) from None
+    tracker = CollectiveTracker().install()  # before any collective: stragglers and the watchdog read it
     tok_path = tokenizer_path(args)
     tokenizer = tokenizers.load(tok_path)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -202,15 +210,30 @@ def setup(args) -> Run:
     elif args.init_from_hf:
         import_hf_weights(engine, cfg, layout, args.init_from_hf)
         run_config["init_from_hf"] = os.path.abspath(args.init_from_hf)
-    train_iter = micro_batches(datasets[0], state.consumed_samples, layout.micro_batch_size,
-                               parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers)
+    train_iter = TimedIterator(micro_batches(datasets[0], state.consumed_samples, layout.micro_batch_size,
+                                             parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers))
     peak = args.peak_tflops or device_peak_tflops()[0]
+    wandb = wandb_options(args, run_config, loaded["run_config"] if resume_from else {})
     return Run(args=args, cfg=cfg, layout=layout, engine=engine, tokenizer=tokenizer, datasets=datasets,
                train_iters=train_iters, decay_iters=args.lr_decay_iters or train_iters, train_iter=train_iter,
-               metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0()),
+               metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb),
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
+               stragglers=StragglerMonitor(tracker, train_iter, args.straggler_threshold,
+                                           parallel_state.get_pipeline_model_parallel_rank()),
+               watchdog=Watchdog(args.log_dir, dist.get_rank() if dist.is_initialized() else 0, tracker,
+                                 args.stall_factor, args.stall_min_seconds).start(),
                state=state)
+
+
+def wandb_options(args, run_config: dict, saved_run_config: dict) -> dict | None:
+    """wandb.init's arguments, or None. The run id continues the checkpoint's W&B run; a new run draws one, and
+    run_config (saved with every checkpoint) keeps it."""
+    if not args.wandb_project:
+        return None
+    run_config["wandb_run_id"] = saved_run_config.get("wandb_run_id") or new_wandb_id()
+    return {"project": args.wandb_project, "name": args.wandb_run_name, "entity": args.wandb_entity,
+            "id": run_config["wandb_run_id"], "config": run_config}
 
 
 MASK_FLAGS = {"mask_prob": "prob", "mask_replace_prob": "replace", "mask_random_prob": "random"}
@@ -318,8 +341,11 @@ def train_one_step(run: Run) -> StepResult:
         group["lr"] = lr
     t0 = time.time()
     run.hooks.step = state.iteration + 1
+    run.watchdog.step_started(state.iteration + 1)
     result = train_step(run.engine, run.train_iter)
+    run.watchdog.step_finished()
     step_time = time.time() - t0
+    run.stragglers.step_done(step_time)
     state.iteration += 1
     state.consumed_samples += run.layout.global_batch_size
     heartbeat(state.iteration)
@@ -336,8 +362,12 @@ def train_one_step(run: Run) -> StepResult:
     if state.iteration % args.log_interval == 0 or state.iteration == 1 or state.iteration == run.train_iters:
         record = run.step_log.record(state.iteration, state.consumed_samples, run.cfg.seq_length, result, lr,
                                      step_time, run.skips.total)
+        ranks = run.stragglers.report()  # every rank, at the same step
+        record.update(ranks=ranks["ranks"], stragglers=ranks["stragglers"])
         run.metrics.write(record)
         log(StepLog.line(record, run.train_iters))
+        for line in straggler_lines(ranks):
+            log(line)
     return result
 
 
@@ -394,7 +424,8 @@ def finish(run: Run, exit_code: int) -> None:
         from pretrain.plot import plot_losses
 
         plot_path = plot_losses(os.path.join(args.log_dir, "metrics.jsonl"), os.path.join(args.log_dir, "loss.png"))
-    run.metrics.close()
+    run.watchdog.stop()
+    run.metrics.close(exit_code)
     if exit_code == 0 and state.first_loss is not None:
         log(f"start loss: {state.first_loss:.4f}")
         log(f"end loss: {state.last_loss:.4f}")

@@ -1,5 +1,11 @@
 """Throughput arithmetic (tokens/s, model TFLOP/s, MFU) and the metrics sinks: stdout, metrics.jsonl,
-TensorBoard. Only the rank that owns the loss writes."""
+TensorBoard, and Weights & Biases when asked for (--wandb-project). Only global rank 0 writes.
+
+W&B: one run per training run, whatever the number of ranks or restarts. Its id is drawn once and stored in the
+run config, which every checkpoint carries (meta.json); a resumed or requeued run reads it back and continues the
+same W&B run (resume="allow"), logging at the same step numbers. WANDB_MODE=offline writes the run under
+<log-dir>/wandb for `wandb sync` on a machine with internet. wandb is optional: without it installed the trainer
+runs, and asking for it says how to install it."""
 from __future__ import annotations
 
 import json
@@ -61,11 +67,35 @@ class StepLog:
                 f"{mfu} | {r['step_time'] * 1000:.0f} ms/step | mem {r['mem_gb']:.2f} GB")
 
 
+WANDB_PIN = "wandb==0.31.0"  # the version the tests ran (requirements.txt)
+
+
+def check_wandb_installed(project: str | None) -> None:
+    """Every rank, before anything is built: a missing wandb is a clear error, not a hang on rank 0's failure."""
+    import importlib.util
+
+    if project and importlib.util.find_spec("wandb") is None:
+        raise ImportError(f"--wandb-project {project}: the wandb package is not installed; `pip install "
+                          f"{WANDB_PIN}` (or drop --wandb-project: metrics.jsonl and TensorBoard are always written)")
+
+
+def new_wandb_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)  # W&B run ids are short strings of [a-z0-9]
+
+
 class MetricsWriter:
-    def __init__(self, log_dir: str, tensorboard_dir: str | None, enabled: bool):
+    def __init__(self, log_dir: str, tensorboard_dir: str | None, enabled: bool, wandb: dict | None = None):
+        """wandb: None, or {"project", "name", "entity", "id", "config"} (wandb.init's arguments)."""
         self.enabled = enabled
-        self.tb = None
+        self.tb = self.wandb = None
         self.path = os.path.join(log_dir, "metrics.jsonl")
+        if enabled and wandb:
+            import wandb as wb
+
+            self.wandb = wb.init(project=wandb["project"], name=wandb.get("name"), entity=wandb.get("entity"),
+                                 id=wandb["id"], resume="allow", config=wandb["config"], dir=log_dir)
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             try:
@@ -80,16 +110,24 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"train/{k}" if not k.startswith(("val", "test")) else f"eval/{k}": v
+                   for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and v == v}
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v == v:
-                    self.tb.add_scalar(f"train/{k}" if not k.startswith(("val", "test")) else f"eval/{k}", v,
-                                       record["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=record["step"])
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            if exit_code == 3:  # preempted: it will be resumed
+                self.wandb.mark_preempting()
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
 
 
 def read_metrics(path: str) -> list[dict]:
