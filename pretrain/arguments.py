@@ -108,6 +108,11 @@ def _run_args(p) -> None:
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=10, help="global batches per evaluation")
+    g.add_argument("--eval-tasks", nargs="+", help="lm-eval-harness log-likelihood tasks (multiple choice, ...) "
+                                                   "scored by the live model at every evaluation (clm)")
+    g.add_argument("--eval-tasks-dir", help="directory of your lm-eval task YAML files (local data files: no "
+                                            "download); without it, tasks come from lm-eval's registry")
+    g.add_argument("--eval-tasks-limit", type=int, help="at most this many documents per task")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--save-interval", type=int, default=1000)
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")

@@ -116,28 +116,12 @@ def full_logits(engine, batch: dict):
     -inf, are dropped), on the ranks that hold the output layer (the last pipeline stage); None elsewhere."""
     from megatron.core import tensor_parallel
 
-    from pretrain.compat import device
-    from pretrain.step import _pipeline_feed, is_pipeline
+    from pretrain.step import local_logits
 
-    engine.eval()
-    try:
-        if is_pipeline(engine):
-            # megatron's vocab-parallel cross-entropy turns fp32 logits into probabilities in place, and the
-            # engine hands back the tensor the loss saw: let the loss see a copy.
-            loss_fn = engine.module.loss_fn
-            engine.module.loss_fn = lambda logits, labels: loss_fn(logits.clone(), labels)
-            try:
-                _, logits = engine.eval_batch(data_iter=_pipeline_feed(iter([batch])), return_logits=True,
-                                              num_micro_batches=1)
-            finally:
-                engine.module.loss_fn = loss_fn
-            if not engine.is_last_stage():
-                return None
-        else:
-            logits = engine(batch["tokens"].to(device()))
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
-    finally:
-        engine.train()
+    logits = local_logits(engine, batch)
+    if logits is None:
+        return None
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
     vocab = next(m.vocab_size for m in engine.module.modules() if hasattr(m, "padded_vocab_size"))
     return logits.transpose(0, 1)[..., :vocab].cpu()
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
-from pretrain import checkpoint, hf, mlm
+from pretrain import checkpoint, downstream, hf, mlm
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.compat import device
 from pretrain.config import ModelConfig, preset
@@ -106,6 +106,7 @@ class Run:
     stragglers: StragglerMonitor
     watchdog: Watchdog
     state: RunState = field(default_factory=RunState)
+    task_lm: object = None  # --eval-tasks: pretrain.downstream's lm-eval model, built on first use
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -162,6 +163,7 @@ def tokenizer_path(args) -> str:
 def setup(args) -> Run:
     try:
         check_wandb_installed(args.wandb_project)
+        downstream.check_installed(args.eval_tasks)
     except ImportError as e:
         raise LayoutError(str(e)) from None
     tracker = CollectiveTracker().install()  # before any collective: stragglers and the watchdog read it
@@ -248,9 +250,10 @@ def masking_config(args, cfg: ModelConfig, tokenizer, tok_path: str, vocab: int)
             raise LayoutError(f"--{given[0].replace('_', '-')} applies to --objective mlm only; this run trains "
                               f"clm (a decoder): drop it, or pass --objective mlm")
         return None
-    if args.sample_prompt:
-        raise LayoutError("--sample-prompt generates text, which an mlm encoder does not do; drop it (evaluation "
-                          "reports masked-token loss, accuracy and perplexity)")
+    if args.sample_prompt or args.eval_tasks:
+        flag = "--sample-prompt generates text" if args.sample_prompt else "--eval-tasks scores continuations"
+        raise LayoutError(f"{flag}, which an mlm encoder does not do; drop it (evaluation reports masked-token "
+                          f"loss, accuracy and perplexity)")
     try:
         mask = tokenizers.mask_id(tokenizer, tok_path)
         return mlm.MaskingConfig(mask_id=mask, special_ids=tuple(sorted({*tokenizers.special_ids(tokenizer), mask})),
@@ -319,6 +322,7 @@ def fit(run: Run) -> int:
             return EXIT_TOO_MANY_SKIPS
         if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < run.train_iters:
             evaluate(run, run.datasets[1], "val")
+            evaluate_tasks(run)
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(run, "interval")
         if run.stop.agreed():
@@ -389,6 +393,27 @@ def evaluate(run: Run, dataset, name: str) -> dict:
     return out
 
 
+def evaluate_tasks(run: Run) -> dict:
+    """--eval-tasks on the live model (pretrain/downstream.py), logged as val_<task>_<metric>; every request's
+    log-likelihood goes to <log-dir>/downstream/step-NNNNNNN.jsonl."""
+    args = run.args
+    if not args.eval_tasks:
+        return {}
+    if run.task_lm is None:
+        run.task_lm = downstream.engine_lm(run.engine, os.path.dirname(run.run_config["tokenizer_path"]),
+                                           run.cfg.seq_length, run.layout.micro_batch_size)
+    t0 = time.time()
+    values, scored = downstream.evaluate_tasks(run.task_lm, args.eval_tasks, args.eval_tasks_dir,
+                                               args.eval_tasks_limit)
+    out = {f"val_{k}": v for k, v in values.items()}
+    run.metrics.write({"step": run.state.iteration, "consumed_samples": run.state.consumed_samples, **out})
+    if is_rank0():
+        downstream.write_scored(args.log_dir, run.state.iteration, scored)
+    log(f"iteration {run.state.iteration:6d} | tasks ({time.time() - t0:.1f} s, {len(scored)} requests) | " +
+        " | ".join(f"{k} {v:.4f}" for k, v in sorted(values.items())))
+    return out
+
+
 def save(run: Run, reason: str) -> str | None:
     """A checkpoint of the current state (at most one per iteration); -> its path, or None."""
     state = run.state
@@ -408,6 +433,7 @@ def finish(run: Run, exit_code: int) -> None:
     results = {}
     if exit_code == 0:
         results.update(evaluate(run, run.datasets[1], "val"))
+        results.update(evaluate_tasks(run))
         results.update(evaluate(run, run.datasets[2], "test"))
         save(run, "end of training")
         if args.sample_prompt:

@@ -158,6 +158,29 @@ def _eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
     return _dp_mean(torch.stack(losses).mean())
 
 
+@torch.no_grad()
+def local_logits(engine, batch: dict):
+    """This TP rank's slice of the logits [s, b, v/tp] of one micro-batch (tokens, and for the pipeline engine
+    labels and loss_mask of the same shape as training's), in eval mode, on the ranks that hold the output layer
+    (the last pipeline stage); None elsewhere. Every rank of the model must call it together."""
+    engine.eval()
+    try:
+        if not is_pipeline(engine):
+            return engine(batch["tokens"].to(device()))
+        # megatron's vocab-parallel cross-entropy turns fp32 logits into probabilities in place, and the engine
+        # hands back the tensor the loss saw: let the loss see a copy.
+        loss_fn = engine.module.loss_fn
+        engine.module.loss_fn = lambda logits, labels: loss_fn(logits.clone(), labels)
+        try:
+            _, logits = engine.eval_batch(data_iter=_pipeline_feed(iter([batch])), return_logits=True,
+                                          num_micro_batches=1)
+        finally:
+            engine.module.loss_fn = loss_fn
+        return logits if engine.is_last_stage() else None
+    finally:
+        engine.train()
+
+
 class SkipCounter:
     """Non-finite steps, in a row and in total; `--max-skipped-steps` in a row stops the run (exit code 4)."""
 

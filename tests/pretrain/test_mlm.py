@@ -271,6 +271,7 @@ def test_trainer_export_loads_as_masked_lm_with_its_tokenizer(mlm_run, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--objective", "mlm", "--sample-prompt", "the"], "--sample-prompt generates text"),
+    (["--objective", "mlm", "--eval-tasks", "hellaswag"], "--eval-tasks scores continuations"),
     (["--mask-prob", "0.2"], "--mask-prob applies to --objective mlm only"),
     (["--objective", "mlm", "--mask-prob", "0"], "--mask-prob 0.0: must be in"),
 ])
