@@ -20,10 +20,12 @@ optimizer step (all gradients and communication buckets, no activations).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
 
+from pretrain import steptime
 from pretrain.config import PRESETS, ModelConfig, preset
 from pretrain.parallel import LayoutError, validate_layout
 
@@ -87,8 +89,10 @@ class PlanInput:
     reduce_bucket_size: float = 5e7  # elements, as in ds_configs/zero3.json
     prefetch_bucket_size: float = 5e7
     overlap_comm: bool = True
-    mfu: float = 0.35
     device_type: str = "cuda"  # which measured activation coefficients
+    intra_link: str | None = None  # pretrain.steptime.LINKS; default: the device's
+    inter_link: str = "ib-ndr400"
+    link_overrides: dict | None = None  # {"inter.bus_gbs": 25.0, ...}
     mask_prob: float = 0.15  # --objective mlm (model.objective): the share of tokens the loss counts
 
 
@@ -185,10 +189,13 @@ def plan(p: PlanInput) -> dict:
     need = peak * (1 + FRAGMENTATION) + RESERVED_GIB * GiB
 
     flops_per_token = cfg.flops_per_token(p.seq_length)
-    tokens_per_gpu_s = gpu.bf16_tflops * 1e12 * p.mfu / flops_per_token
-    # model-parallel ranks share their micro-batch: DP ranks each consume global/dp samples
     step_tokens = layout.global_batch_size * p.seq_length
-    tokens_per_s = tokens_per_gpu_s * world
+    st = steptime.step_time(steptime.StepInput(
+        cfg=cfg, tp=p.tp, pp=p.pp, dp=layout.dp, zero=p.zero, micro_batch_size=p.micro_batch_size,
+        grad_accum=layout.grad_accum_steps, recompute=p.recompute, sequence_parallel=p.sequence_parallel,
+        gpus_per_node=p.gpus_per_node, device=steptime.DEVICE_OF_GPU[p.gpu], intra=p.intra_link,
+        inter=p.inter_link, overrides=p.link_overrides or {}))
+    tokens_per_s = st["tokens_per_s"]
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     return {
         "model": {"parameters": cfg.num_params(), "parameters_per_gpu": counts["per_gpu"],
@@ -205,8 +212,11 @@ def plan(p: PlanInput) -> dict:
                        "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5)},
         "model_states_bytes": int(states),
         "fits": need <= gpu.memory_gib * GiB,
-        "speed": {"mfu": p.mfu, "tokens_per_s_per_gpu": round(tokens_per_gpu_s),
-                  "tokens_per_s": round(tokens_per_s), "step_s": round(step_tokens / tokens_per_s, 3),
+        "speed": {"mfu": round(st["mfu"], 4), "tokens_per_s_per_gpu": round(tokens_per_s / world),
+                  "tokens_per_s": round(tokens_per_s), "step_s": round(st["step_s"], 4),
+                  "breakdown_s": {k: round(v, 4) for k, v in st["breakdown_s"].items()},
+                  "bubble_fraction": round(st["bubble_fraction"], 4), "warnings": st["warnings"],
+                  "device_model": steptime.DEVICE_OF_GPU[p.gpu], "measured_error": st["measured_error"],
                   "tokens_per_step": step_tokens, "objective": cfg.objective,
                   # mlm: every position is computed (same FLOPs, same memory), the loss counts the masked share
                   "loss_tokens_per_step": round(step_tokens * (p.mask_prob if cfg.objective == "mlm" else 1))},
@@ -234,11 +244,61 @@ def format_plan(r: dict) -> str:
         out.append(f"  CPU memory per node for offload (x1.5 buffer): {m['cpu_offload_per_node']:.1f} GiB")
     out.append("fits: YES" if r["fits"] else "fits: NO (lower the micro-batch, recompute more, raise ZeRO stage or "
                                               "TP/PP, or offload)")
-    out.append(f"at {s['mfu']:.0%} MFU: {s['tokens_per_s_per_gpu']:,} tokens/s per GPU, {s['tokens_per_s']:,} "
-               f"tokens/s in all, {s['step_s']} s per step of {s['tokens_per_step']:,} tokens")
+    b = s["breakdown_s"]
+    out.append(f"step time, predicted from its parts ({s['device_model']} calibration; its measured error: "
+               f"{s['measured_error']}):")
+    parts = [("compute (all micro-batches)", b["compute"]), ("tensor-parallel collectives", b["tp_comm"]),
+             ("pipeline send/receive", b["pp_comm"]),
+             (f"pipeline bubble ({s['bubble_fraction']:.0%} of the pipeline)", b["pipeline_bubble"]),
+             (f"data-parallel traffic not hidden (of {b['dp_comm_total']:.3f} s)", b["dp_comm_exposed"]),
+             ("optimizer step", b["optimizer"])]
+    out += [f"  {name:<52} {v:>8.3f} s" for name, v in parts]
+    out.append(f"  {'step':<52} {s['step_s']:>8.3f} s for {s['tokens_per_step']:,} tokens")
+    out.append(f"predicted MFU {s['mfu']:.1%}: {s['tokens_per_s_per_gpu']:,} tokens/s per GPU, "
+               f"{s['tokens_per_s']:,} tokens/s in all")
+    out += [f"warning: {w}" for w in s["warnings"]]
     if s["objective"] == "mlm":
         out.append(f"objective mlm: bidirectional attention and the head over every position cost what clm does; "
                    f"the loss counts the masked ~{s['loss_tokens_per_step']:,} tokens of each step")
+    return "\n".join(out)
+
+
+def search(base: PlanInput, top: int = 10) -> list[dict]:
+    """Every layout of base.model on base's GPUs and global batch (TP within a node, PP dividing the layers, ZeRO
+    1/3 (1 with PP), micro-batch 1-16, recompute none/selective/full) that the trainer accepts and that fits,
+    ranked by predicted tokens/s. Layouts the trainer refuses are skipped with its own reason."""
+    if not base.global_batch_size:
+        raise LayoutError("--search needs --global-batch-size (the batch the run is to train with)")
+    cfg, world = base.model, base.nodes * base.gpus_per_node
+    ranked = []
+    for tp in (t for t in (1, 2, 4, 8) if t <= base.gpus_per_node and world % t == 0):
+        for pp in (q for q in (1, 2, 4, 8, 16) if world % (tp * q) == 0 and q <= cfg.num_layers):
+            for zero in ((1,) if pp > 1 else (1, 3)):
+                for mb in (1, 2, 4, 8, 16):
+                    for recompute in ("none", "selective", "full"):
+                        p = dataclasses.replace(base, tp=tp, pp=pp, zero=zero, micro_batch_size=mb,
+                                                recompute=recompute)
+                        try:
+                            r = plan(p)
+                        except LayoutError:
+                            continue
+                        if r["fits"]:
+                            ranked.append(r)
+    ranked.sort(key=lambda r: -r["speed"]["tokens_per_s"])
+    return ranked[:top]
+
+
+def format_search(rows: list[dict]) -> str:
+    out = ["| rank | TP | PP | DP | ZeRO | micro-batch x accum | recompute | peak GiB | step s | tokens/s | MFU | "
+           "bubble | warnings |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        lay, s = r["layout"], r["speed"]
+        out.append(f"| {i} | {lay['tp']} | {lay['pp']} | {lay['dp']} | {lay['zero_stage']} | "
+                   f"{lay['micro_batch_size']} x {lay['grad_accum_steps']} | {lay['recompute']} | "
+                   f"{r['memory_gib']['with_reserve']:.1f} | {s['step_s']:.3f} | {s['tokens_per_s']:,} | "
+                   f"{s['mfu']:.1%} | {s['bubble_fraction']:.0%} | {len(s['warnings'])} |")
+    if not rows:
+        out.append("no layout fits: more GPUs, offload (--offload-optimizer), or a smaller model")
     return "\n".join(out)
 
 
@@ -262,19 +322,36 @@ def main(argv=None) -> int:
     ap.add_argument("--reduce-bucket-size", type=float, default=5e7)
     ap.add_argument("--prefetch-bucket-size", type=float, default=5e7)
     ap.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary (default: the preset's)")
-    ap.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation to predict speed at")
+    ap.add_argument("--intra-link", choices=sorted(steptime.LINKS), help="link between a node's GPUs (default: "
+                                                                          "the GPU's, NVLink)")
+    ap.add_argument("--inter-link", choices=sorted(steptime.LINKS), default="ib-ndr400",
+                    help="inter-node fabric per GPU")
+    ap.add_argument("--inter-bus-gbs", type=float, help="override the inter-node bus bandwidth per GPU (GB/s)")
+    ap.add_argument("--search", action="store_true",
+                    help="rank every valid layout (TP, PP, ZeRO, micro-batch, recompute) that fits by predicted "
+                         "tokens/s, for --global-batch-size")
     ap.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="as the trainer's --objective")
     ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     model = preset(a.model, objective=a.objective, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
     try:
+        if a.search:
+            base = PlanInput(model=model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu,
+                             global_batch_size=a.global_batch_size, seq_length=a.seq_length,
+                             sequence_parallel=a.sequence_parallel, intra_link=a.intra_link, inter_link=a.inter_link,
+                             link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None)
+            rows = search(base)
+            print(json.dumps(rows, indent=1) if a.json else format_search(rows))
+            return 0
         r = plan(PlanInput(model=model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu, tp=a.tp, pp=a.pp,
                            zero=a.zero, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
                            seq_length=a.seq_length, recompute=a.recompute, sequence_parallel=a.sequence_parallel,
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
-                           prefetch_bucket_size=a.prefetch_bucket_size, mfu=a.mfu, mask_prob=a.mask_prob))
+                           prefetch_bucket_size=a.prefetch_bucket_size, mask_prob=a.mask_prob,
+                           intra_link=a.intra_link, inter_link=a.inter_link,
+                           link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None))
     except LayoutError as e:
         print(f"plan: invalid layout: {e}", file=sys.stderr)
         return 2

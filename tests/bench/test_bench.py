@@ -68,3 +68,14 @@ def test_context_sweep_runs_at_tiny_size(tmp_path):
     sweep = json.loads((tmp_path / "r.jsonl").read_text())["sweep"]
     assert [r["seq"] for r in sweep] == [32, 64]
     assert all(r[k]["tokens_per_s"] > 0 for r in sweep for k in ("plain", "document_mask"))
+
+
+def test_steptime_validation_runs_and_prints_predicted_next_to_measured(tmp_path):
+    res = subprocess.run([sys.executable, "bench/steptime_validation.py", "--layouts", "1", "--json",
+                          str(tmp_path / "r.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert {r["check"] for r in rows} == {"h100", "cpu"}
+    assert all(r["predicted_s"] > 0 and r["step_s"] > 0 for r in rows)
+    assert "leave-one-out" in res.stdout and "calibrated on one process" in res.stdout

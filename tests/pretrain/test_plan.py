@@ -101,7 +101,7 @@ def test_the_issue_command_prints_memory_fit_and_speed():
                           "--seq-length", "4096", "--recompute", "selective"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     for text in ("parameters (bf16)", "gradients", "optimizer states", "activations (recompute selective)",
-                 "communication buckets", "fits: YES", "tokens/s per GPU", "s per step"):
+                 "communication buckets", "fits: YES", "tokens/s per GPU", "predicted MFU", "s for 65,536 tokens"):
         assert text in res.stdout, res.stdout
 
 
@@ -111,10 +111,12 @@ def test_more_recompute_less_memory_and_a_big_model_on_few_gpus_does_not_fit():
     assert acts["none"] > acts["selective"] > acts["full"] > 0
     assert not plan(PlanInput(model=preset("70b"), nodes=1, zero=1, micro_batch_size=1))["fits"]
     assert plan(PlanInput(model=preset("125m"), nodes=1, zero=1, micro_batch_size=1))["fits"]
-    r = plan(PlanInput(model=preset("1b"), nodes=2, zero=1, micro_batch_size=2, mfu=0.5))
-    # speed: tokens/s scale with GPUs and MFU; the step is the global batch at that rate
+    r = plan(PlanInput(model=preset("1b"), nodes=2, zero=1, micro_batch_size=2))
+    # speed (pretrain/steptime.py): the step is the global batch at the predicted rate, shared by the GPUs
     assert r["speed"]["tokens_per_s"] == pytest.approx(16 * r["speed"]["tokens_per_s_per_gpu"], rel=1e-3)
     assert r["speed"]["step_s"] == pytest.approx(32 * 2048 / r["speed"]["tokens_per_s"], rel=1e-2)
+    assert r["speed"]["step_s"] == pytest.approx(sum(r["speed"]["breakdown_s"][k] for k in (
+        "compute", "tp_comm", "pp_comm", "pipeline_bubble", "dp_comm_exposed", "optimizer")), rel=1e-2)
 
 
 def test_cpu_activation_coefficients_match_a_fresh_measurement_of_our_layers(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -171,6 +172,7 @@ def main():
               "param_dtype": str(next(engine.module.parameters()).dtype), **zero3_partitioning(engine)}
     for step in range(start + 1, a.steps + 1):
         batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
+        t0 = time.perf_counter()
         if "activation_bytes" not in report:  # the first step's forward passes
             meter = SavedActivations(engine.module)
             with meter.measure():
@@ -178,6 +180,7 @@ def main():
             report["activation_bytes"] = meter.bytes
         else:
             r = train_step(engine, batches)
+        report.setdefault("step_s", {})[step] = time.perf_counter() - t0  # the planner's step-time validation
         report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
         report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
         if a.save and step in a.save_at:
