@@ -138,9 +138,9 @@ def evaluate_tasks(lm, tasks: list[str], tasks_dir: str | None, limit: int | Non
 
 def write_scored(log_dir: str, step: int, scored: list[dict]) -> str:
     """Every request's log-likelihood, for comparing with another evaluation of the same task."""
+    from common.files import write_text
+
     path = os.path.join(log_dir, "downstream", f"step-{step:07d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for s in scored:
-            f.write(json.dumps(s) + "\n")
+    write_text(path, "".join(json.dumps(s) + "\n" for s in scored))  # atomically: a full disk leaves no half file
     return path
