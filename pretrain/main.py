@@ -161,11 +161,7 @@ def tokenizer_path(args) -> str:
 
 
 def setup(args) -> Run:
-    try:
-        check_wandb_installed(args.wandb_project)
-        downstream.check_installed(args.eval_tasks)
-    except ImportError as e:
-        raise LayoutError(str(e)) from None
+    check_optional_packages(args)
     tracker = CollectiveTracker().install()  # before any collective: stragglers and the watchdog read it
     tok_path = tokenizer_path(args)
     tokenizer = tokenizers.load(tok_path)
@@ -221,11 +217,24 @@ def setup(args) -> Run:
                metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb),
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
-               stragglers=StragglerMonitor(tracker, train_iter, args.straggler_threshold,
+               **monitors(args, tracker, train_iter), state=state)
+
+
+def monitors(args, tracker: CollectiveTracker, train_iter: TimedIterator) -> dict:
+    """The straggler report and the stall watchdog (pretrain/monitor.py), reading the collectives' tracker."""
+    return {"stragglers": StragglerMonitor(tracker, train_iter, args.straggler_threshold,
                                            parallel_state.get_pipeline_model_parallel_rank()),
-               watchdog=Watchdog(args.log_dir, dist.get_rank() if dist.is_initialized() else 0, tracker,
-                                 args.stall_factor, args.stall_min_seconds).start(),
-               state=state)
+            "watchdog": Watchdog(args.log_dir, dist.get_rank() if dist.is_initialized() else 0, tracker,
+                                 args.stall_factor, args.stall_min_seconds).start()}
+
+
+def check_optional_packages(args) -> None:
+    """On every rank before anything is built: a package a flag needs and that is missing stops all ranks alike."""
+    try:
+        check_wandb_installed(args.wandb_project)
+        downstream.check_installed(args.eval_tasks)
+    except ImportError as e:
+        raise LayoutError(str(e)) from None
 
 
 def wandb_options(args, run_config: dict, saved_run_config: dict) -> dict | None:

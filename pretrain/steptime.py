@@ -159,17 +159,40 @@ def step_time(s: StepInput) -> dict:
     world = s.tp * s.pp * s.dp
     slow = max(1.0, world / device.cores) if device.cores else 1.0  # CPU ranks sharing cores
     intra, inter = _links(s, device, slow)
-    seq, tokens = cfg.seq_length, s.micro_batch_size * cfg.seq_length
-    rate = device.peak_tflops * 1e12 * efficiency(device, cfg.hidden_size) / slow
+    compute, tp_comm, pp_comm = _micro_batch(s, device, slow, intra, inter)
+    micro, m = compute + tp_comm + pp_comm, s.grad_accum
+    pipe = (m + s.pp - 1) * micro
+    overlapped, after, hidden_by, local_params = _data_parallel(s, compute, intra if world <= s.gpus_per_node
+                                                                else inter)
+    dp_exposed = max(0.0, overlapped - hidden_by) + after
+    optimizer = local_params * device.optimizer_s_per_param * slow + device.step_overhead_s
 
-    # compute of the busiest stage for one micro-batch (forward + backward), FLOPs split by TP
-    h, v = cfg.hidden_size, cfg.padded_vocab_size
+    total = pipe + dp_exposed + optimizer
+    step_tokens = m * s.micro_batch_size * s.dp * cfg.seq_length
+    per_gpu = cfg.flops_per_token(cfg.seq_length) * step_tokens / total / world
+    return {
+        "step_s": total, "tokens_per_s": step_tokens / total,
+        "mfu": per_gpu / (device.peak_tflops * 1e12),
+        "breakdown_s": {"compute": m * compute, "tp_comm": m * tp_comm, "pp_comm": m * pp_comm,
+                        "pipeline_bubble": (s.pp - 1) * micro, "dp_comm_exposed": dp_exposed,
+                        "dp_comm_total": overlapped + after, "optimizer": optimizer},
+        "bubble_fraction": bubble_fraction(s.pp, m), "measured_error": device.measured_error,
+        "warnings": warnings(s),
+    }
+
+
+def _micro_batch(s: StepInput, device: Device, slow: float, intra: Link, inter: Link) -> tuple[float, float, float]:
+    """(compute, TP collectives, PP send/receive) seconds of one micro-batch, forward + backward, on the busiest
+    pipeline stage."""
+    cfg = s.cfg
+    seq, tokens, h = cfg.seq_length, s.micro_batch_size * cfg.seq_length, cfg.hidden_size
+    rate = device.peak_tflops * 1e12 * efficiency(device, h) / slow
     layer_fwd = 2 * (cfg.layer_params() - 2 * h) * tokens + 4 * seq * cfg.num_attention_heads * cfg.head_dim * \
         s.micro_batch_size
     redo = {"none": 0.0, "full": 1.0, "selective": 2 * 3 * h * cfg.ffn_hidden_size * tokens / layer_fwd}[s.recompute]
     layers = math.ceil(cfg.num_layers / s.pp)
-    head_fwd = 2 * v * h * tokens
-    flops = (layers * layer_fwd * (3 + redo) + head_fwd * 3) / s.tp
+    head_fwd = 2 * cfg.padded_vocab_size * h * tokens
+    flops = (layers * layer_fwd * (3 + redo) + head_fwd * 3) / s.tp  # FLOPs split by TP
     host = device.layer_overhead_s + (device.zero3_layer_overhead_s if s.zero == 3 else 0.0)
     compute = flops / rate + layers * host * slow
 
@@ -181,15 +204,16 @@ def step_time(s: StepInput) -> dict:
     tp_comm = n_tp * collective_s("all_reduce", s.tp, act, tp_link)
     pp_link = intra if s.tp * s.pp <= s.gpus_per_node else inter
     pp_comm = 2 * (pp_link.latency_s + act / s.tp / (pp_link.bus_gbs * 1e9)) if s.pp > 1 else 0.0
-    micro = compute + tp_comm + pp_comm
-    m = s.grad_accum
-    pipe = (m + s.pp - 1) * micro
+    return compute, tp_comm, pp_comm
 
-    # data parallel / ZeRO, over the parameters this model-parallel rank holds
+
+def _data_parallel(s: StepInput, compute: float, link: Link) -> tuple[float, float, float, float]:
+    """ZeRO/data-parallel traffic over the parameters this model-parallel rank holds: (seconds that overlap can
+    hide, seconds after the step that it cannot, the compute that hides them, parameters the optimizer updates)."""
     from pretrain.plan import rank_params
 
-    psi = rank_params(cfg, s.tp, s.pp)["per_gpu"]
-    dp_link = intra if world <= s.gpus_per_node else inter
+    psi, m = rank_params(s.cfg, s.tp, s.pp)["per_gpu"], s.grad_accum
+    layers = math.ceil(s.cfg.num_layers / s.pp)
     grad_bytes, param_bytes = 2 * psi, 2 * psi
     backward = 2 / 3 * compute  # what reduce can hide behind
     # DeepSpeed flushes a bucket when the next gradient would overflow it: about psi / bucket collectives, but at
@@ -197,34 +221,19 @@ def step_time(s: StepInput) -> dict:
     tensors = 6 * layers + 3
     buckets = min(tensors, math.ceil(psi / (s.allreduce_bucket if s.zero == 0 else s.reduce_bucket)))
     if s.zero <= 1:
-        overlapped = collective_s("all_reduce", s.dp, grad_bytes, dp_link, buckets)
+        overlapped = collective_s("all_reduce", s.dp, grad_bytes, link, buckets)
         hidden_by = backward
     elif s.zero == 2:
-        overlapped = m * collective_s("reduce_scatter", s.dp, grad_bytes, dp_link, buckets)
+        overlapped = m * collective_s("reduce_scatter", s.dp, grad_bytes, link, buckets)
         hidden_by = m * backward
     else:  # every partitioned weight (4 matrices a layer, embedding, output layer) fetched for forward and backward
         fetches = 2 * (4 * layers + 2)
-        overlapped = m * (collective_s("all_gather", s.dp, 2 * param_bytes, dp_link, fetches)
-                          + collective_s("reduce_scatter", s.dp, grad_bytes, dp_link, buckets))
+        overlapped = m * (collective_s("all_gather", s.dp, 2 * param_bytes, link, fetches)
+                          + collective_s("reduce_scatter", s.dp, grad_bytes, link, buckets))
         hidden_by = m * compute
-    after = collective_s("all_gather", s.dp, param_bytes, dp_link, math.ceil(psi / s.allreduce_bucket)) \
+    after = collective_s("all_gather", s.dp, param_bytes, link, math.ceil(psi / s.allreduce_bucket)) \
         if s.zero in (1, 2) else 0.0
-    dp_exposed = max(0.0, overlapped - hidden_by) + after
-    local_params = psi / s.dp if s.zero >= 1 else psi
-    optimizer = local_params * device.optimizer_s_per_param * slow + device.step_overhead_s
-
-    total = pipe + dp_exposed + optimizer
-    step_tokens = m * s.micro_batch_size * s.dp * seq
-    per_gpu = cfg.flops_per_token(seq) * step_tokens / total / world
-    return {
-        "step_s": total, "tokens_per_s": step_tokens / total,
-        "mfu": per_gpu / (device.peak_tflops * 1e12),
-        "breakdown_s": {"compute": m * compute, "tp_comm": m * tp_comm, "pp_comm": m * pp_comm,
-                        "pipeline_bubble": (s.pp - 1) * micro, "dp_comm_exposed": dp_exposed,
-                        "dp_comm_total": overlapped + after, "optimizer": optimizer},
-        "bubble_fraction": bubble_fraction(s.pp, m), "measured_error": device.measured_error,
-        "warnings": warnings(s),
-    }
+    return overlapped, after, hidden_by, psi / s.dp if s.zero >= 1 else psi
 
 
 def warnings(s: StepInput) -> list[str]:
