@@ -3,15 +3,18 @@
 1. H100 (no GPU needed): the one-GPU runs in bench/results_h100.jsonl (default kernels, ZeRO-1) fix the device's
    compute efficiency by layer width and its optimizer time per parameter (least squares); each run is then
    predicted by a fit without it (leave-one-out).
-2. CPU (this machine, gloo): gloo's latency and bandwidth between 2 local processes are measured; the one-process
-   run of the test suite's tiny model (tests/workers/train_layout.py) at 1 and 4 micro-batches per step fixes the
-   per-layer host cost and the per-step cost; then every multi-process layout the suite runs (DP 2 under ZeRO
-   0/1/3, TP 2, PP 2, TP 2 x PP 2, TP 2 x DP 2 ZeRO-3) is predicted and measured (median of steps 3-8).
+2. CPU (this machine, gloo): gloo's all-reduce latency and bandwidth and its send/recv latency between 2 local
+   processes are measured, and one core's matmul rate; one-process runs of tests/workers/train_layout.py at 1 and
+   4 micro-batches per step fix the host cost per layer pass and per step, and ZeRO-3 runs at two widths its
+   hooks' cost; then every multi-process layout the suite runs (DP 2 under ZeRO 0/1/3, TP 2, PP 2, TP 2 x PP 2,
+   TP 2 x DP 2 ZeRO-3) is predicted and measured (median of steps 3-10). The model is the suite's tiny preset
+   widened (WIDE) so compute matters; --shape tiny runs the suite's own (host and latency bound).
 
-  python bench/steptime_validation.py [--skip-cpu] [--json out.jsonl]
+  python bench/steptime_validation.py [--skip-cpu] [--shape wide|tiny] [--layouts N] [--json out.jsonl]
 
-What the CPU check covers: the pipeline schedule, TP and ZeRO traffic and ranks sharing 2 cores, on a model whose
-compute is mostly host overhead; it says nothing about FLOP-bound compute (the H100 check does).
+What the CPU check covers: the pipeline schedule, TP/PP/ZeRO traffic (counts checked call for call by
+tests/pretrain/test_steptime.py), ranks sharing 2 cores, fp32 compute on one core each; not a GPU's
+bf16 efficiency (the H100 check) nor NCCL (no multi-GPU runs yet).
 """
 from __future__ import annotations
 
@@ -137,16 +140,38 @@ def h100_check() -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ CPU
-def run_worker(nproc: int, *flags, steps: int = 8) -> dict:
+# The model the CPU check trains: the test suite's tiny preset widened until a step is mostly compute (a few
+# hundred ms), so the FLOP, bandwidth and bubble terms are exercised and the VM's scheduling noise (+-40% on the
+# tiny model's 10-30 ms steps, run to run) is small beside it. --shape tiny runs the suite's own model.
+WIDE = {"hidden_size": 256, "ffn_hidden_size": 704, "num_layers": 4, "seq_length": 256}
+
+
+def run_worker(nproc: int, *flags, shape: dict, steps: int = 10) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")
+        cfg = ["--cfg", *(f"{k}={v}" for k, v in shape.items())] if shape else []
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
-               *map(str, flags), "--steps", str(steps), "--out", out]
+               *map(str, flags), *cfg, "--steps", str(steps), "--out", out]
         _run(cmd)
         with open(out) as f:
             r = json.load(f)
     times = [r["step_s"][str(s)] for s in range(3, steps + 1)]
     return {"median_s": statistics.median(times), "times": times}
+
+
+def matmul_rate(cfg) -> float:
+    """FLOP/s of one core on the model's own matmul shapes (fp32, one thread, as the workers run)."""
+    import torch
+
+    torch.set_num_threads(1)
+    x = torch.randn(2 * cfg.seq_length, cfg.hidden_size)
+    w = torch.randn(cfg.hidden_size, 2 * cfg.ffn_hidden_size)
+    for _ in range(3):
+        x @ w
+    reps, t0 = 20, time.perf_counter()
+    for _ in range(reps):
+        x @ w
+    return 2 * x.shape[0] * x.shape[1] * w.shape[1] * reps / (time.perf_counter() - t0)
 
 
 GLOO = """
@@ -158,9 +183,18 @@ def timed(n, reps):
     dist.barrier(); t0 = time.perf_counter()
     for _ in range(reps): dist.all_reduce(t)
     return (time.perf_counter() - t0) / reps
-small, big = timed(256, 200), timed(1 << 20, 20)
+def p2p(reps):  # ping-pong: one way = half a round trip (DeepSpeed's pipe engine sends with dist.send/recv)
+    t, peer = torch.ones(256), 1 - dist.get_rank()
+    dist.barrier(); t0 = time.perf_counter()
+    for _ in range(reps):
+        if dist.get_rank() == 0:
+            dist.send(t, peer); dist.recv(t, peer)
+        else:
+            dist.recv(t, peer); dist.send(t, peer)
+    return (time.perf_counter() - t0) / reps / 2
+small, big, one_way = timed(256, 200), timed(1 << 20, 20), p2p(200)
 if dist.get_rank() == 0:
-    print(small, big)
+    print(small, big, one_way)
 dist.barrier()
 dist.destroy_process_group()  # gloo's threads otherwise abort the exit now and then
 """
@@ -180,12 +214,12 @@ def measure_gloo() -> steptime.Link:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(GLOO)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f.name]
-    runs = sorted((tuple(map(float, _run(cmd).stdout.split()[-2:])) for _ in range(3)))
+    runs = sorted((tuple(map(float, _run(cmd).stdout.split()[-3:])) for _ in range(3)))
     os.unlink(f.name)
-    small, big = runs[1]  # the median of 3 (ordered by latency)
+    small, big, one_way = runs[1]  # the median of 3 (ordered by latency)
     nbytes = 4 * (1 << 20)
     # all-reduce of 2 ranks: bus bytes = 2 (n-1)/n x buffer = the buffer
-    return steptime.Link(bus_gbs=nbytes / (big - small) / 1e9, latency_s=small)
+    return steptime.Link(bus_gbs=nbytes / (big - small) / 1e9, latency_s=small, p2p_latency_s=one_way)
 
 
 LAYOUTS = [  # (ranks, worker flags): what tests/pretrain/test_parallel_equivalence.py runs
@@ -194,44 +228,60 @@ LAYOUTS = [  # (ranks, worker flags): what tests/pretrain/test_parallel_equivale
 ]
 
 
-def _flags_to_input(nproc, flags, accum_total=4, mb=2):
+def _flags_to_input(nproc, flags, cfg, accum_total=4, mb=2):
     f = dict(zip(flags[::2], flags[1::2]))
     tp, pp, zero = int(f.get("--tp", 1)), int(f.get("--pp", 1)), int(f.get("--zero", 0))
     dp = nproc // (tp * pp)
-    h = preset("tiny").hidden_size  # the worker sizes ZeRO buckets "auto": h * h
-    return steptime.StepInput(cfg=preset("tiny"), tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=mb,
+    return steptime.StepInput(cfg=cfg, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=mb,
                               grad_accum=accum_total // (mb * dp), gpus_per_node=nproc, device="cpu",
-                              reduce_bucket=h * h)
+                              reduce_bucket=cfg.hidden_size ** 2)  # the worker sizes ZeRO buckets "auto": h x h
 
 
-def cpu_check(n_layouts: int | None = None) -> list[dict]:
+def cpu_check(n_layouts: int | None = None, shape: dict | None = WIDE) -> list[dict]:
+    """Calibrate on one process (FLOP rate of the model's matmuls; host cost per layer pass, per step and of
+    ZeRO-3's hooks from 1 and 4 micro-batches per step), measure gloo between 2 processes, then predict each
+    multi-process layout of the test suite and measure it."""
     import dataclasses
 
+    cfg = preset("tiny", **(shape or {}))
     link = measure_gloo()
     steptime.LINKS["gloo-loopback"] = link
-    one = {g: run_worker(1, "--global-batch-size", g)["median_s"] for g in (2, 8)}  # 1 and 4 micro-batches
-    one_z3 = run_worker(1, "--zero", 3, "--global-batch-size", 8)["median_s"]  # ZeRO-3's hooks, nothing sent
-    cfg = preset("tiny")
-    base = dataclasses.replace(steptime.DEVICES["cpu"], layer_overhead_s=0.0, step_overhead_s=0.0,
-                               optimizer_s_per_param=0.0)
+    rate = matmul_rate(cfg)
+    one = {g: run_worker(1, "--global-batch-size", g, shape=shape)["median_s"] for g in (2, 8)}  # 1, 4 micro
+    # ZeRO-3's hooks, nothing sent: a fixed cost per layer pass and one per parameter, from this width and the
+    # tiny preset's
+    z3 = {}
+    for name, sh in (("this", shape), ("tiny", None))[:2 if shape else 1]:
+        c = preset("tiny", **(sh or {}))
+        z0 = run_worker(1, "--global-batch-size", 8, shape=sh)["median_s"] if sh != shape else one[8]
+        z3[name] = ((run_worker(1, "--zero", 3, "--global-batch-size", 8, shape=sh)["median_s"] - z0)
+                    / (4 * c.num_layers), c.layer_params() - 2 * c.hidden_size)
+    per_param = max(0.0, (z3["this"][0] - z3["tiny"][0]) / (z3["this"][1] - z3["tiny"][1])) \
+        if shape else 0.0
+    base = dataclasses.replace(steptime.DEVICES["cpu"], peak_tflops=rate / 1e12, efficiency=((64, 1.0),),
+                               layer_overhead_s=0.0, step_overhead_s=0.0, optimizer_s_per_param=0.0,
+                               zero3_layer_overhead_s=0.0, zero3_s_per_layer_param=0.0)
     steptime.DEVICES["cpu"] = base
-    flops_micro = steptime.step_time(steptime.StepInput(cfg=cfg, tp=1, pp=1, dp=1, zero=0, micro_batch_size=2,
-                                                        grad_accum=1, gpus_per_node=1, device="cpu"))["step_s"]
+    flops_micro = steptime._compute(_flags_to_input(1, [], cfg, accum_total=2), base, 1.0)
     per_micro = (one[8] - one[2]) / 3
     per_step = one[2] - per_micro
-    fitted = dataclasses.replace(base, layer_overhead_s=(per_micro - flops_micro) / cfg.num_layers,
-                                 step_overhead_s=per_step,
-                                 zero3_layer_overhead_s=(one_z3 - one[8]) / (4 * cfg.num_layers))
+    fitted = dataclasses.replace(base, layer_overhead_s=max(0.0, per_micro - flops_micro) / cfg.num_layers,
+                                 step_overhead_s=per_step, zero3_s_per_layer_param=per_param,
+                                 zero3_layer_overhead_s=z3["this"][0] - per_param * z3["this"][1])
     steptime.DEVICES["cpu"] = fitted
-    print(f"CPU: gloo all-reduce latency {link.latency_s * 1e6:.0f} us, bus {link.bus_gbs:.2f} GB/s; one process: "
-          f"{per_micro * 1e3:.1f} ms per micro-batch, {per_step * 1e3:.1f} ms per step -> layer host cost "
-          f"{fitted.layer_overhead_s * 1e3:.2f} ms, ZeRO-3 hooks {fitted.zero3_layer_overhead_s * 1e3:.2f} ms more")
+    print(f"\nCPU model {shape or 'tiny'}: matmul {rate / 1e9:.1f} GFLOP/s per core; gloo all-reduce latency "
+          f"{link.latency_s * 1e6:.0f} us, send/recv {link.p2p_latency_s * 1e6:.0f} us, bus {link.bus_gbs:.2f} GB/s; "
+          f"one process: {per_micro * 1e3:.1f} ms per micro-batch ({flops_micro * 1e3:.1f} ms of it FLOPs), "
+          f"{per_step * 1e3:.1f} ms per step -> host cost {fitted.layer_overhead_s * 1e3:.2f} ms per layer pass, "
+          f"ZeRO-3 hooks {fitted.zero3_layer_overhead_s * 1e3:.2f} ms more + {per_param * 1e9:.1f} ns per parameter of "
+          f"the layer")
     out = []
     for nproc, flags in LAYOUTS[:n_layouts]:
-        measured = run_worker(nproc, *flags)["median_s"]
-        pred = steptime.step_time(_flags_to_input(nproc, flags))
-        out.append({"ranks": nproc, "layout": " ".join(map(str, flags)), "step_s": round(measured, 4),
-                    "predicted_s": round(pred["step_s"], 4), "error": round(pred["step_s"] / measured - 1, 4),
+        measured = run_worker(nproc, *flags, shape=shape)["median_s"]
+        pred = steptime.step_time(_flags_to_input(nproc, flags, cfg))
+        out.append({"ranks": nproc, "layout": " ".join(map(str, flags)), "shape": shape or "tiny",
+                    "step_s": round(measured, 4), "predicted_s": round(pred["step_s"], 4),
+                    "error": round(pred["step_s"] / measured - 1, 4),
                     "breakdown_s": {k: round(v, 4) for k, v in pred["breakdown_s"].items()}})
     _table("CPU, 2 cores, gloo (calibrated on one process)", out, lambda r: f"{r['ranks']} ranks {r['layout']}")
     return out
@@ -249,12 +299,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--layouts", type=int, help="only the first N CPU layouts (the test suite's smoke run)")
+    ap.add_argument("--shape", choices=("wide", "tiny"), default="wide",
+                    help="the CPU model: the tiny preset widened so compute dominates (default), or as the suite "
+                         "runs it")
     ap.add_argument("--json", help="append the rows here")
     a = ap.parse_args()
     t0 = time.time()
     rows = [{"check": "h100", **r} for r in h100_check()]
     if not a.skip_cpu:
-        rows += [{"check": "cpu", **r} for r in cpu_check(a.layouts)]
+        rows += [{"check": "cpu", **r} for r in cpu_check(a.layouts, WIDE if a.shape == "wide" else None)]
     if a.json:
         with open(a.json, "a") as f:
             for r in rows:

@@ -39,10 +39,13 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 
 class CollectiveTracker:
-    """Wraps torch.distributed's collectives: cumulative seconds blocked in them, and the one in progress."""
+    """Wraps torch.distributed's collectives: cumulative seconds blocked in them, how many of each were called (the
+    planner's collective counts are checked against these), and the one in progress."""
 
     def __init__(self):
         self.blocked_s = 0.0
+        # outermost calls by (name, ranks in the group); an asynchronous collective's wait has no group: 0
+        self.counts: collections.Counter = collections.Counter()
         self.current: tuple[str, float] | None = None  # (name, start time) while inside one
         self._originals = {}
 
@@ -58,7 +61,7 @@ class CollectiveTracker:
         work = torch._C._distributed_c10d.Work
         if not getattr(work.wait, "_tracked", False):
             self._originals["Work.wait"] = work.wait
-            work.wait = self._wrap("wait (an asynchronous collective)", work.wait)
+            work.wait = self._wrap("wait (an asynchronous collective)", work.wait, grouped=False)
         return self
 
     def uninstall(self) -> None:
@@ -69,12 +72,13 @@ class CollectiveTracker:
                 setattr(dist, name, fn)
         self._originals = {}
 
-    def _wrap(self, name, fn):
+    def _wrap(self, name, fn, grouped=True):
         @functools.wraps(fn)
         def tracked(*args, **kwargs):
             if self.current is not None:  # nested (e.g. barrier -> all_reduce): the outer one is timed
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
+            self.counts[name, _group_size(args, kwargs) if grouped else 0] += 1
             self.current = (name, time.time())
             try:
                 return fn(*args, **kwargs)
@@ -90,6 +94,14 @@ class CollectiveTracker:
             return "none (the rank is not inside a torch.distributed collective)"
         name, since = self.current
         return f"{name}, for {time.time() - since:.1f} s"
+
+
+def _group_size(args, kwargs) -> int:
+    group = kwargs.get("group", next((a for a in args if isinstance(a, dist.ProcessGroup)), None))
+    try:
+        return dist.get_world_size(group)
+    except (RuntimeError, ValueError):  # not a group this rank belongs to, or no process group yet
+        return 0
 
 
 class TimedIterator:

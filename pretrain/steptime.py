@@ -1,23 +1,28 @@
 """Step time from its parts, for pretrain.plan: compute per pipeline stage, the 1F1B pipeline bubble, tensor-parallel
 collectives, ZeRO/data-parallel traffic (with what DeepSpeed overlaps), the optimizer step.
 
-One optimizer step on the busiest pipeline stage, m = gradient-accumulation micro-batches, p = PP stages:
+One optimizer step on the busiest pipeline stage (the last), m = gradient-accumulation micro-batches, p = stages:
 
-  micro  = compute(stage's layers [+ head]) + host overhead per layer + TP collectives + PP send/receive
+  micro  = compute(stage's layers + head) + host cost per layer pass + its TP collectives + PP send/receive
   pipe   = (m + p - 1) x micro            1F1B: p - 1 micro-batch slots of fill and drain (the bubble)
-  dp     = ZeRO-0/1: gradient all-reduce once per step, overlapped with the last backward
-           ZeRO-2:   gradient reduce-scatter every micro-batch, overlapped with its backward
-           ZeRO-3:   parameter all-gather for forward and backward and gradient reduce-scatter every
-                     micro-batch, overlapped with its compute (prefetch); ZeRO-1/2: updated parameters
-                     all-gathered after the step (not overlapped)
-  step   = pipe + exposed dp + optimizer
+  dp     = ZeRO-0/1: gradients all-reduced once per step, after the backward (not overlapped: DeepSpeed's
+           overlap_comm is off for them); ZeRO-2: every micro-batch, overlapped; ZeRO-3: parameters
+           all-gathered and gradients reduce-scattered every micro-batch, overlapped (prefetch); ZeRO-1/2 then
+           all-gather the updated parameters, ZeRO-3 its persistent ones
+  step   = pipe + exposed dp + the step's small reductions (loss, gradient norm) + optimizer
+
+Communication is an inventory (`inventory`): every collective one step makes, by kind, group and count, as
+DeepSpeed 0.19.8 and megatron-core issue them (buckets flushed when the next gradient would overflow them,
+ZeRO-3's prefetch coalescing and reuse distance, the vocab-parallel cross-entropy's three reductions, ...).
+tests/pretrain/test_steptime.py checks it call for call against real runs of every layout the suite trains
+(pretrain.monitor.CollectiveTracker). Each collective costs alpha-beta time: latency + bytes / bus bandwidth, ring
+volumes (all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n of the buffer). A group spanning nodes runs
+at the inter-node fabric's bandwidth per GPU. Bandwidths and latencies are named presets and can be overridden.
 
 Compute is FLOPs (pretrain.config: 6N + attention per token, recompute adds its forward again) over the device's
 peak times a measured efficiency that depends on the layer width (small matmuls run further from peak), plus a
-measured host cost per layer pass (kernel launches, Python): on small models the latter dominates. Collectives
-are alpha-beta: latency + bytes / bus bandwidth, ring volumes (all-reduce 2(n-1)/n, all-gather and
-reduce-scatter (n-1)/n of the buffer). A collective whose group spans nodes runs at the inter-node fabric's
-bandwidth per GPU. Bandwidths and latencies are named presets and can be overridden.
+measured host cost per layer pass (kernel launches, Python, ZeRO-3's hooks): on small models the latter dominates.
+CPU ranks share the machine's cores, so they slow each other down while more are busy than there are cores.
 
 Calibration (DEVICES): h100 from the one-GPU runs in bench/results_h100.jsonl (no communication: compute
 efficiency by width, optimizer time); cpu from this repository's 2-core CPU machines (bench/steptime_validation.py
@@ -43,7 +48,12 @@ class Device:
     # ZeRO-3's parameter fetch/release hooks per layer per forward+backward pass, beyond its traffic (measured
     # with DP 1, where nothing is sent)
     zero3_layer_overhead_s: float = 0.0
+    # and per parameter of the layer on this rank (copies into and out of ZeRO-3's flat buffers; measured on the
+    # CPU from two widths, not yet on a GPU)
+    zero3_s_per_layer_param: float = 0.0
     cores: int | None = None  # CPU: ranks on one machine share its cores
+    dtype_bytes: int = 2  # activations and gradients on the wire: bf16 on GPUs, fp32 in the CPU test runs
+    overlaps_comm: bool = True  # communication runs beside compute (GPU streams; not a CPU's cores, which do both)
     intra: str = "nvlink-h100"  # the link between GPUs of one node
     measured_error: str = "not validated"
 
@@ -52,6 +62,7 @@ class Device:
 class Link:
     bus_gbs: float  # achievable bus bandwidth per GPU, GB/s (what nccl-tests report as busbw)
     latency_s: float  # per collective
+    p2p_latency_s: float | None = None  # per send or receive (between pipeline stages); default: latency_s
 
 
 LINKS = {
@@ -63,8 +74,9 @@ LINKS = {
     "ib-ndr400": Link(45.0, 30e-6),
     "ib-hdr200": Link(22.0, 30e-6),
     "roce-100": Link(10.0, 40e-6),
-    # gloo over loopback between processes of one CPU machine (measured: bench/steptime_validation.py)
-    "gloo-loopback": Link(1.2, 1.5e-3),
+    # gloo over loopback between processes of one CPU machine (measured: bench/steptime_validation.py; a small
+    # all-reduce costs 1.0-1.9 ms, a send or receive 50-100 us)
+    "gloo-loopback": Link(1.2, 1.5e-3, 80e-6),
 }
 
 DEVICES = {
@@ -78,13 +90,15 @@ DEVICES = {
                    zero3_layer_overhead_s=0.0349,
                    measured_error="one H100, 9 one-GPU runs, leave-one-out: mean |error| 9%, 8 of 9 within 11%, "
                                   "worst -44% (350m at seq 4096); communication terms not measured on GPUs"),
-    # Fitted by bench/steptime_validation.py on a 2-core CPU, 2026-12-02 (one process: host cost per layer pass,
-    # per step, and ZeRO-3's hooks; the FLOP rate does not matter at the tiny model's size). Run to run on that
-    # machine these moved by up to 2x (1.2-2.4 ms per layer, 4-9 ms per step).
-    "cpu": Device(peak_tflops=0.03, efficiency=((64, 1.0),), layer_overhead_s=1.8e-3, optimizer_s_per_param=0.0,
-                  step_overhead_s=6e-3, zero3_layer_overhead_s=11e-3, cores=2, intra="gloo-loopback",
-                  measured_error="2-core CPU, 7 layouts of 2-4 gloo ranks calibrated on one process: mean |error| "
-                                 "32%, worst 68% (not within the 25% aimed at: bench/RESULTS.md)"),
+    # Fitted by bench/steptime_validation.py on a 2-core CPU, 2026-12-02, for its validation model (the tiny preset
+    # at hidden 256, ffn 704, 4 layers, seq 256, fp32): one core's matmul rate, and from one process the host cost
+    # per layer pass, per step and ZeRO-3's hooks. Typical values of 3 runs; the bench refits them every run
+    # (run to run: 6-10 ms per layer pass, 28-66 ms per step, ZeRO-3 11-17 ms + 0-4 ns per layer parameter).
+    "cpu": Device(peak_tflops=0.084, efficiency=((64, 1.0),), layer_overhead_s=8e-3, optimizer_s_per_param=0.0,
+                  step_overhead_s=45e-3, zero3_layer_overhead_s=13e-3, zero3_s_per_layer_param=2e-9, cores=2,
+                  intra="gloo-loopback", dtype_bytes=4, overlaps_comm=False,
+                  measured_error="2-core CPU, the 7 layouts of 2-4 gloo ranks the tests run, calibrated on one "
+                                 "process: mean |error| 5.5-10.9%, worst 10.4-23.8% over 3 runs (bench/RESULTS.md)"),
 }
 # Not measured here: the H100's efficiencies at these GPUs' peaks (a guess the plan labels as such).
 for _name, _peak, _link in (("a100", 312.0, "nvlink-a100"), ("l40s", 362.0, "pcie-gen5")):
@@ -110,8 +124,19 @@ class StepInput:
     intra: str | None = None  # default: the device's
     inter: str = "ib-ndr400"
     overrides: dict = field(default_factory=dict)  # Link fields by name: {"inter.bus_gbs": 25.0, ...}
-    reduce_bucket: float = 5e7  # ZeRO's reduce_bucket_size (elements): gradients go out in collectives this big
+    # ZeRO's reduce_bucket_size and stage3_prefetch_bucket_size (elements); None: what the shipped ds_configs give
+    # (ZeRO-3 "auto": h x h and 0.9 h x h, pretrain/engine.py; ZeRO-1/2: 2e8)
+    reduce_bucket: float | None = None
+    prefetch_bucket: float | None = None
     allreduce_bucket: float = 5e8  # DeepSpeed's allreduce/allgather bucket size without ZeRO / after the step
+    max_reuse_distance: float = 1e9  # ZeRO-3's stage3_max_reuse_distance (ds_configs/zero3.json)
+
+    def __post_init__(self):
+        h = self.cfg.hidden_size
+        if self.reduce_bucket is None:
+            self.reduce_bucket = h * h if self.zero == 3 else 2e8
+        if self.prefetch_bucket is None:
+            self.prefetch_bucket = int(0.9 * h * h)
 
 
 def ring_factor(op: str, n: int) -> float:
@@ -146,26 +171,44 @@ def efficiency(device: Device, hidden: int) -> float:
 
 def _links(s: StepInput, device: Device, slow: float) -> tuple[Link, Link]:
     """The presets with overrides; on an oversubscribed CPU a collective waits for its ranks to get a core."""
-    intra, inter = LINKS[s.intra or device.intra], LINKS[s.inter]
     o = s.overrides
-    intra = Link(o.get("intra.bus_gbs", intra.bus_gbs), o.get("intra.latency_s", intra.latency_s) * slow)
-    inter = Link(o.get("inter.bus_gbs", inter.bus_gbs), o.get("inter.latency_s", inter.latency_s) * slow)
-    return intra, inter
+
+    def merged(link: Link, prefix: str) -> Link:
+        lat = o.get(f"{prefix}.latency_s", link.latency_s)
+        return Link(o.get(f"{prefix}.bus_gbs", link.bus_gbs), lat * slow,
+                    o.get(f"{prefix}.p2p_latency_s", link.p2p_latency_s or lat) * slow)
+
+    return merged(LINKS[s.intra or device.intra], "intra"), merged(LINKS[s.inter], "inter")
 
 
 def step_time(s: StepInput) -> dict:
     """-> the breakdown in seconds per optimizer step, the step time, and what it implies (tokens/s, MFU)."""
-    cfg, device = s.cfg, DEVICES[s.device]
+    cfg, device, m = s.cfg, DEVICES[s.device], s.grad_accum
     world = s.tp * s.pp * s.dp
-    slow = max(1.0, world / device.cores) if device.cores else 1.0  # CPU ranks sharing cores
-    intra, inter = _links(s, device, slow)
-    compute, tp_comm, pp_comm = _micro_batch(s, device, slow, intra, inter)
-    micro, m = compute + tp_comm + pp_comm, s.grad_accum
+    # CPU ranks share the machine's cores: everything runs `slow` times slower while more ranks are busy than
+    # there are cores. In the pipeline a stage idles p - 1 of its m + p - 1 slots and lends its core meanwhile,
+    # so there the busy ranks are world x m / (m + p - 1) on average (measured: TP 2 x PP 2 on 2 cores).
+    slow = max(1.0, world / device.cores) if device.cores else 1.0
+    slow_pipe = max(1.0, world * m / (m + s.pp - 1) / device.cores) if device.cores else 1.0
+    links, pipe_links = _links(s, device, slow), _links(s, device, slow_pipe)
+    secs = [(c, _seconds(s, c, *(pipe_links if c.phase == "micro" else links)))
+            for c in inventory(s, device.dtype_bytes)]
+
+    def part(phase: str, group: str | None = None) -> float:
+        return sum(t for c, t in secs if c.phase == phase and group in (None, c.group))
+
+    compute = _compute(s, device, slow_pipe)
+    tp_comm, pp_comm = part("micro", "tp"), part("micro", "pp")
+    micro = compute + (tp_comm + pp_comm) / m
     pipe = (m + s.pp - 1) * micro
-    overlapped, after, hidden_by, local_params = _data_parallel(s, compute, intra if world <= s.gpus_per_node
-                                                                else inter)
-    dp_exposed = max(0.0, overlapped - hidden_by) + after
-    optimizer = local_params * device.optimizer_s_per_param * slow + device.step_overhead_s
+    # What DeepSpeed overlaps (ZeRO-2/3 with overlap_comm) hides behind the step's compute where the device
+    # computes while it communicates (a GPU's streams), not on a CPU whose cores do both.
+    overlapped, exposed_always = part("overlap"), part("step")
+    hidden_by = m * compute if device.overlaps_comm else 0.0
+    dp_exposed = max(0.0, overlapped - hidden_by) + exposed_always
+    local = sum(n for _, n in stage_tensors(cfg, s.tp, s.pp))
+    optimizer = ((local / s.dp if s.zero >= 1 else local) * device.optimizer_s_per_param
+                 + device.step_overhead_s) * slow
 
     total = pipe + dp_exposed + optimizer
     step_tokens = m * s.micro_batch_size * s.dp * cfg.seq_length
@@ -173,17 +216,17 @@ def step_time(s: StepInput) -> dict:
     return {
         "step_s": total, "tokens_per_s": step_tokens / total,
         "mfu": per_gpu / (device.peak_tflops * 1e12),
-        "breakdown_s": {"compute": m * compute, "tp_comm": m * tp_comm, "pp_comm": m * pp_comm,
+        "breakdown_s": {"compute": m * compute, "tp_comm": tp_comm, "pp_comm": pp_comm,
                         "pipeline_bubble": (s.pp - 1) * micro, "dp_comm_exposed": dp_exposed,
-                        "dp_comm_total": overlapped + after, "optimizer": optimizer},
+                        "dp_comm_total": overlapped + exposed_always, "optimizer": optimizer},
         "bubble_fraction": bubble_fraction(s.pp, m), "measured_error": device.measured_error,
         "warnings": warnings(s),
     }
 
 
-def _micro_batch(s: StepInput, device: Device, slow: float, intra: Link, inter: Link) -> tuple[float, float, float]:
-    """(compute, TP collectives, PP send/receive) seconds of one micro-batch, forward + backward, on the busiest
-    pipeline stage."""
+def _compute(s: StepInput, device: Device, slow: float) -> float:
+    """Seconds of one micro-batch's forward + backward on the busiest stage: FLOPs at the device's efficiency for
+    this width, plus the host cost per layer pass."""
     cfg = s.cfg
     seq, tokens, h = cfg.seq_length, s.micro_batch_size * cfg.seq_length, cfg.hidden_size
     rate = device.peak_tflops * 1e12 * efficiency(device, h) / slow
@@ -193,47 +236,158 @@ def _micro_batch(s: StepInput, device: Device, slow: float, intra: Link, inter: 
     layers = math.ceil(cfg.num_layers / s.pp)
     head_fwd = 2 * cfg.padded_vocab_size * h * tokens
     flops = (layers * layer_fwd * (3 + redo) + head_fwd * 3) / s.tp  # FLOPs split by TP
-    host = device.layer_overhead_s + (device.zero3_layer_overhead_s if s.zero == 3 else 0.0)
-    compute = flops / rate + layers * host * slow
-
-    # tensor parallel: 2 all-reduces (or all-gather + reduce-scatter under SP: the same volume) per layer in
-    # forward, 2 in backward, 2 more per recomputed forward; the embedding's and the loss's
-    tp_link = intra if s.tp <= s.gpus_per_node else inter
-    act = tokens * h * 2  # bf16 activations
-    n_tp = layers * (4 + 2 * (s.recompute == "full")) + 2
-    tp_comm = n_tp * collective_s("all_reduce", s.tp, act, tp_link)
-    pp_link = intra if s.tp * s.pp <= s.gpus_per_node else inter
-    pp_comm = 2 * (pp_link.latency_s + act / s.tp / (pp_link.bus_gbs * 1e9)) if s.pp > 1 else 0.0
-    return compute, tp_comm, pp_comm
+    zero3 = device.zero3_layer_overhead_s + device.zero3_s_per_layer_param * (cfg.layer_params() - 2 * h) / s.tp
+    host = device.layer_overhead_s + (zero3 if s.zero == 3 else 0.0)
+    return flops / rate + layers * host * slow
 
 
-def _data_parallel(s: StepInput, compute: float, link: Link) -> tuple[float, float, float, float]:
-    """ZeRO/data-parallel traffic over the parameters this model-parallel rank holds: (seconds that overlap can
-    hide, seconds after the step that it cannot, the compute that hides them, parameters the optimizer updates)."""
-    from pretrain.plan import rank_params
+@dataclass(frozen=True)
+class Collective:
+    """Collectives of one kind in one optimizer step on the busiest pipeline stage (the last: it holds the output
+    layer and the loss)."""
+    op: str  # all_reduce, all_gather, reduce_scatter, p2p (one send or receive), broadcast
+    group: str  # tp, dp, mp (tp x pp: the model-parallel group), pp, world
+    count: int  # per optimizer step
+    nbytes: float  # each
+    # micro: on each micro-batch's critical path (TP, PP); overlap: can hide behind compute (ZeRO-2/3 with
+    # overlap_comm); step: once per step, exposed (gradient reduction without overlap, norms, the loss)
+    phase: str
+    why: str
 
-    psi, m = rank_params(s.cfg, s.tp, s.pp)["per_gpu"], s.grad_accum
-    layers = math.ceil(s.cfg.num_layers / s.pp)
-    grad_bytes, param_bytes = 2 * psi, 2 * psi
-    backward = 2 / 3 * compute  # what reduce can hide behind
-    # DeepSpeed flushes a bucket when the next gradient would overflow it: about psi / bucket collectives, but at
-    # most one per parameter tensor (6 a layer: 4 matrices, 2 norms; embedding, output layer, final norm)
-    tensors = 6 * layers + 3
-    buckets = min(tensors, math.ceil(psi / (s.allreduce_bucket if s.zero == 0 else s.reduce_bucket)))
-    if s.zero <= 1:
-        overlapped = collective_s("all_reduce", s.dp, grad_bytes, link, buckets)
-        hidden_by = backward
-    elif s.zero == 2:
-        overlapped = m * collective_s("reduce_scatter", s.dp, grad_bytes, link, buckets)
-        hidden_by = m * backward
-    else:  # every partitioned weight (4 matrices a layer, embedding, output layer) fetched for forward and backward
-        fetches = 2 * (4 * layers + 2)
-        overlapped = m * (collective_s("all_gather", s.dp, 2 * param_bytes, link, fetches)
-                          + collective_s("reduce_scatter", s.dp, grad_bytes, link, buckets))
-        hidden_by = m * compute
-    after = collective_s("all_gather", s.dp, param_bytes, link, math.ceil(psi / s.allreduce_bucket)) \
-        if s.zero in (1, 2) else 0.0
-    return overlapped, after, hidden_by, psi / s.dp if s.zero >= 1 else psi
+
+def inventory(s: StepInput, dtype_bytes: int = 2) -> list[Collective]:
+    """Every collective of one optimizer step on the busiest stage, for groups of more than one rank.
+    tests/pretrain/test_steptime.py checks the counts against the torch.distributed calls of real runs
+    (pretrain.monitor.CollectiveTracker)."""
+    cfg, m = s.cfg, s.grad_accum
+    layers, first = math.ceil(cfg.num_layers / s.pp), int(s.pp == 1)
+    tokens = s.micro_batch_size * cfg.seq_length
+    act = tokens * cfg.hidden_size * dtype_bytes
+    # TP (megatron-core): per layer the row-parallel outputs (attention, MLP) all-reduce in forward, again in a
+    # recomputed forward, and the column-parallel inputs (QKV, fc1) in backward; the vocab-parallel embedding in
+    # forward; the output layer's input in backward; the vocab-parallel cross-entropy's max, target logit and sum
+    # of exponentials (fp32 per token). Sequence parallelism swaps each for an all-gather or reduce-scatter of the
+    # same bytes.
+    fwd = 2 * layers * (1 + (s.recompute == "full")) + first
+    out = [Collective("all_reduce", "tp", m * (fwd + 2 * layers + 1), act, "micro", "layer activations"),
+           Collective("all_reduce", "tp", m * 3, tokens * 4, "micro", "vocab-parallel cross-entropy")]
+    # PP (DeepSpeed's pipe engine): per micro-batch the activation in and its gradient out. Under TP each goes as
+    # a PartitionedTensor: a small meta tensor, then this TP rank's slice, all-gathered over TP on arrival
+    # (pipe/engine.py, _exec_send_grads / _exec_recv_activations)
+    parts = 2 if s.tp > 1 else 1
+    out += [Collective("p2p", "pp", m * 2 * parts, act / s.tp / parts, "micro", "activations and gradients"),
+            Collective("all_gather", "tp", m * (s.pp > 1), act, "micro", "partitioned activations")]
+    out += _data_parallel_inventory(s, dtype_bytes)
+    # The step's small reductions: the loss over DP (pretrain/step.py); the gradient norm and overflow check
+    # (DeepSpeed's ZeRO-0 engine clips over DP and the model-parallel group and checks overflow over the world,
+    # our ZeRO-0 norm sums over TP; ZeRO-1/2/3 reduce the norm twice over DP and twice over the model-parallel
+    # group); the pipeline engine's loss broadcast.
+    norm = {"dp": 2, "mp": 2} if s.zero else {"dp": 1, "mp": 1, "world": 1, "tp": 1}
+    out.append(Collective("all_reduce", "dp", 1, 4, "step", "the loss"))
+    out += [Collective("all_reduce", g, n, 4, "step", "gradient norm, overflow") for g, n in norm.items()]
+    out.append(Collective("broadcast", "pp", 1, 4, "step", "the pipeline's loss"))
+    return [c for c in out if c.count and _group_size(s, c.group) > 1]
+
+
+def stage_tensors(cfg: ModelConfig, tp: int, pp: int) -> list[tuple[str, int]]:
+    """(name, elements on one TP rank) of the last pipeline stage's parameters in registration order; matrices
+    and the vocabulary split by TP, norms whole (pretrain/sharding.py)."""
+    first_layer = cfg.num_layers - math.ceil(cfg.num_layers / pp) + 1
+    out = []
+    for name, shape in cfg.parameter_shapes().items():
+        idx = int(name.split(".")[0])
+        if (idx == 0 and pp > 1) or 0 < idx < first_layer:
+            continue
+        out.append((name, math.prod(shape) // (tp if len(shape) > 1 else 1)))
+    return out
+
+
+def bucket_flushes(sizes: list[int], bucket: float) -> int:
+    """Collectives DeepSpeed issues to reduce gradients that become ready in this order: it flushes its bucket
+    when the next gradient would overflow it, so a gradient larger than the bucket goes alone
+    (reduce_independent_p_g_buckets_and_remove_grads, DeepSpeed 0.19.8 stage3.py)."""
+    flushes, filled = 0, 0
+    for n in sizes:
+        if filled and filled + n > bucket:
+            flushes, filled = flushes + 1, 0
+        filled += n
+    return flushes + (filled > 0)
+
+
+def prefetch_groups(sizes: list[int], bucket: float) -> int:
+    """All-gathers ZeRO-3's prefetcher issues for parameters needed in this order: each takes parameters until
+    their sum reaches the prefetch bucket."""
+    groups, filled = 0, bucket
+    for n in sizes:
+        if filled >= bucket:
+            groups, filled = groups + 1, 0
+        filled += n
+    return groups
+
+
+def _data_parallel_inventory(s: StepInput, dtype_bytes: int) -> list[Collective]:
+    """ZeRO/data-parallel traffic over this model-parallel rank's parameters (DeepSpeed 0.19.8)."""
+    m, tensors = s.grad_accum, stage_tensors(s.cfg, s.tp, s.pp)
+    psi = sum(n for _, n in tensors)
+    backward = [n for _, n in reversed(tensors)]  # the order gradients become ready
+    if s.zero == 0:  # the engine all-reduces after the last backward, in allreduce buckets
+        count = math.ceil(psi / s.allreduce_bucket)
+        return [Collective("all_reduce", "dp", count, psi * dtype_bytes / count, "step", "gradients")]
+    if s.zero in (1, 2):
+        # Measured: ZeRO-1 reduces at the step's end, large gradients alone and the small ones (norms) together;
+        # ZeRO-2 reduces as gradients become ready, every micro-batch, in buckets (overlapped: overlap_comm). Both
+        # all-reduce (each rank then keeps its partition).
+        if s.zero == 1:
+            big = [n for n in backward if n >= s.reduce_bucket]
+            count = len(big) + math.ceil((psi - sum(big)) / s.reduce_bucket)
+        else:
+            count = bucket_flushes(backward, s.reduce_bucket)
+        reduce = Collective("all_reduce", "dp", count * (m if s.zero == 2 else 1), psi * dtype_bytes / count,
+                            "overlap" if s.zero == 2 else "step", "gradients")
+        # then the updated parameters all-gathered, per parameter group (with and without weight decay)
+        no_decay = sum(n for name, n in tensors if _no_decay(name))
+        count = sum(math.ceil(g / s.allreduce_bucket) for g in (psi - no_decay, no_decay) if g)
+        return [reduce, Collective("all_gather", "dp", count, psi * dtype_bytes / count, "step", "parameters")]
+    # ZeRO-3: each partitioned module is fetched for forward, and for backward again unless it stayed gathered
+    # (its reuse distance, about twice the parameters fetched after it, is under stage3_max_reuse_distance);
+    # gradients are reduce-scattered in buckets as they become ready; parameters under the persistence threshold
+    # (10 h, "auto": pretrain/engine.py) are whole on every rank and all-gathered after the step.
+    # Fetches coalesce: the prefetcher gathers the next parameters in one all-gather while their sum stays under
+    # stage3_prefetch_bucket_size (partitioned_param_coordinator.py).
+    parted = [n for _, n in tensors if n > 10 * s.cfg.hidden_size]
+    backward_fetch, after = [], 0
+    for n in reversed(parted):
+        if 2 * after > s.max_reuse_distance:
+            backward_fetch.append(n)
+        after += n
+    fetches = prefetch_groups(parted, s.prefetch_bucket) + prefetch_groups(backward_fetch, s.prefetch_bucket)
+    flushes = bucket_flushes(backward, s.reduce_bucket)
+    return [Collective("all_gather", "dp", m * fetches, (sum(parted) + sum(backward_fetch)) * dtype_bytes / fetches,
+                       "overlap", "parameters fetched"),
+            Collective("reduce_scatter", "dp", m * flushes, psi * dtype_bytes / flushes, "overlap", "gradients"),
+            Collective("all_gather", "dp", len(tensors) - len(parted), s.cfg.hidden_size * dtype_bytes, "step",
+                       "persistent parameters")]
+
+
+def _no_decay(name: str) -> bool:
+    """The optimizer's parameter group without weight decay (pretrain/engine.py): norms and biases."""
+    return name.endswith("norm.weight") or name.endswith(".bias")
+
+
+def _group_size(s: StepInput, group: str) -> int:
+    return {"tp": s.tp, "dp": s.dp, "mp": s.tp * s.pp, "pp": s.pp, "world": s.tp * s.pp * s.dp}[group]
+
+
+def _seconds(s: StepInput, c: Collective, intra: Link, inter: Link) -> float:
+    """A collective's seconds per step. Its group spans nodes when its ranks do; megatron places TP innermost,
+    then DP, then PP, so the span is the group's size times the stride of its ranks."""
+    span = {"tp": s.tp, "dp": s.tp * s.dp, "mp": s.tp * s.pp * s.dp, "pp": s.tp * s.pp * s.dp,
+            "world": s.tp * s.pp * s.dp}
+    link = intra if span[c.group] <= s.gpus_per_node else inter
+    if c.op in ("p2p", "broadcast"):
+        lat = link.p2p_latency_s if c.op == "p2p" else link.latency_s
+        return c.count * (lat + c.nbytes / (link.bus_gbs * 1e9))
+    return collective_s(c.op, _group_size(s, c.group), c.count * c.nbytes, link, c.count)
 
 
 def warnings(s: StepInput) -> list[str]:

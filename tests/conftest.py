@@ -48,7 +48,7 @@ def train_layout(tmp_path_factory):
     """train_layout(nproc, **flags) -> the worker's report (losses and grad norms in step order, ...) plus "dir":
     one run of tests/workers/train_layout.py per layout, shared by every test that asks for it. Each trains
     LAYOUT_STEPS steps, saves a checkpoint (dir/ck) and the logits of a held-out micro-batch
-    (dir/logits-3.pt) after step LAYOUT_SAVE_AT."""
+    (dir/logits-3.pt) after step LAYOUT_SAVE_AT, and counts each step's torch.distributed calls."""
     cache = {}
     root = tmp_path_factory.mktemp("layouts")
 
@@ -71,7 +71,8 @@ def train_layout(tmp_path_factory):
                 elif v is not False:
                     args += [flag, v]
             launch(nproc, WORKERS / "train_layout.py", *args, "--steps", LAYOUT_STEPS, "--save", d / "ck",
-                   "--save-at", LAYOUT_SAVE_AT, "--dump-logits", d / "logits-{step}.pt", "--out", d / "report.json")
+                   "--save-at", LAYOUT_SAVE_AT, "--dump-logits", d / "logits-{step}.pt", "--count-collectives",
+                   "--out", d / "report.json")
             report = json.loads((d / "report.json").read_text())
             report["by_step"] = dict(report["losses"])
             for k in ("losses", "grad_norms"):  # by step -> in step order

@@ -71,8 +71,9 @@ def test_context_sweep_runs_at_tiny_size(tmp_path):
 
 
 def test_steptime_validation_runs_and_prints_predicted_next_to_measured(tmp_path):
-    res = subprocess.run([sys.executable, "bench/steptime_validation.py", "--layouts", "1", "--json",
-                          str(tmp_path / "r.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    # the suite's tiny model (its calibration is 3 short runs; the default, wider model's is 5 longer ones)
+    res = subprocess.run([sys.executable, "bench/steptime_validation.py", "--layouts", "1", "--shape", "tiny",
+                          "--json", str(tmp_path / "r.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """pretrain/steptime.py and pretrain.plan's step time: the bubble and communication terms against their closed forms,
 the warnings a wasteful layout must raise, and --search's ranking on small cases. (Predicted against measured
 step times: bench/steptime_validation.py, figures in bench/RESULTS.md.)"""
+import collections
 import dataclasses
 import math
 import subprocess
@@ -12,7 +13,7 @@ from conftest import ROOT
 from pretrain import steptime
 from pretrain.config import preset
 from pretrain.parallel import LayoutError
-from pretrain.plan import PlanInput, plan, rank_params, search
+from pretrain.plan import PlanInput, plan, search
 
 
 def _input(**kw):
@@ -43,35 +44,68 @@ def test_tensor_parallel_traffic_is_four_all_reduces_per_layer_and_slower_across
     r = steptime.step_time(_input(tp=8))
     act = 4096 * cfg.hidden_size * 2  # one micro-batch's bf16 activations
     link = steptime.LINKS["nvlink-h100"]
-    n = cfg.num_layers * 4 + 2
-    assert r["breakdown_s"]["tp_comm"] == pytest.approx(n * steptime.collective_s("all_reduce", 8, act, link))
+    # 4 per layer, the embedding's and the output layer's; the cross-entropy's 3 of fp32 per token
+    n, ce = cfg.num_layers * 4 + 2, 3 * steptime.collective_s("all_reduce", 8, 4096 * 4, link)
+    assert r["breakdown_s"]["tp_comm"] == pytest.approx(n * steptime.collective_s("all_reduce", 8, act, link) + ce)
     full = steptime.step_time(_input(tp=8, recompute="full"))  # the recomputed forward's 2 per layer again
     assert full["breakdown_s"]["tp_comm"] == pytest.approx(
-        (n + 2 * cfg.num_layers) * steptime.collective_s("all_reduce", 8, act, link))
+        (n + 2 * cfg.num_layers) * steptime.collective_s("all_reduce", 8, act, link) + ce)
     across = steptime.step_time(_input(tp=8, gpus_per_node=4))
     assert across["breakdown_s"]["tp_comm"] > 5 * r["breakdown_s"]["tp_comm"]
     assert any("spans nodes" in w for w in across["warnings"])
+
+
+def test_deepspeed_bucketing_rules_on_small_cases():
+    # gradient buckets flush when the next gradient would overflow: a gradient larger than the bucket goes alone
+    assert steptime.bucket_flushes([3, 3, 3], 5) == 3
+    assert steptime.bucket_flushes([1, 1, 1, 1, 1], 5) == 1
+    assert steptime.bucket_flushes([1, 9, 1, 1], 5) == 3  # [1] [9] [1, 1]
+    # the prefetcher takes parameters until their sum reaches its bucket
+    assert steptime.prefetch_groups([2, 2, 2, 9, 9], 5) == 3  # [2, 2, 2] [9] [9]
+    assert steptime.prefetch_groups([9, 1, 9], 5) == 2  # [9] [1, 9]
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_data_parallel_traffic_per_zero_stage(zero):
     cfg, dp, m = preset("7b", seq_length=4096), 16, 4
     inter = steptime.LINKS["ib-ndr400"]
-    psi = rank_params(cfg, 1, 1)["per_gpu"]
-    r = steptime.step_time(_input(dp=dp, zero=zero, grad_accum=m))  # 16 GPUs on 8-GPU nodes: inter-node
-    # bucketed: one latency per bucket (reduce_bucket 5e7 elements, at most one per parameter tensor; 5e8 after the
-    # step); ZeRO-3 fetches each of the 4 matrices a layer, the embedding and the output layer twice a micro-batch
-    buckets, after = min(6 * cfg.num_layers + 3, math.ceil(psi / 5e7)), math.ceil(psi / 5e8)
-    ar = steptime.collective_s("all_reduce", dp, 2 * psi, inter, buckets)
-    rs = steptime.collective_s("reduce_scatter", dp, 2 * psi, inter, buckets)
-    ag = steptime.collective_s("all_gather", dp, 2 * psi, inter, after)
-    fetch = steptime.collective_s("all_gather", dp, 4 * psi, inter, 2 * (4 * cfg.num_layers + 2))
-    want = {1: ar + ag, 2: m * rs + ag, 3: m * (fetch + rs)}[zero]
+    psi = cfg.num_params()
+    s = _input(dp=dp, zero=zero, grad_accum=m)  # 16 GPUs on 8-GPU nodes: inter-node
+    r = steptime.step_time(s)
+    dp_comm = [c for c in steptime.inventory(s) if c.group == "dp" and c.why != "the loss" and "norm" not in c.why]
+    count = {c.why: c.count for c in dp_comm}
+    # every gradient byte reduced once a micro-batch (ZeRO-2/3) or a step (ZeRO-1). ZeRO-1/2 (buckets of 2e8,
+    # every tensor smaller): at least psi / bucket collectives, at most twice as many (two neighbouring buckets
+    # hold more than one bucket). ZeRO-3 (h x h, smaller than every matrix; each norm between two matrices):
+    # every tensor alone.
+    per = 1 if zero == 1 else m
+    if zero < 3:
+        assert per * math.ceil(psi / 2e8) <= count["gradients"] <= per * (2 * psi / 2e8 + 1)
+    else:
+        assert count["gradients"] == m * (6 * cfg.num_layers + 3)
+    grads = [c for c in dp_comm if c.why == "gradients"][0]
+    assert grads.count * grads.nbytes == pytest.approx(per * 2 * psi)  # bf16
+    if zero == 3:  # every matrix, the embedding and the output layer fetched once a micro-batch for forward,
+        # and again for backward where the parameters fetched since exceed stage3_max_reuse_distance (1e9)
+        layer = cfg.layer_params()
+        stays = sum(1 for j in range(cfg.num_layers) if 2 * j * layer <= 1e9)  # the last layers' 4 matrices
+        assert 4 * cfg.num_layers + 2 + 4 * (cfg.num_layers - stays) <= count["parameters fetched"] / m <= \
+            2 * (4 * cfg.num_layers + 2)
+        assert count["persistent parameters"] == 2 * cfg.num_layers + 1  # the norms
+    else:  # the updated parameters all-gathered after the step, per parameter group, in 5e8 buckets
+        assert count["parameters"] == math.ceil((psi - (2 * cfg.num_layers + 1) * cfg.hidden_size) / 5e8) + 1
+    want = sum(steptime.collective_s(c.op, dp, c.count * c.nbytes, inter, c.count) for c in dp_comm) + \
+        sum(steptime.collective_s("all_reduce", dp, c.count * 4, inter, c.count) for c in steptime.inventory(s)
+            if c.group == "dp" and (c.why == "the loss" or "norm" in c.why))
     assert r["breakdown_s"]["dp_comm_total"] == pytest.approx(want)
     assert 0 <= r["breakdown_s"]["dp_comm_exposed"] <= want
-    # overlap: the exposed part is what the backward (ZeRO-1/2) or the whole compute (ZeRO-3 prefetch) cannot hide
+    # overlap: ZeRO-2/3 (overlap_comm) hide what the compute covers; ZeRO-1 reduces after the backward
     slow = steptime.step_time(_input(dp=dp, zero=zero, grad_accum=m, overrides={"inter.bus_gbs": 0.5}))
     assert slow["breakdown_s"]["dp_comm_exposed"] > r["breakdown_s"]["dp_comm_exposed"]
+    if zero == 1:
+        assert r["breakdown_s"]["dp_comm_exposed"] == pytest.approx(want)
+    else:
+        assert r["breakdown_s"]["dp_comm_exposed"] < want
 
 
 def test_the_issue_70b_layout_warns_about_its_pipeline():
@@ -114,3 +148,49 @@ def test_zero3_costs_what_was_measured_on_one_gpu():
     one = dict(dp=1, micro_batch_size=4, gpus_per_node=1, cfg=preset("1b", seq_length=2048))
     z1, z3 = steptime.step_time(_input(zero=1, **one)), steptime.step_time(_input(zero=3, **one))
     assert z3["step_s"] / z1["step_s"] == pytest.approx(0.9683 / 0.2011, rel=0.1)
+
+
+# The layouts tests/pretrain/test_parallel_equivalence.py runs (shared train_layout runs), and ZeRO-2.
+COUNTED = [(2, dict(zero=0)), (2, dict(zero=1)), (2, dict(zero=2)), (2, dict(zero=3)), (2, dict(tp=2, zero=0)),
+           (2, dict(pp=2, zero=1)), (4, dict(tp=2, pp=2, zero=1)), (4, dict(tp=2, zero=3))]
+
+
+def calls_of(inventory, s) -> collections.Counter:
+    """The torch.distributed calls the planner's collectives are, as CollectiveTracker counts them: (name, ranks in
+    the group), 0 ranks for the wait of an asynchronous collective."""
+    world, want = s.tp * s.pp * s.dp, collections.Counter()
+    size = {"tp": s.tp, "dp": s.dp, "mp": s.tp * s.pp, "pp": s.pp, "world": world}
+    for c in inventory:
+        if c.op == "all_reduce":
+            want["all_reduce", size[c.group]] += c.count
+        elif c.op == "broadcast":
+            want["broadcast", size[c.group]] += c.count
+        elif c.op == "p2p":  # DeepSpeed's p2p passes no group: the world's
+            want["send", world] += c.count // 2
+            want["recv", world] += c.count // 2
+        else:  # ZeRO's all-gathers and reduce-scatters and the partitioned activations' gather are asynchronous
+            want["wait (an asynchronous collective)", 0] += c.count
+    if s.tp > 1:  # megatron's column-parallel backward all-reduces are asynchronous too: one wait each
+        layers = math.ceil(s.cfg.num_layers / s.pp)
+        want["wait (an asynchronous collective)", 0] += s.grad_accum * (2 * layers + 1)
+    return want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", COUNTED, ids=lambda x: str(x))
+def test_collective_counts_are_the_calls_of_a_real_run(train_layout, nproc, layout):
+    """The planner's inventory of one step's collectives (TP, PP, ZeRO buckets and fetches, the step's norms) is
+    what DeepSpeed and megatron-core really call: every torch.distributed call of a step on the loss-owning rank
+    (the last pipeline stage), counted by pretrain.monitor.CollectiveTracker, groups of one rank left out."""
+    report = train_layout(nproc, **layout)
+    tp, pp, zero = layout.get("tp", 1), layout.get("pp", 1), layout.get("zero", 0)
+    dp = nproc // (tp * pp)
+    s = steptime.StepInput(cfg=preset("tiny"), tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=2,
+                           grad_accum=4 // (2 * dp), gpus_per_node=nproc, device="cpu",
+                           reduce_bucket=preset("tiny").hidden_size ** 2)  # the worker's "auto"
+    # step 3: after step 2 (ZeRO-3 broadcasts its recorded trace once), before the fixture's checkpoint and logits
+    # dump (after which ZeRO-3 and megatron's backward wait less: parameters and buffers left in place)
+    for step in ("3",):
+        got = collections.Counter({tuple(k.rsplit(" ", 1)): v for k, v in report["collectives"][step].items()})
+        got = collections.Counter({(name, int(n)): v for (name, n), v in got.items() if int(n) != 1})
+        assert got == calls_of(steptime.inventory(s, 4), s), (step, steptime.inventory(s, 4))

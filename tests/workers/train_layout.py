@@ -24,6 +24,7 @@ from pretrain.hooks import full_logits, install_poison  # noqa: E402
 from pretrain.memory import SavedActivations  # noqa: E402
 from pretrain.mlm import MaskingConfig, mask_sample  # noqa: E402
 from pretrain.model import ModelOptions  # noqa: E402
+from pretrain.monitor import CollectiveTracker  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
 from pretrain.step import evaluate, train_step  # noqa: E402
 
@@ -53,12 +54,17 @@ def parse():
     p.add_argument("--dump-logits", help="after each save, write the full-vocabulary logits of a fixed batch to "
                                          "this path ({step} is replaced by the step)")
     p.add_argument("--no-load-optimizer", action="store_true", help="resume the weights only (a negative control)")
+    p.add_argument("--cfg", nargs="*", default=[], metavar="FIELD=INT",
+                   help="model shape over the tiny preset's, e.g. hidden_size=256 (bench/steptime_validation.py)")
+    p.add_argument("--count-collectives", action="store_true",
+                   help="report each step's torch.distributed calls by name (pretrain.monitor.CollectiveTracker)")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
 
 def build(a):
-    cfg = preset("tiny", tie_embeddings=a.tie, objective=a.objective)
+    shape = {k: int(v) for k, v in (kv.split("=") for kv in a.cfg)}
+    cfg = preset("tiny", tie_embeddings=a.tie, objective=a.objective, **shape)
     world = int(os.environ.get("WORLD_SIZE", 1))
     zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero
     layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute,
@@ -170,8 +176,11 @@ def main():
     report = {"losses": {}, "grad_norms": {}, "skipped": {}, "master_sum": {start: master_sum(engine)},
               "adam_step": {start: zero_state.adam_step(engine)},
               "param_dtype": str(next(engine.module.parameters()).dtype), **zero3_partitioning(engine)}
+    tracker = CollectiveTracker().install() if a.count_collectives else None
     for step in range(start + 1, a.steps + 1):
         batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
+        if tracker:
+            tracker.counts.clear()
         t0 = time.perf_counter()
         if "activation_bytes" not in report:  # the first step's forward passes
             meter = SavedActivations(engine.module)
@@ -181,6 +190,9 @@ def main():
         else:
             r = train_step(engine, batches)
         report.setdefault("step_s", {})[step] = time.perf_counter() - t0  # the planner's step-time validation
+        if tracker:
+            report.setdefault("collectives", {})[step] = {f"{name} {size}": n for (name, size), n in
+                                                          tracker.counts.items()}
         report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
         report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
         if a.save and step in a.save_at:
