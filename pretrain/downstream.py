@@ -28,13 +28,6 @@ from pretrain.compat import device
 LM_EVAL_PIN = "lm-eval==0.4.13"  # the version the tests ran (requirements.txt)
 
 
-def check_installed(tasks) -> None:
-    import importlib.util
-
-    if tasks and importlib.util.find_spec("lm_eval") is None:
-        raise ImportError(f"--eval-tasks: lm-eval-harness is not installed; `pip install {LM_EVAL_PIN}`")
-
-
 def engine_lm(engine, tokenizer_dir: str, seq_length: int, micro_batch_size: int):
     """An lm_eval TemplateLM over the engine (built here: lm_eval is imported only when asked for)."""
     from lm_eval.api.model import TemplateLM

@@ -67,7 +67,6 @@ class TestHooks:
             install_poison(engine, lambda: (self.step, "loss" if self.step in self.nan_steps else
                                             "grad" if self.step in self.nan_grad_steps else None), self.ranks)
 
-
     def _sleep(self, module, inputs):
         """PRETRAIN_SLOW_RANK / PRETRAIN_STALL_AT: this rank's own work takes longer (not a collective)."""
         if not module.training:

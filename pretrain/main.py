@@ -37,7 +37,7 @@ from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
-from pretrain.metrics import MetricsWriter, StepLog, check_wandb_installed, device_peak_tflops, new_wandb_id
+from pretrain.metrics import WANDB_PIN, MetricsWriter, StepLog, device_peak_tflops, new_wandb_id
 from pretrain.monitor import CollectiveTracker, StragglerMonitor, TimedIterator, Watchdog, straggler_lines
 from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
@@ -229,12 +229,16 @@ def monitors(args, tracker: CollectiveTracker, train_iter: TimedIterator) -> dic
 
 
 def check_optional_packages(args) -> None:
-    """On every rank before anything is built: a package a flag needs and that is missing stops all ranks alike."""
-    try:
-        check_wandb_installed(args.wandb_project)
-        downstream.check_installed(args.eval_tasks)
-    except ImportError as e:
-        raise LayoutError(str(e)) from None
+    """On every rank before anything is built: a package a flag needs and that is missing stops all ranks alike
+    (not a hang while rank 0 fails alone)."""
+    import importlib.util
+
+    needs = [(args.wandb_project, f"--wandb-project {args.wandb_project}", "wandb", WANDB_PIN,
+              " (or drop --wandb-project: metrics.jsonl and TensorBoard are always written)"),
+             (args.eval_tasks, "--eval-tasks", "lm_eval", downstream.LM_EVAL_PIN, "")]
+    for asked, flag, module, pin, hint in needs:
+        if asked and importlib.util.find_spec(module) is None:
+            raise LayoutError(f"{flag}: the {module} package is not installed; `pip install {pin}`{hint}")
 
 
 def wandb_options(args, run_config: dict, saved_run_config: dict) -> dict | None:
@@ -460,7 +464,7 @@ def finish(run: Run, exit_code: int) -> None:
 
         plot_path = plot_losses(os.path.join(args.log_dir, "metrics.jsonl"), os.path.join(args.log_dir, "loss.png"))
     run.watchdog.stop()
-    run.metrics.close(exit_code)
+    run.metrics.close(exit_code, preempted=exit_code == EXIT_PREEMPTED)
     if exit_code == 0 and state.first_loss is not None:
         log(f"start loss: {state.first_loss:.4f}")
         log(f"end loss: {state.last_loss:.4f}")

@@ -70,15 +70,6 @@ class StepLog:
 WANDB_PIN = "wandb==0.31.0"  # the version the tests ran (requirements.txt)
 
 
-def check_wandb_installed(project: str | None) -> None:
-    """Every rank, before anything is built: a missing wandb is a clear error, not a hang on rank 0's failure."""
-    import importlib.util
-
-    if project and importlib.util.find_spec("wandb") is None:
-        raise ImportError(f"--wandb-project {project}: the wandb package is not installed; `pip install "
-                          f"{WANDB_PIN}` (or drop --wandb-project: metrics.jsonl and TensorBoard are always written)")
-
-
 def new_wandb_id() -> str:
     import secrets
 
@@ -120,11 +111,11 @@ class MetricsWriter:
         if self.wandb is not None and scalars:
             self.wandb.log(scalars, step=record["step"])
 
-    def close(self, exit_code: int = 0) -> None:
+    def close(self, exit_code: int = 0, preempted: bool = False) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            if exit_code == 3:  # preempted: it will be resumed
+            if preempted:  # it will be resumed
                 self.wandb.mark_preempting()
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None

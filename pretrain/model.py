@@ -340,7 +340,9 @@ class TokenAccuracy:
     @contextlib.contextmanager
     def counting(self):
         """Count inside the block; afterwards `result` holds the accuracy over every rank (all must call it)."""
-        self.counts = torch.zeros(2, dtype=torch.float64)
+        from pretrain.compat import device
+
+        self.counts = torch.zeros(2, dtype=torch.float64, device=device())  # stays there: one host sync, at the end
         try:
             yield self
         finally:
@@ -349,16 +351,13 @@ class TokenAccuracy:
     def add(self, logits, labels, loss_mask) -> None:
         mask = loss_mask.t().float()
         hit = (top1_correct(logits, labels).float() * mask).sum()
-        self.counts = self.counts + torch.stack([hit, mask.sum()]).double().cpu()
+        self.counts += torch.stack([hit, mask.sum()]).double()
 
     @staticmethod
     def _reduce(counts) -> float:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            from pretrain.compat import device
-
-            counts = counts.to(device())
             dist.all_reduce(counts)
         return (counts[0] / counts[1]).item() if counts[1] > 0 else float("nan")
 

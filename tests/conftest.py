@@ -43,6 +43,20 @@ LAYOUT_DEFAULTS = {"zero": 0, "micro_batch_size": 2, "global_batch_size": 4}
 LAYOUT_STEPS, LAYOUT_SAVE_AT = 8, 3
 
 
+@pytest.fixture
+def hide_package(monkeypatch):
+    """hide_package(name): importlib finds no such module for the rest of the test (a flag's optional package
+    missing, without uninstalling it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def hide(name: str) -> None:
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a))
+
+    return hide
+
+
 @pytest.fixture(scope="session")
 def train_layout(tmp_path_factory):
     """train_layout(nproc, **flags) -> the worker's report (losses and grad norms in step order, ...) plus "dir":

@@ -39,13 +39,10 @@ def task_dir(tmp_path_factory):
     return d
 
 
-def test_asking_for_tasks_without_lm_eval_installed_says_how(monkeypatch, capsys):
-    import importlib.util
-
+def test_asking_for_tasks_without_lm_eval_installed_says_how(hide_package, capsys):
     from pretrain import main
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    hide_package("lm_eval")
     code = main.main(["--data-path", "nowhere", "--train-iters", "1", "--eval-tasks", "tiny_mc"])
     assert code == 2 and "pip install lm-eval==" in capsys.readouterr().err
 

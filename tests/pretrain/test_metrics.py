@@ -2,7 +2,6 @@
 as one W&B run across a preemption and the resumed run; wandb is optional, and asking for it without it installed
 says how to install it."""
 import glob
-import importlib.util
 import json
 import signal
 
@@ -12,11 +11,10 @@ import wandb_files
 from conftest import MAIN, common, launch, metrics, spawn_ranks, train_losses, wait_for_step
 
 
-def test_asking_for_wandb_without_it_installed_says_how(monkeypatch, capsys):
+def test_asking_for_wandb_without_it_installed_says_how(hide_package, capsys):
     from pretrain import main
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    hide_package("wandb")
     code = main.main(["--data-path", "nowhere", "--train-iters", "1", "--wandb-project", "p"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install wandb==" in err and "--wandb-project p" in err
