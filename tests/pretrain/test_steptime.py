@@ -159,12 +159,9 @@ def calls_of(inventory, s) -> collections.Counter:
     """The torch.distributed calls the planner's collectives are, as CollectiveTracker counts them: (name, ranks in
     the group), 0 ranks for the wait of an asynchronous collective."""
     world, want = s.tp * s.pp * s.dp, collections.Counter()
-    size = {"tp": s.tp, "dp": s.dp, "mp": s.tp * s.pp, "pp": s.pp, "world": world}
     for c in inventory:
-        if c.op == "all_reduce":
-            want["all_reduce", size[c.group]] += c.count
-        elif c.op == "broadcast":
-            want["broadcast", size[c.group]] += c.count
+        if c.op in ("all_reduce", "broadcast"):
+            want[c.op, steptime._group_size(s, c.group)] += c.count
         elif c.op == "p2p":  # DeepSpeed's p2p passes no group: the world's
             want["send", world] += c.count // 2
             want["recv", world] += c.count // 2
