@@ -24,13 +24,25 @@ echo "setup: installing into .venv (one time, about a minute)"
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 # DeepSpeed JIT-builds its shared-memory all-reduce op on first use on CPU; two ranks building it at once in a
-# fresh environment fail ("Error building extension 'deepspeed_shm_comm'"). Build it once here.
+# fresh environment fail ("Error building extension 'deepspeed_shm_comm'"). Build it once here. A build killed
+# earlier can have left its lock, on which every load waits forever: refuse that with the fix, and bound the
+# build's time (launch/op_builds.py).
+prebuild() {  # $1: what, $2: the builder's import
+  local rc=0
+  timeout "${PREBUILD_TIMEOUT:-900}" .venv/bin/python -c "from deepspeed.ops.op_builder$2 as B; B().load()" \
+    >/dev/null 2>&1 || rc=$?
+  if [ "$rc" = 124 ]; then
+    echo "setup: prebuilding DeepSpeed's $1 op did not end in ${PREBUILD_TIMEOUT:-900} s" >&2
+    .venv/bin/python -m launch.op_builds --max-age 0 || true
+    exit 1
+  fi
+  [ "$rc" = 0 ] || echo "setup: note: could not prebuild DeepSpeed's $1 op (it will be built on first use)"
+}
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  .venv/bin/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 \
-    || echo "setup: note: could not prebuild DeepSpeed's shm comm op (it will be built on first use)"
+  .venv/bin/python -m launch.op_builds || exit 1
+  prebuild "shm comm" ".cpu.comm import ShareMemCommBuilder"
   # DeepSpeedCPUAdam (ds_configs/zero3_offload.json) is JIT-built on first use too: about 90 s on 2 cores.
-  .venv/bin/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder as B; B().load()" >/dev/null 2>&1 \
-    || echo "setup: note: could not prebuild DeepSpeed's CPU Adam op (it will be built on first use)"
+  prebuild "CPU Adam" " import CPUAdamBuilder"
 fi
 rm -f .venv/.installed-*
 touch "$stamp"

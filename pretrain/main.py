@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
+from launch import op_builds
 from pretrain import checkpoint, downstream, hf, mlm
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.compat import device
@@ -162,6 +163,7 @@ def tokenizer_path(args) -> str:
 
 def setup(args) -> Run:
     check_optional_packages(args)
+    op_builds.check()  # DeepSpeed loads its JIT-built ops in init_distributed; a killed build's lock hangs it
     tracker = CollectiveTracker().install()  # before any collective: stragglers and the watchdog read it
     tok_path = tokenizer_path(args)
     tokenizer = tokenizers.load(tok_path)
@@ -486,7 +488,8 @@ def main(argv=None) -> int:
     except checkpoint.SaveError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_SAVE_FAILED
-    except (LayoutError, DataError, manifest.ManifestError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    except (LayoutError, DataError, manifest.ManifestError, FileNotFoundError, checkpoint.CheckpointError,
+            op_builds.StaleLockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:
