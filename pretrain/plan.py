@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pretrain import steptime
 from pretrain.config import PRESETS, ModelConfig, preset
 from pretrain.parallel import LayoutError, validate_layout
+from pretrain.sharding import stage_parameters
 
 GiB = 2**30
 
@@ -98,19 +99,14 @@ class PlanInput:
 
 def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
     """Parameters held by the busiest model-parallel rank (first or last pipeline stage) and the largest single
-    module (what ZeRO-3 gathers at once)."""
-    h, v = cfg.hidden_size, cfg.padded_vocab_size
-    norms = 2 * h  # RMSNorm weights are replicated across TP ranks
-    layer = (cfg.layer_params() - norms) // tp + norms
-    layers = cfg.num_layers // pp * layer
-    embed = v * h // tp
-    first = embed + layers
-    last = layers + h + (0 if cfg.tie_embeddings and pp == 1 else embed)
-    per_stage = first + last - layers if pp == 1 else max(first, last)
-    d = cfg.head_dim
-    largest = max(embed, 2 * cfg.ffn_hidden_size * h // tp,  # embedding / output, fc1 (gate+up)
-                  h * d * (cfg.num_attention_heads + 2 * cfg.num_query_groups) // tp)  # qkv
-    return {"per_gpu": per_stage, "largest_module": largest}
+    module, weight and bias (what ZeRO-3 gathers at once)."""
+    modules: dict[tuple[int, str], int] = {}
+    stages = [stage_parameters(cfg, tp, pp, stage) for stage in {0, pp - 1}]
+    for stage, tensors in enumerate(stages):
+        for name, n in tensors:
+            key = (stage, name.rsplit(".", 1)[0])
+            modules[key] = modules.get(key, 0) + n
+    return {"per_gpu": max(sum(n for _, n in tensors) for tensors in stages), "largest_module": max(modules.values())}
 
 
 def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: str, device_type: str,

@@ -6,6 +6,8 @@ this one table, so they agree with megatron-core's layers by construction.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # suffix -> (split dim, gated). Gated: the tensor is [gate; up] and each half is split on its own, because
@@ -76,3 +78,23 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         halves = [s.chunk(2, dim=dim) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(shards, dim=dim)
+
+
+def stage_parameters(cfg, tp: int, pp: int, stage: int) -> list[tuple[str, int]]:
+    """(canonical name, elements one TP rank holds) of one pipeline stage's parameters, in the PP=1 model's order.
+
+    pretrain/model.build_pipeline cuts on blocks ("type:Block", layers divisible by PP, pretrain/parallel.py): the
+    embedding joins the first stage, the final norm and output layer the last. With tied embeddings under PP the
+    last stage holds its own copy of the embedding (DeepSpeed's TiedLayerSpec), whose gradient is all-reduced
+    with the first stage's every step. The planner's memory (pretrain/plan.py) and traffic (pretrain/steptime.py)
+    both count from here."""
+    layers = cfg.num_layers // pp
+    first, last = stage * layers + 1, (stage + 1) * layers
+    out = []
+    for name, shape in cfg.parameter_shapes().items():
+        index = int(name.split(".")[0])
+        if (index == 0 and stage == 0) or first <= index <= last or (index > cfg.num_layers and stage == pp - 1):
+            out.append((name, math.prod(local_shape(name, shape, tp))))
+    if cfg.tie_embeddings and pp > 1 and stage == pp - 1:
+        out.append(("0.word_embeddings.weight", cfg.padded_vocab_size * cfg.hidden_size // tp))
+    return out

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 from pretrain.config import ModelConfig
+from pretrain.sharding import stage_parameters
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def step_time(s: StepInput) -> dict:
     overlapped, exposed_always = part("overlap"), part("step")
     hidden_by = m * compute if device.overlaps_comm else 0.0
     dp_exposed = max(0.0, overlapped - hidden_by) + exposed_always
-    local = sum(n for _, n in stage_tensors(cfg, s.tp, s.pp))
+    local = sum(n for _, n in stage_parameters(cfg, s.tp, s.pp, s.pp - 1))
     optimizer = ((local / s.dp if s.zero >= 1 else local) * device.optimizer_s_per_param
                  + device.step_overhead_s) * slow
 
@@ -286,20 +287,11 @@ def inventory(s: StepInput, dtype_bytes: int = 2) -> list[Collective]:
     out.append(Collective("all_reduce", "dp", 1, 4, "step", "the loss"))
     out += [Collective("all_reduce", g, n, 4, "step", "gradient norm, overflow") for g, n in norm.items()]
     out.append(Collective("broadcast", "pp", 1, 4, "step", "the pipeline's loss"))
+    # Tied embeddings under PP: the first and last stages' copies sum their gradients (DeepSpeed's pipe engine,
+    # allreduce_tied_weight_gradients), once per step, before the optimizer.
+    tied = cfg.padded_vocab_size * cfg.hidden_size // s.tp
+    out.append(Collective("all_reduce", "tie", int(cfg.tie_embeddings), tied * dtype_bytes, "step", "tied embedding"))
     return [c for c in out if c.count and _group_size(s, c.group) > 1]
-
-
-def stage_tensors(cfg: ModelConfig, tp: int, pp: int) -> list[tuple[str, int]]:
-    """(name, elements on one TP rank) of the last pipeline stage's parameters in registration order; matrices
-    and the vocabulary split by TP, norms whole (pretrain/sharding.py)."""
-    first_layer = cfg.num_layers - math.ceil(cfg.num_layers / pp) + 1
-    out = []
-    for name, shape in cfg.parameter_shapes().items():
-        idx = int(name.split(".")[0])
-        if (idx == 0 and pp > 1) or 0 < idx < first_layer:
-            continue
-        out.append((name, math.prod(shape) // (tp if len(shape) > 1 else 1)))
-    return out
 
 
 def bucket_flushes(sizes: list[int], bucket: float) -> int:
@@ -327,7 +319,7 @@ def prefetch_groups(sizes: list[int], bucket: float) -> int:
 
 def _data_parallel_inventory(s: StepInput, dtype_bytes: int) -> list[Collective]:
     """ZeRO/data-parallel traffic over this model-parallel rank's parameters (DeepSpeed 0.19.8)."""
-    m, tensors = s.grad_accum, stage_tensors(s.cfg, s.tp, s.pp)
+    m, tensors = s.grad_accum, stage_parameters(s.cfg, s.tp, s.pp, s.pp - 1)
     psi = sum(n for _, n in tensors)
     backward = [n for _, n in reversed(tensors)]  # the order gradients become ready
     if s.zero == 0:  # the engine all-reduces after the last backward, in allreduce buckets
@@ -375,14 +367,15 @@ def _no_decay(name: str) -> bool:
 
 
 def _group_size(s: StepInput, group: str) -> int:
-    return {"tp": s.tp, "dp": s.dp, "mp": s.tp * s.pp, "pp": s.pp, "world": s.tp * s.pp * s.dp}[group]
+    return {"tp": s.tp, "dp": s.dp, "mp": s.tp * s.pp, "pp": s.pp, "world": s.tp * s.pp * s.dp,
+            "tie": 2 if s.pp > 1 else 1}[group]
 
 
 def _seconds(s: StepInput, c: Collective, intra: Link, inter: Link) -> float:
     """A collective's seconds per step. Its group spans nodes when its ranks do; megatron places TP innermost,
     then DP, then PP, so the span is the group's size times the stride of its ranks."""
     span = {"tp": s.tp, "dp": s.tp * s.dp, "mp": s.tp * s.pp * s.dp, "pp": s.tp * s.pp * s.dp,
-            "world": s.tp * s.pp * s.dp}
+            "world": s.tp * s.pp * s.dp, "tie": s.tp * s.pp * s.dp}
     link = intra if span[c.group] <= s.gpus_per_node else inter
     if c.op in ("p2p", "broadcast"):
         lat = link.p2p_latency_s if c.op == "p2p" else link.latency_s
