@@ -42,10 +42,11 @@ class CollectiveTracker:
     """Wraps torch.distributed's collectives: cumulative seconds blocked in them, how many of each were called (the
     planner's collective counts are checked against these), and the one in progress."""
 
-    def __init__(self):
+    def __init__(self, count: bool = False):
         self.blocked_s = 0.0
-        # outermost calls by (name, ranks in the group); an asynchronous collective's wait has no group: 0
-        self.counts: collections.Counter = collections.Counter()
+        # with count: outermost calls by (name, ranks in the group); an asynchronous collective's wait has no
+        # group: 0. Off in training (a group-size lookup per call that nothing reads).
+        self.count, self.counts = count, collections.Counter()
         self.current: tuple[str, float] | None = None  # (name, start time) while inside one
         self._originals = {}
 
@@ -78,7 +79,8 @@ class CollectiveTracker:
             if self.current is not None:  # nested (e.g. barrier -> all_reduce): the outer one is timed
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
-            self.counts[name, _group_size(args, kwargs) if grouped else 0] += 1
+            if self.count:
+                self.counts[name, _group_size(args, kwargs) if grouped else 0] += 1
             self.current = (name, time.time())
             try:
                 return fn(*args, **kwargs)

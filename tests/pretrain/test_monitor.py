@@ -36,10 +36,10 @@ def test_tracker_times_collectives_and_knows_the_one_in_progress(meta_model_buil
         return original(*a, **k)
 
     dist.barrier = slow_barrier
-    tracker = CollectiveTracker().install()
+    tracker = CollectiveTracker(count=True).install()
     try:
         dist.all_reduce(torch.ones(4))
-        assert tracker.current is None and tracker.blocked_s > 0
+        assert tracker.current is None and tracker.blocked_s > 0 and tracker.counts == {("all_reduce", 1): 1}
         before = tracker.blocked_s
         dist.barrier()
         assert seen["inside"].startswith("barrier, for") and tracker.blocked_s - before >= 0.2

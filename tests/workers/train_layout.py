@@ -177,7 +177,7 @@ def main():
               "adam_step": {start: zero_state.adam_step(engine)},
               "param_dtype": str(next(engine.module.parameters()).dtype), **zero3_partitioning(engine),
               "local_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
-    tracker = CollectiveTracker().install() if a.count_collectives else None
+    tracker = CollectiveTracker(count=True).install() if a.count_collectives else None
     for step in range(start + 1, a.steps + 1):
         batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
         if tracker:
