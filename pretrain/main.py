@@ -44,7 +44,7 @@ from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
                                peers_report, validate_layout)
 from pretrain.schedule import lr_at
-from pretrain.step import SkipCounter, StepResult, train_step
+from pretrain.step import SkipCounter, StepResult, release_gathered, train_step
 from pretrain.step import evaluate as evaluate_batches
 
 EXIT_PREEMPTED = 3
@@ -338,6 +338,7 @@ def fit(run: Run) -> int:
         if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < run.train_iters:
             evaluate(run, run.datasets[1], "val")
             evaluate_tasks(run)
+            release_gathered(run.engine)  # ZeRO-3: what those forwards gathered, before training goes on
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(run, "interval")
         if run.stop.agreed():

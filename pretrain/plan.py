@@ -15,7 +15,8 @@ rank, d = data-parallel size, L = the largest single module's parameters, bytes 
 Activations: a linear model in the layer's dimensions whose coefficients were measured from this code base's own
 layers (pretrain.memory.fit_activation_model; bench/activation_memory.py re-measures them on a GPU).
 The peak is the larger of two moments: the end of the forward pass (all activations, no gradients yet) and the
-optimizer step (all gradients and communication buckets, no activations).
+optimizer step (all gradients and communication buckets, no activations). At the end of the forward, ZeRO-3 on
+DP > 1 holds more gathered than 4 L: up to `zero3_live_parameters` (measured; docs/FINDINGS.md).
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ class PlanInput:
     offload_params: bool = False
     reduce_bucket_size: float = 5e7  # elements, as in ds_configs/zero3.json
     prefetch_bucket_size: float = 5e7
+    zero3_max_live_parameters: float = 1e9  # as in ds_configs/zero3.json
+    zero3_max_reuse_distance: float = 1e9
     overlap_comm: bool = True
     device_type: str = "cuda"  # which measured activation coefficients
     intra_link: str | None = None  # pretrain.steptime.LINKS; default: the device's
@@ -107,6 +110,22 @@ def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
             key = (stage, name.rsplit(".", 1)[0])
             modules[key] = modules.get(key, 0) + n
     return {"per_gpu": max(sum(n for _, n in tensors) for tensors in stages), "largest_module": max(modules.values())}
+
+
+def zero3_live_parameters(cfg: ModelConfig, tp: int, max_live: float = 1e9, reuse_distance: float = 1e9) -> int:
+    """Up to how many elements of partitioned parameters ZeRO-3 holds gathered at the end of a training forward,
+    on a data-parallel size above 1 (at 1 the gathered tensor is the partition itself: no extra bytes).
+
+    Measured (docs/FINDINGS.md, "ZeRO-3's live parameters"), not DeepSpeed's estimator's 4 x the largest module:
+    from the second step, with a prefetch bucket (the shipped "auto"), the prefetcher gathers ahead up to
+    `stage3_max_live_parameters`, and a module is kept after its forward when its backward reuse lies within
+    `stage3_max_reuse_distance` elements of the trace (about half the distance in forward parameters) or the
+    prefetcher skipped that reuse. Bounded here by the rank's non-persistent parameters and by max_live + half
+    the reuse distance + one module; with the shipped 1e9 and 1e9 that is every parameter of a model under
+    ~1.5e9 per model-parallel rank. tests/pretrain/test_plan.py checks the bound against real runs."""
+    tensors = stage_parameters(cfg, tp, 1, 0)  # ZeRO-3 refuses PP
+    partitioned = sum(n for _, n in tensors if n > 10 * cfg.hidden_size)  # pretrain/engine.py: persistent below
+    return int(min(partitioned, max_live + reuse_distance / 2 + rank_params(cfg, tp, 1)["largest_module"]))
 
 
 def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: str, device_type: str,
@@ -178,7 +197,12 @@ def plan(p: PlanInput) -> dict:
     counts = rank_params(cfg, p.tp, p.pp)
     m = _model_states(p, counts["per_gpu"], counts["largest_module"], layout.dp)
     acts, head = _activations(p, cfg, layout.grad_accum_steps)
-    forward_peak = m["params"] + m["optim"] + (m["grads32"] if p.zero == 3 else 0) + m["gathered"] + acts + head
+    # ZeRO-3 on DP > 1 holds more than DeepSpeed's 4 x largest module gathered at the forward's end (measured:
+    # zero3_live_parameters); it is all released by the optimizer step.
+    live = 2 * zero3_live_parameters(cfg, p.tp, p.zero3_max_live_parameters, p.zero3_max_reuse_distance) \
+        if p.zero == 3 and layout.dp > 1 else 0
+    gathered_at_forward = max(m["gathered"], live)
+    forward_peak = m["params"] + m["optim"] + (m["grads32"] if p.zero == 3 else 0) + gathered_at_forward + acts + head
     states = m["params"] + m["grads16"] + m["grads32"] + m["optim"] + m["gathered"]
     step_peak = states + m["buckets"]
     peak = max(forward_peak, step_peak)
@@ -201,6 +225,7 @@ def plan(p: PlanInput) -> dict:
                    "offload_optimizer": p.offload_optimizer, "offload_params": p.offload_params},
         "memory_gib": {"parameters": gib(m["params"]), "gradients": gib(m["grads16"] + m["grads32"]),
                        "optimizer_states": gib(m["optim"]), "zero3_gathered": gib(m["gathered"]),
+                       "zero3_live_at_forward_end": gib(gathered_at_forward),
                        "communication_buckets": gib(m["buckets"]), "activations": gib(acts),
                        "output_and_loss": gib(head), "model_states": gib(states),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
@@ -223,7 +248,8 @@ def format_plan(r: dict) -> str:
     m, lay, s = r["memory_gib"], r["layout"], r["speed"]
     rows = [("parameters (bf16)", m["parameters"]), ("gradients (bf16 + fp32)", m["gradients"]),
             ("optimizer states (fp32 master + Adam)", m["optimizer_states"]),
-            ("ZeRO-3 gathered working set", m["zero3_gathered"]),
+            ("ZeRO-3 gathered, optimizer step", m["zero3_gathered"]),
+            ("ZeRO-3 gathered, end of forward", m["zero3_live_at_forward_end"]),
             ("communication buckets", m["communication_buckets"]),
             (f"activations (recompute {lay['recompute']})", m["activations"]),
             ("output layer + loss", m["output_and_loss"])]

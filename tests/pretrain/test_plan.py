@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 from pretrain.config import PRESETS, preset
 from pretrain.parallel import LayoutError, validate_layout
-from pretrain.plan import ACTIVATION_COEFFICIENTS, PlanInput, plan, rank_params
+from pretrain.plan import ACTIVATION_COEFFICIENTS, PlanInput, plan, rank_params, zero3_live_parameters
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -154,3 +154,21 @@ def test_mlm_plan_costs_what_clm_costs_and_counts_the_masked_tokens():
     out = subprocess.run([sys.executable, "-m", "pretrain.plan", "--model", "125m", "--objective", "mlm"], cwd=ROOT,
                          capture_output=True, text=True).stdout
     assert "objective mlm" in out and "masked" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_live, reuse", [(1e9, 1e9), (100_000, 30_000)], ids=["shipped", "small"])
+def test_zero3_gathered_at_the_forward_end_is_within_the_plans_bound(train_layout, tmp_path, max_live, reuse):
+    """ZeRO-3 on DP 2, 16-layer tiny model (655,360 partitioned elements): what is gathered at the end of a
+    training forward (tests/workers/train_layout.py) is at most zero3_live_parameters and not far below it. The
+    shipped limits keep every parameter: DeepSpeed's 4 x largest module, the plan's step term, is 8x short."""
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_max_live_parameters=max_live, stage3_max_reuse_distance=reuse)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = preset("tiny", num_layers=16)
+    measured = train_layout(2, ds_config=str(tmp_path / "ds.json"), cfg="num_layers=16")["zero3_window"]
+    predicted = zero3_live_parameters(cfg, 1, max_live, reuse)
+    print(f"gathered at the forward's end: measured {measured:,}, bound {predicted:,}")
+    assert measured <= predicted <= 1.5 * measured
+    if max_live == 1e9:
+        assert measured > 4 * rank_params(cfg, 1, 1)["largest_module"]

@@ -189,8 +189,8 @@ def test_collective_counts_are_the_calls_of_a_real_run(train_layout, nproc, layo
                            reduce_bucket=cfg.hidden_size ** 2)  # the worker's "auto"
     # the parameters the planner counts for this stage (pretrain.sharding.stage_parameters) are the built ones
     assert report["local_params"] == sum(n for _, n in stage_parameters(cfg, tp, pp, pp - 1))
-    # step 3: after step 2 (ZeRO-3 broadcasts its recorded trace once), before the fixture's logits dump (whose
-    # forward leaves ZeRO-3's reuse window gathered, so the next step fetches less: docs/FINDINGS.md)
+    # step 3: after step 2 (ZeRO-3 broadcasts its recorded trace once), before the fixture's logits dump (after
+    # which megatron's TP backward waits less often: not investigated)
     for step in ("3",):
         got = collections.Counter({tuple(k.rsplit(" ", 1)): v for k, v in report["collectives"][step].items()})
         got = collections.Counter({(name, int(n)): v for (name, n), v in got.items() if int(n) != 1})

@@ -26,7 +26,7 @@ from pretrain.mlm import MaskingConfig, mask_sample  # noqa: E402
 from pretrain.model import ModelOptions  # noqa: E402
 from pretrain.monitor import CollectiveTracker  # noqa: E402
 from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
-from pretrain.step import evaluate, train_step  # noqa: E402
+from pretrain.step import evaluate, release_gathered, train_step  # noqa: E402
 
 
 def parse():
@@ -58,6 +58,7 @@ def parse():
                    help="model shape over the tiny preset's, e.g. hidden_size=256 (bench/steptime_validation.py)")
     p.add_argument("--count-collectives", action="store_true",
                    help="report each step's torch.distributed calls by name (pretrain.monitor.CollectiveTracker)")
+    p.add_argument("--zero3-reuse-distance", type=float, help="stage3_max_reuse_distance (DeepSpeed's default: 1e9)")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -78,6 +79,8 @@ def build(a):
         auto = {} if zero == 0 else {"reduce_bucket_size": "auto"} if zero < 3 else \
             {k: "auto" for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
                                  "stage3_param_persistence_threshold")}
+        if a.zero3_reuse_distance is not None:
+            auto["stage3_max_reuse_distance"] = a.zero3_reuse_distance
         ds = load_ds_config({"zero_optimization": {"stage": zero, **auto}, "bf16": {"enabled": a.bf16}}, layout,
                             clip_grad=1.0, hidden_size=cfg.hidden_size, sequence_parallel=a.sequence_parallel)
     options = ModelOptions(recompute=a.recompute, sequence_parallel=a.sequence_parallel, document_eod=a.document_eod)
@@ -158,6 +161,25 @@ def _dp_rank():
     return ps.get_data_parallel_rank()
 
 
+def zero3_window_meter(engine, report) -> dict:
+    """ZeRO-3: report["zero3_window"], the most partitioned-parameter elements left gathered at the end of a
+    training forward (from step 2, once DeepSpeed has its trace), what pretrain.plan.zero3_reuse_window predicts."""
+    state = {"step": 0}
+    if not any(hasattr(p, "ds_status") for p in engine.module.parameters()):
+        return state
+
+    def at_forward_end(module, inputs, output):
+        if state["step"] >= 1 and module.training:  # from the second step (step is set after the first)
+            n = sum(p.ds_numel for p in engine.module.parameters()
+                    if not p.ds_persist and p.ds_status.name != "NOT_AVAILABLE")
+            report["zero3_window"] = max(report.get("zero3_window", 0), n)
+            by_step = report.setdefault("zero3_window_by_step", {})
+            by_step[state["step"] + 1] = max(by_step.get(state["step"] + 1, 0), n)
+
+    engine.module.register_forward_hook(at_forward_end)
+    return state
+
+
 def main():
     global EOD
     a = parse()
@@ -178,6 +200,7 @@ def main():
               "param_dtype": str(next(engine.module.parameters()).dtype), **zero3_partitioning(engine),
               "local_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
     tracker = CollectiveTracker(count=True).install() if a.count_collectives else None
+    window = zero3_window_meter(engine, report)
     for step in range(start + 1, a.steps + 1):
         batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
         if tracker:
@@ -194,6 +217,7 @@ def main():
         if tracker:
             report.setdefault("collectives", {})[step] = {f"{name} {size}": n for (name, size), n in
                                                           tracker.counts.items()}
+        window["step"] = step
         report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
         report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
         if a.save and step in a.save_at:
@@ -201,6 +225,7 @@ def main():
                             {"worker": vars(a)}, keep_last=10)
             if a.dump_logits:
                 dump(engine, cfg, layout, a.dump_logits.format(step=step), owns_loss(layout))
+                release_gathered(engine)  # as pretrain/main.py does after its evaluations
     # held-out batches (never trained on): loss and top-1 accuracy over the loss-counted tokens
     report["eval"] = evaluate(engine, micro_batches(cfg, layout, 10**6 + 1, dp_rank), layout.grad_accum_steps)
     if owns_loss(layout):
