@@ -40,6 +40,11 @@ _ZERO_AUTO = {
 }
 
 
+def zero_auto(key: str, hidden_size: int) -> int:
+    """What "auto" gives zero_optimization.`key` for this hidden size (the planner's defaults use the same rule)."""
+    return int(_ZERO_AUTO[key](hidden_size))
+
+
 def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False,
                    hidden_size: int | None = None, sequence_parallel: bool = False) -> dict:
     """Read a DeepSpeed JSON config and fill its "auto" fields: batch sizes from the layout, ZeRO bucket sizes and

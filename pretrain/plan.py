@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 from pretrain import steptime
 from pretrain.config import PRESETS, ModelConfig, preset
+from pretrain.engine import zero_auto
 from pretrain.parallel import LayoutError, validate_layout
 from pretrain.sharding import stage_parameters
 
@@ -124,7 +125,8 @@ def zero3_live_parameters(cfg: ModelConfig, tp: int, max_live: float = 1e9, reus
     the reuse distance + one module; with the shipped 1e9 and 1e9 that is every parameter of a model under
     ~1.5e9 per model-parallel rank. tests/pretrain/test_plan.py checks the bound against real runs."""
     tensors = stage_parameters(cfg, tp, 1, 0)  # ZeRO-3 refuses PP
-    partitioned = sum(n for _, n in tensors if n > 10 * cfg.hidden_size)  # pretrain/engine.py: persistent below
+    persistent_up_to = zero_auto("stage3_param_persistence_threshold", cfg.hidden_size)  # whole on every rank
+    partitioned = sum(n for _, n in tensors if n > persistent_up_to)
     return int(min(partitioned, max_live + reuse_distance / 2 + rank_params(cfg, tp, 1)["largest_module"]))
 
 

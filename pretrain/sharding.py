@@ -90,11 +90,12 @@ def stage_parameters(cfg, tp: int, pp: int, stage: int) -> list[tuple[str, int]]
     both count from here."""
     layers = cfg.num_layers // pp
     first, last = stage * layers + 1, (stage + 1) * layers
+    local = {name: math.prod(local_shape(name, shape, tp)) for name, shape in cfg.parameter_shapes().items()}
     out = []
-    for name, shape in cfg.parameter_shapes().items():
+    for name, n in local.items():
         index = int(name.split(".")[0])
         if (index == 0 and stage == 0) or first <= index <= last or (index > cfg.num_layers and stage == pp - 1):
-            out.append((name, math.prod(local_shape(name, shape, tp))))
+            out.append((name, n))
     if cfg.tie_embeddings and pp > 1 and stage == pp - 1:
-        out.append(("0.word_embeddings.weight", cfg.padded_vocab_size * cfg.hidden_size // tp))
+        out.append(("0.word_embeddings.weight", local["0.word_embeddings.weight"]))
     return out

@@ -187,7 +187,7 @@ def release_gathered(engine) -> None:
     tiny model, DP 2: 200,704 elements gathered at its forward's end against 106,496 in every other step;
     docs/FINDINGS.md). Releasing it once afterwards (not per forward: evaluation's forwards reuse it) restores the
     steady state. Nothing to do for other stages."""
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+    if engine.zero_optimization_partition_weights():
         engine.empty_partition_cache()
 
 

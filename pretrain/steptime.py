@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 from pretrain.config import ModelConfig
+from pretrain.engine import zero_auto
 from pretrain.sharding import stage_parameters
 
 
@@ -135,9 +136,9 @@ class StepInput:
     def __post_init__(self):
         h = self.cfg.hidden_size
         if self.reduce_bucket is None:
-            self.reduce_bucket = h * h if self.zero == 3 else 2e8
+            self.reduce_bucket = zero_auto("reduce_bucket_size", h) if self.zero == 3 else 2e8
         if self.prefetch_bucket is None:
-            self.prefetch_bucket = int(0.9 * h * h)
+            self.prefetch_bucket = zero_auto("stage3_prefetch_bucket_size", h)
 
 
 def ring_factor(op: str, n: int) -> float:
@@ -289,7 +290,7 @@ def inventory(s: StepInput, dtype_bytes: int = 2) -> list[Collective]:
     out.append(Collective("broadcast", "pp", 1, 4, "step", "the pipeline's loss"))
     # Tied embeddings under PP: the first and last stages' copies sum their gradients (DeepSpeed's pipe engine,
     # allreduce_tied_weight_gradients), once per step, before the optimizer.
-    tied = cfg.padded_vocab_size * cfg.hidden_size // s.tp
+    tied = dict(stage_parameters(cfg, s.tp, 1, 0))["0.word_embeddings.weight"]
     out.append(Collective("all_reduce", "tie", int(cfg.tie_embeddings), tied * dtype_bytes, "step", "tied embedding"))
     return [c for c in out if c.count and _group_size(s, c.group) > 1]
 
@@ -346,7 +347,7 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int) -> list[Collective]
     # (10 h, "auto": pretrain/engine.py) are whole on every rank and all-gathered after the step.
     # Fetches coalesce: the prefetcher gathers the next parameters in one all-gather while their sum stays under
     # stage3_prefetch_bucket_size (partitioned_param_coordinator.py).
-    parted = [n for _, n in tensors if n > 10 * s.cfg.hidden_size]
+    parted = [n for _, n in tensors if n > zero_auto("stage3_param_persistence_threshold", s.cfg.hidden_size)]
     backward_fetch, after = [], 0
     for n in reversed(parted):
         if 2 * after > s.max_reuse_distance:
