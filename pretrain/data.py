@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep import manifest
+from pretrain.signals import shield_worker, stop_signals_blocked
 
 
 class DataError(ValueError):
@@ -304,8 +305,13 @@ def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
         sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=_collate, pin_memory=torch.cuda.is_available(),
-                                             persistent_workers=False)
-        yield from loader
+                                             persistent_workers=False,
+                                             # a stop signal sent to every process must reach the rank, not kill
+                                             # its workers first (pretrain/signals.py)
+                                             worker_init_fn=shield_worker if num_workers else None)
+        with stop_signals_blocked():  # the workers fork here, born shielded (pretrain/signals.py)
+            batches = iter(loader)
+        yield from batches
         if not cycle:
             return
         consumed_samples = 0

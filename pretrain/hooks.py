@@ -8,6 +8,8 @@ PRETRAIN_INJECT_RANK=1           inject on this global rank only (default: every
 PRETRAIN_DUMP_LOGITS=FILE        at the end, the full-vocabulary logits of the first micro-batch go to FILE
 PRETRAIN_SLOW_RANK=1:0.3         global rank 1 sleeps 0.3 s in every training forward pass (a straggler)
 PRETRAIN_STALL_AT=1:4:20         global rank 1 sleeps 20 s in the first forward pass of step 4 (a stall)
+PRETRAIN_SLOW_SAVE=3:30          a checkpoint save at iteration 3 or later sleeps 30 s on every rank after writing
+                                 its file, before the tag is complete (a save longer than the grace before SIGKILL)
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from pretrain.parallel import log, rank
 
 VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS",
-             "PRETRAIN_SLOW_RANK", "PRETRAIN_STALL_AT")
+             "PRETRAIN_SLOW_RANK", "PRETRAIN_STALL_AT", "PRETRAIN_SLOW_SAVE")
 
 
 class _NanGradient(torch.autograd.Function):
@@ -53,6 +55,8 @@ class TestHooks:
         self.slow = (int(slow[0]), float(slow[1])) if len(slow) == 2 else None
         stall = env.get("PRETRAIN_STALL_AT", "").split(":")
         self.stall = (int(stall[0]), int(stall[1]), float(stall[2])) if len(stall) == 3 else None
+        slow_save = env.get("PRETRAIN_SLOW_SAVE", "").split(":")
+        self.slow_save = (int(slow_save[0]), float(slow_save[1])) if len(slow_save) == 2 else None
         self.step = 0  # the step being taken (1-based); set by the loop
 
     def announce(self) -> None:
@@ -61,6 +65,8 @@ class TestHooks:
                 "); this run injects faults on purpose. Unset these variables for real training.")
 
     def install(self, engine) -> None:
+        if self.slow_save:
+            _slow_down_saves(*self.slow_save)
         if self.slow or self.stall:
             engine.module.register_forward_pre_hook(self._sleep)
         if self.nan_steps or self.nan_grad_steps:
@@ -78,6 +84,22 @@ class TestHooks:
             _stall_here(self.stall[2])
 
     _stalled = None
+
+
+def _slow_down_saves(from_iteration: int, seconds: float) -> None:
+    """PRETRAIN_SLOW_SAVE: every rank's file is written, then the save waits before meta.json, `complete` and
+    `latest` (checkpoint.save's commit)."""
+    from pretrain import checkpoint
+
+    write = checkpoint._write_rank_file
+
+    def slow_write(engine, tag_dir, layout):
+        entry = write(engine, tag_dir, layout)
+        if int(os.path.basename(tag_dir).split("_")[1]) >= from_iteration:
+            time.sleep(seconds)
+        return entry
+
+    checkpoint._write_rank_file = slow_write
 
 
 def _stall_here(seconds: float) -> None:

@@ -6,8 +6,9 @@ setup -> fit -> finish, around one `Run` (what was built) and its `RunState` (wh
           conditions (end, preemption signal, too many non-finite steps)
   finish  final evaluation, checkpoint, sample, loss plot and summary
 
-Exit codes: 0 done; 2 bad arguments, layout, data or checkpoint to resume from; 3 stopped by SIGTERM/SIGUSR1 after
-saving (requeue me); 4 stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last
+Exit codes: 0 done; 2 bad arguments, layout, data or checkpoint to resume from; 3 stopped by SIGTERM, SIGINT or
+SIGUSR1 after saving (requeue me; pretrain/signals.py: a signal sent to every process of the job, as Slurm and Ctrl-C
+send it, still saves); 4 stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last
 good state was saved); 5 a checkpoint could not be written (a full disk: the message names it; the partial
 checkpoint was removed, the earlier ones are intact); 6 a collective failed or timed out after
 --dist-timeout-minutes because another rank is dead or stuck (the message names it; rerun to resume).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -33,7 +32,6 @@ from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
 from pretrain import checkpoint, downstream, hf, mlm
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
-from pretrain.compat import device
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
@@ -44,6 +42,7 @@ from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
                                peers_report, validate_layout)
 from pretrain.schedule import lr_at
+from pretrain.signals import StopSignal
 from pretrain.step import SkipCounter, StepResult, release_gathered, train_step
 from pretrain.step import evaluate as evaluate_batches
 
@@ -51,26 +50,6 @@ EXIT_PREEMPTED = 3
 EXIT_TOO_MANY_SKIPS = 4
 EXIT_SAVE_FAILED = 5
 EXIT_PEER_LOST = 6
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm's warning before preemption or the time limit) -> finish the step, save, exit."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        """Every rank must stop at the same step: a signal seen by any rank stops all."""
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.is_initialized():
-            flag = flag.to(device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
 
 
 @dataclass
@@ -216,7 +195,8 @@ def setup(args) -> Run:
     wandb = wandb_options(args, run_config, loaded["run_config"] if resume_from else {})
     return Run(args=args, cfg=cfg, layout=layout, engine=engine, tokenizer=tokenizer, datasets=datasets,
                train_iters=train_iters, decay_iters=args.lr_decay_iters or train_iters, train_iter=train_iter,
-               metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb),
+               metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb,
+                                   resumed_at=state.iteration),
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
                **monitors(args, tracker, train_iter), state=state)
@@ -341,11 +321,16 @@ def fit(run: Run) -> int:
             release_gathered(run.engine)  # ZeRO-3: what those forwards gathered, before training goes on
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(run, "interval")
-        if run.stop.agreed():
-            log(f"received {run.stop.received or 'a stop signal on another rank'}: saving and exiting "
-                f"(exit code {EXIT_PREEMPTED}; rerun to resume)")
+        stop = run.stop.agreed()
+        if stop:
+            # The step a signal arrives in is finished, not abandoned: from the first backward on, ZeRO has
+            # reduce-scattered part of its gradients across ranks, and a checkpoint holds whole steps only; the
+            # time left (launcher and Slurm graces: README "Preemption and signals") pays for one step plus the save.
+            log(f"received {run.stop.received or 'a stop signal on another rank'}: step {state.iteration} finished, "
+                f"saving and exiting (exit code {EXIT_PREEMPTED}; " +
+                ("the Slurm scripts requeue the job)" if stop == "warning" else "rerun to resume)"))
             save(run, "preemption")
-            if args.save and is_rank0():  # tells slurm/common.sh to requeue the job
+            if stop == "warning" and args.save and is_rank0():  # USR1: tells slurm/common.sh to requeue the job
                 with open(os.path.join(args.save, "requeue"), "w") as f:
                     f.write(str(state.iteration))
             return EXIT_PREEMPTED
@@ -493,6 +478,10 @@ def main(argv=None) -> int:
             op_builds.StaleLockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("error: stopped by a second Ctrl-C without saving; rerun to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return 130
     except RuntimeError as e:
         if not is_peer_failure(e) or not dist.is_initialized():
             raise
@@ -504,5 +493,19 @@ def main(argv=None) -> int:
     return exit_code
 
 
+EXIT_MEANINGS = {2: "bad arguments or input", EXIT_PREEMPTED: "preempted: checkpoint saved, rerun to resume",
+                 EXIT_TOO_MANY_SKIPS: "too many non-finite steps", EXIT_SAVE_FAILED: "a checkpoint could not be "
+                 "written", EXIT_PEER_LOST: "another rank is dead or stuck", 130: "second Ctrl-C, not saved"}
+
+
+def exit_with(code: int) -> None:
+    """Each rank says how it ends: a launcher that was signalled reports its own code, not the ranks' (DeepSpeed's
+    launch.py exits 1, its runner dies of the signal; README "Preemption and signals")."""
+    if code:
+        rank = os.environ.get("RANK", "0")
+        print(f"rank {rank}: exit code {code} ({EXIT_MEANINGS.get(code, 'error')})", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

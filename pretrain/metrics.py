@@ -5,7 +5,16 @@ W&B: one run per training run, whatever the number of ranks or restarts. Its id 
 run config, which every checkpoint carries (meta.json); a resumed or requeued run reads it back and continues the
 same W&B run (resume="allow"), logging at the same step numbers. WANDB_MODE=offline writes the run under
 <log-dir>/wandb for `wandb sync` on a machine with internet. wandb is optional: without it installed the trainer
-runs, and asking for it says how to install it."""
+runs, and asking for it says how to install it.
+
+W&B across a signal to every process: the W&B service (wandb-core) dies on SIGTERM without flushing what it was
+given (pretrain/signals.py; wandb issue 9963), and Slurm's scancel, preemption and DeepSpeed's launcher all send it
+one. metrics.jsonl is the record of truth: after each session whose wandb.finish succeeded, <log-dir>/
+wandb-confirmed.json names the last step W&B has for sure, and a resumed session first re-sends, from
+metrics.jsonl, every step after that one up to where it resumes (later lines win, as for a reader of the file).
+The service writes the offline file only when its buffer fills or the run finishes (flush interval 0), so a killed
+session leaves nothing half-written to duplicate; online, the server drops a step it already has (steps only
+increase within a run), so nothing is logged twice there either."""
 from __future__ import annotations
 
 import json
@@ -13,6 +22,8 @@ import os
 import time
 
 import torch
+
+from common.files import write_json
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity), by device-name fragment.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -76,17 +87,29 @@ def new_wandb_id() -> str:
     return secrets.token_hex(4)  # W&B run ids are short strings of [a-z0-9]
 
 
+def scalars_of(record: dict) -> dict:
+    """A metrics.jsonl record -> the W&B / TensorBoard scalars: train/<key>, eval/val_* and eval/test_*."""
+    return {f"train/{k}" if not k.startswith(("val", "test")) else f"eval/{k}": v
+            for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and v == v}
+
+
 class MetricsWriter:
-    def __init__(self, log_dir: str, tensorboard_dir: str | None, enabled: bool, wandb: dict | None = None):
-        """wandb: None, or {"project", "name", "entity", "id", "config"} (wandb.init's arguments)."""
+    def __init__(self, log_dir: str, tensorboard_dir: str | None, enabled: bool, wandb: dict | None = None,
+                 resumed_at: int = 0):
+        """wandb: None, or {"project", "name", "entity", "id", "config"} (wandb.init's arguments); resumed_at: the
+        iteration this session starts from (the steps up to it that W&B may have lost are re-sent)."""
         self.enabled = enabled
         self.tb = self.wandb = None
+        self.log_dir, self.wandb_id, self.wandb_last = log_dir, None, 0
         self.path = os.path.join(log_dir, "metrics.jsonl")
         if enabled and wandb:
             import wandb as wb
 
             self.wandb = wb.init(project=wandb["project"], name=wandb.get("name"), entity=wandb.get("entity"),
-                                 id=wandb["id"], resume="allow", config=wandb["config"], dir=log_dir)
+                                 id=wandb["id"], resume="allow", config=wandb["config"], dir=log_dir,
+                                 settings=wb.Settings(x_transaction_log_flush_interval=0))
+            self.wandb_id = wandb["id"]
+            self._resend_to_wandb(resumed_at)
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             try:
@@ -101,24 +124,67 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {f"train/{k}" if not k.startswith(("val", "test")) else f"eval/{k}": v
-                   for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and v == v}
+        scalars = scalars_of(record)
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
-        if self.wandb is not None and scalars:
-            self.wandb.log(scalars, step=record["step"])
+        if scalars:
+            self._wandb("log", scalars, step=record["step"])
+            self.wandb_last = max(self.wandb_last, record["step"])
 
     def close(self, exit_code: int = 0, preempted: bool = False) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             if preempted:  # it will be resumed
-                self.wandb.mark_preempting()
-            self.wandb.finish(exit_code=exit_code)
+                self._wandb("mark_preempting")
+            if self._wandb("finish", exit_code=exit_code):
+                confirmed = {"run_id": self.wandb_id, "step": self.wandb_last}
+                write_json(self._confirmed_path(), confirmed)
             self.wandb = None
+
+    # ---- W&B, whose service a signal may have killed
+    def _wandb(self, method: str, *args, **kwargs) -> bool:
+        """Call the W&B run; once its service is gone (killed by a signal sent to every process), say so once and
+        stop calling it: training and the preemption save go on, and the next session re-sends the steps."""
+        if self.wandb is None:
+            return False
+        try:
+            getattr(self.wandb, method)(*args, **kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001 -- wandb raises socket, asyncio and its own errors here
+            print(f"W&B: the service is gone ({type(e).__name__}: {str(e)[:120]}; a signal to every process kills "
+                  f"it, wandb issue 9963); its steps after {self._confirmed()} are re-sent from metrics.jsonl when "
+                  f"the run resumes", flush=True)
+            self.wandb = None
+            return False
+
+    def _confirmed_path(self) -> str:
+        return os.path.join(self.log_dir, "wandb-confirmed.json")
+
+    def _confirmed(self) -> int:
+        """The last step a finished W&B session of this run confirmed (0: none)."""
+        try:
+            with open(self._confirmed_path()) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return 0
+        return saved["step"] if saved.get("run_id") == self.wandb_id else 0
+
+    def _resend_to_wandb(self, resumed_at: int) -> None:
+        confirmed = self._confirmed()
+        if resumed_at <= confirmed or not os.path.exists(self.path):
+            return
+        by_step: dict[int, dict] = {}
+        for record in read_metrics(self.path):
+            if confirmed < record.get("step", 0) <= resumed_at:
+                by_step.setdefault(record["step"], {}).update(scalars_of(record))
+        for step in sorted(by_step):
+            self._wandb("log", by_step[step], step=step)
+        self.wandb_last = resumed_at
+        print(f"W&B: re-sent steps {confirmed + 1}-{resumed_at} from metrics.jsonl ({len(by_step)} logged steps "
+              f"that no finished W&B session had confirmed)", flush=True)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -32,6 +32,10 @@ run_training() {
   # One torchrun per node, static rendezvous (no ssh, no hostname-dependent c10d rendezvous). torchrun runs with
   # SIGUSR1 ignored, so Slurm's --signal=USR1 reaches the training ranks (which install their own handler:
   # finish the step, save, exit 3) without killing their launcher.
+  # scancel, preemption and the time limit signal every process of the job, this shell too (SIGTERM; SIGKILL after
+  # KillWait). The ranks finish their step, save a checkpoint tagged preemption and exit 3 (pretrain/signals.py);
+  # this shell must outlive srun meanwhile: bash runs a trap only once the foreground srun has returned.
+  trap 'echo "slurm: job ${SLURM_JOB_ID:-?} got SIGTERM (scancel, preemption or time limit): the ranks save and exit 3"' TERM
   set +e
   srun --kill-on-bad-exit=1 --ntasks-per-node=1 --export=ALL bash -c '
     trap "" USR1

@@ -1,13 +1,23 @@
 """pretrain/main.py end to end on 1-2 CPU ranks: every ds_config, metrics, eval, non-finite steps, exact resume,
 preemption signals, a killed rank."""
+import contextlib
+import glob
+import json
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from conftest import MAIN, common, launch, metrics, spawn_ranks, train_losses, wait_for_step
+import wandb_files
+
+from conftest import MAIN, ROOT, common, free_port, launch, metrics, spawn_ranks, train_losses, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -114,25 +124,112 @@ def test_sigkill_then_rerun_resumes_bit_identically(tiny_data, tmp_path):
     assert [got[s] for s in range(5, 11)] == [want[s] for s in range(5, 11)]  # bit-identical
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGUSR1: tests/slurm/test_slurm.py, through scancel
-def test_preemption_signal_saves_and_exits_then_resumes(tiny_data, tmp_path, sig):
-    def args(iters):
-        return ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", iters, "--save", tmp_path / "ck",
-                "--save-interval", "1000", *common(tiny_data, tmp_path)]
+# Signals as a cluster or a terminal sends them: to every process (pretrain/signals.py), through DeepSpeed's own
+# launcher, with DataLoader workers and the W&B service running. Each run is compared step for step with one
+# uninterrupted run of the same flags (fp32: bit-identical).
+SIGNAL_ITERS = 14
 
-    procs = spawn_ranks(2, args(500))
-    wait_for_step(tmp_path, 3, procs)
-    procs[1].send_signal(sig)  # one rank is enough: all agree to stop at the same step
-    t0 = time.time()
-    codes = [p.wait(timeout=120) for p in procs]
-    out = procs[0].stdout.read()
-    assert codes == [3, 3], out[-3000:]
-    assert time.time() - t0 < 60
+
+def signal_args(tmp, extra=()):
+    return ["--deepspeed_config", "ds_configs/zero3.json", "--fp32", "--train-iters", SIGNAL_ITERS, "--save",
+            tmp / "ck", "--save-interval", "1000", *common(DATA[0], tmp), "--num-workers", "2", *extra]
+
+
+DATA = []  # tiny_data, set by the module fixture below (signal_args is called with plain paths)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    DATA[:] = [tiny_data]
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    launch(2, MAIN, *signal_args(tmp))
+    return train_losses(metrics(tmp))
+
+
+def deepspeed_launch(args, env=None) -> subprocess.Popen:
+    """`deepspeed --num_gpus 2 pretrain/main.py ...` as a user starts it, in a session of its own (a terminal's
+    foreground process group)."""
+    return subprocess.Popen([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                             str(free_port()), str(MAIN), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def stop_with(launcher: subprocess.Popen, how: str) -> str:
+    """Send the signal as `how` says once step 3 is logged; -> everything the job printed, after every process
+    (ranks, DataLoader workers, W&B service) is gone."""
+    everyone = [psutil.Process(launcher.pid)] + psutil.Process(launcher.pid).children(recursive=True)
+    if how == "SIGINT to the process group":  # Ctrl-C (the W&B service has a session of its own: wandb starts it so)
+        os.killpg(launcher.pid, signal.SIGINT)
+    else:  # scancel, preemption, a time limit: slurmstepd signals every process of the step
+        for p in everyone:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(everyone, timeout=120)
+    assert not alive, f"still running 120 s after {how}: {alive}"
+    return launcher.communicate(timeout=30)[0]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to every process", "SIGINT to the process group"])
+def test_a_signal_to_every_process_saves_and_the_rerun_equals_an_uninterrupted_run(uninterrupted, tmp_path, how):
+    wandb = how.startswith("SIGTERM")  # the W&B service gets the SIGTERM too (it dies of it: wandb issue 9963)
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"} if wandb else {}
+    extra = ["--wandb-project", "dsllm-test", "--wandb-run-name", "tiny"] if wandb else []
+    launcher = deepspeed_launch(signal_args(tmp_path, extra), env)
+    wait_for_step(tmp_path, 3, [launcher])
+    out = stop_with(launcher, how)
     tag = (tmp_path / "ck" / "latest").read_text()
-    step = int(tag.split("_")[1])
-    assert step >= 3 and f"saved checkpoint {tmp_path / 'ck' / tag} (preemption)" in out
-    out = launch(2, MAIN, *args(step + 2)).stdout
-    assert f"at iteration {step}" in out and max(train_losses(metrics(tmp_path))) == step + 2
+    stopped = int(tag.split("_")[1])
+    assert 3 <= stopped < SIGNAL_ITERS, out[-3000:]
+    assert f"saved checkpoint {tmp_path / 'ck' / tag} (preemption)" in out, out[-3000:]
+    assert "rank 0: exit code 3" in out and "rank 1: exit code 3" in out, out[-3000:]
+    assert "killed by signal" not in out and "exited unexpectedly" not in out
+    assert max(train_losses(metrics(tmp_path))) == stopped  # the step the signal arrived in was finished, no more
+    rerun = launch(2, MAIN, *signal_args(tmp_path, extra), env=env).stdout
+    assert f"at iteration {stopped}" in rerun
+    got = train_losses(metrics(tmp_path))
+    assert [got[s] for s in range(1, SIGNAL_ITERS + 1)] == [uninterrupted[s] for s in range(1, SIGNAL_ITERS + 1)]
+    if wandb:
+        files = sorted(glob.glob(str(tmp_path / "logs" / "wandb" / "offline-run-*" / "run-*.wandb")))
+        assert len(files) == 2, files  # one per session, from rank 0 only
+        logged = [step for f in files for step, values in wandb_files.history(f).items() if "train/loss" in values]
+        assert sorted(logged) == list(range(1, SIGNAL_ITERS + 1))  # every step exactly once across the sessions
+        values = {}
+        for f in files:
+            values.update(wandb_files.history(f))
+        assert all(values[s]["train/loss"] == pytest.approx(got[s]) for s in got)
+        assert f"re-sent steps 1-{stopped}" in rerun  # the killed service had kept none of them
+        evals = [r for r in metrics(tmp_path) if "val_loss" in r]
+        assert evals and all(values[r["step"]]["eval/val_loss"] == pytest.approx(r["val_loss"]) for r in evals)
+        meta = json.loads((tmp_path / "ck" / f"iter_{SIGNAL_ITERS:07d}" / "meta.json").read_text())
+        ids = set().union(*(wandb_files.run_ids(f) for f in files))
+        assert ids == {meta["run_config"]["wandb_run_id"]}  # one W&B run, its id kept with the checkpoint
+        config = wandb_files.config(files[-1])
+        assert config["model_config"]["hidden_size"] == 64 and config["dp"] == 2
+
+
+def test_sigkill_during_a_preemption_save_leaves_latest_complete_and_the_rerun_exact(uninterrupted, tmp_path):
+    """Slurm's KillWait (or a launcher's grace) shorter than the save: SIGTERM to every process, SIGKILL 3 s later
+    while every rank's file is written and the tag not yet complete. `latest` still names the interval save."""
+    args = [a if a != "1000" else "2" for a in signal_args(tmp_path)]  # --save-interval 2
+    launcher = deepspeed_launch(args, env={"PRETRAIN_SLOW_SAVE": "3:60"})
+    wait_for_step(tmp_path, 3, [launcher])
+    everyone = [psutil.Process(launcher.pid)] + psutil.Process(launcher.pid).children(recursive=True)
+    for p in everyone:
+        p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(everyone, timeout=3)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    out = launcher.communicate(timeout=30)[0]
+    assert alive and "saved checkpoint" not in out.split("iter_0000002 (interval)")[-1], out[-3000:]
+    assert (tmp_path / "ck" / "latest").read_text() == "iter_0000002"
+    partial = [d.name for d in (tmp_path / "ck").iterdir() if d.name.startswith("iter_") and d.name != "iter_0000002"]
+    assert partial and not any((tmp_path / "ck" / d / "complete").exists() for d in partial)  # killed mid-save
+    rerun = launch(2, MAIN, *args).stdout
+    assert "at iteration 2" in rerun
+    got = train_losses(metrics(tmp_path))
+    assert [got[s] for s in range(1, SIGNAL_ITERS + 1)] == [uninterrupted[s] for s in range(1, SIGNAL_ITERS + 1)]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])

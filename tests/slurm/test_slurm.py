@@ -53,9 +53,46 @@ def train_env(data, out, **kw):
                           "--num-workers 0", **kw}
 
 
-def steps(out) -> list[int]:
+def losses(out) -> dict[int, float]:
+    """step -> loss of the job's metrics.jsonl (a resumed run appends; its later lines win)."""
     rows = [json.loads(line) for line in (out / "ck" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if r.get("loss") is not None and "val_loss" not in r]
+    return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None and "val_loss" not in r}
+
+
+def steps(out) -> list[int]:
+    return sorted(losses(out))
+
+
+# The signal tests: fp32 and DataLoader workers on, 12 steps; each ends equal, step for step, to one uninterrupted
+# run of the same flags (the flags slurm/common.sh passes, on 2 local ranks).
+SIGNAL_ITERS = 12
+SIGNAL_EXTRA = "--seq-length 32 --split 80,10,10 --eval-interval 4 --eval-iters 1 --log-interval 1 --fp32"
+
+
+def signal_env(data, out, **kw):
+    return train_env(data, out, **{"TRAIN_ITERS": str(SIGNAL_ITERS), "SAVE_INTERVAL": "1000",
+                                   "EXTRA_ARGS": SIGNAL_EXTRA, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    from conftest import MAIN, launch
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    env = signal_env(tiny_data, out)
+    launch(2, MAIN, "--deepspeed_config", "ds_configs/zero3.json", "--model", "tiny", "--data-path", tiny_data,
+           "--tp", "1", "--pp", "1", "--micro-batch-size", env["MICRO_BATCH_SIZE"], "--global-batch-size",
+           env["GLOBAL_BATCH_SIZE"], "--train-iters", env["TRAIN_ITERS"], "--save", env["SAVE_DIR"],
+           "--save-interval", env["SAVE_INTERVAL"], "--log-dir", f"{env['SAVE_DIR']}/logs", "--recompute",
+           env["RECOMPUTE"], *SIGNAL_EXTRA.split())
+    return losses(out)
+
+
+def wait_for_step(out, step: int, timeout=180):
+    metrics = out / "ck" / "logs" / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
+        time.sleep(0.3)
 
 
 @pytest.mark.parametrize("nodes, procs", [(1, 2), (2, 1)])
@@ -72,16 +109,13 @@ def test_pretrain_script_trains_and_checkpoints(slurm, tiny_data, tmp_path, node
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"
 
 
-def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
-    env = train_env(tiny_data, tmp_path, CPU_PROCS_PER_NODE="1", TRAIN_ITERS="12", SAVE_INTERVAL="1000")
+def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path, uninterrupted):
+    env = signal_env(tiny_data, tmp_path, CPU_PROCS_PER_NODE="1")
     res = sbatch("slurm/pretrain_1b.sh", "--nodes=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out", env=env,
                  wait=False)
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip()
-    metrics = tmp_path / "ck" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and '"step": 3,' in metrics.read_text()):
-        time.sleep(0.3)
+    wait_for_step(tmp_path, 3)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@300 sends before the end
     start, deadline = time.time(), time.time() + 240
     requeued_at, releases, trace = None, [], []
@@ -116,6 +150,35 @@ def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
     saved = int(log.split("saved checkpoint ")[1].split("iter_")[1][:7])
     assert f"resumed from {tmp_path / 'ck' / f'iter_{saved:07d}'} at iteration {saved}" in log, why
     assert max(steps(tmp_path)) == 12 and (tmp_path / "ck" / "latest").read_text() == "iter_0000012"
+    assert losses(tmp_path) == uninterrupted  # exact resume across the requeue (2 nodes x 1 rank = 2 ranks)
+
+
+def test_scancel_saves_and_the_resubmitted_job_resumes_exactly(slurm, tiny_data, tmp_path, uninterrupted):
+    """scancel signals every process of the job (SIGTERM; SIGKILL after KillWait, 20 s here): the batch script,
+    srun, torchrun, the ranks, their DataLoader workers. The ranks finish the step, save, and exit 3."""
+    env = signal_env(tiny_data, tmp_path, CPU_PROCS_PER_NODE="2",
+                     EXTRA_ARGS=SIGNAL_EXTRA + " --num-workers 2")
+    res = sbatch("slurm/pretrain_1b.sh", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/%j.out", env=env,
+                 wait=False)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip()
+    wait_for_step(tmp_path, 3)
+    subprocess.run(["scancel", job], check=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(0.5)
+    log = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    tag = (tmp_path / "ck" / "latest").read_text() if (tmp_path / "ck" / "latest").exists() else None
+    assert tag and f"saved checkpoint {tmp_path / 'ck' / tag} (preemption)" in log, log[-4000:]
+    assert "killed by signal" not in log and "exited unexpectedly" not in log, log[-4000:]
+    stopped = int(tag.split("_")[1])
+    assert 3 <= stopped < SIGNAL_ITERS and max(steps(tmp_path)) == stopped
+    res = sbatch("slurm/pretrain_1b.sh", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/%j.out", env=env)
+    log = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert res.returncode == 0, res.stderr + log[-3000:]
+    assert f"at iteration {stopped}" in log
+    assert losses(tmp_path) == uninterrupted
 
 
 def test_data_prep_array_and_merge_equal_a_single_process(slurm, tiny_tokenizer, tmp_path):
