@@ -155,6 +155,20 @@ def master_sum(engine) -> float:
     return total.item()
 
 
+def state_digest(engine) -> list[str]:
+    """Per rank, a hash of every optimizer slot's fp32 master weights and both Adam moments, as bytes: equal iff
+    not one element of them changed. Every rank's digest, in rank order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for slot in zero_state.slots(engine):
+        for state in zero_state.STATES:
+            h.update(zero_state.read(engine, slot, state).detach().float().contiguous().numpy().tobytes())
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, h.hexdigest())
+    return digests
+
+
 def _dp_rank():
     from megatron.core import parallel_state as ps
 
@@ -220,6 +234,8 @@ def main():
         window["step"] = step
         report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
         report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
+        if a.nan and step >= 2:  # Adam's moments exist from the first applied step on
+            report.setdefault("state_digest", {})[step] = state_digest(engine)
         if a.save and step in a.save_at:
             checkpoint.save(engine, a.save, step, step * layout.global_batch_size, layout, cfg.__dict__,
                             {"worker": vars(a)}, keep_last=10)
