@@ -91,14 +91,18 @@ def write_subset(src: str, dst: str, keep: np.ndarray) -> dict:
     bin_tmp = f"{dst}.bin.tmp"
     if os.path.lexists(bin_tmp):
         os.remove(bin_tmp)
-    try:
-        os.link(f"{src}.bin", bin_tmp)
-    except OSError:
-        import shutil
+    # A rerun finds dst.bin already linked to src.bin; renaming a second link of the same file over it would do
+    # nothing and leave the .tmp behind (POSIX rename(2): "if oldpath and newpath are existing hard links referring
+    # to the same file, rename() does nothing").
+    if not (os.path.exists(f"{dst}.bin") and os.path.samefile(f"{src}.bin", f"{dst}.bin")):
+        try:
+            os.link(f"{src}.bin", bin_tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(f"{src}.bin", bin_tmp)
+            shutil.copyfile(f"{src}.bin", bin_tmp)
+        os.replace(bin_tmp, f"{dst}.bin")
     _write_idx(f"{dst}.idx.tmp", idx["dtype"], idx["lengths"][keep], idx["pointers"][keep])
-    os.replace(bin_tmp, f"{dst}.bin")
     os.replace(f"{dst}.idx.tmp", f"{dst}.idx")
     return {"documents": int(keep.sum()), "tokens": int(idx["lengths"][keep].astype(np.int64).sum())}
 

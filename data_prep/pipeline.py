@@ -219,8 +219,23 @@ def _worker_context():
     return mp.get_context("fork")
 
 
+# With one-process `--dedup near`, the shards as first written still hold the near duplicates: they, their hashes,
+# MinHash signatures and commit records live in this subdirectory, and the output directory holds only the product
+# (new indexes over the same .bin files, hard-linked) and manifest.json, so that a glob or a Megatron prefix list
+# over the output never trains on the duplicates (issue 29). A rerun after a kill resumes from this directory.
+NEAR_INPUT = "near-input"
+
+
+def _shard_dir(opts: PrepareOptions) -> str:
+    """Where this rank writes its shards: the output directory itself unless a near pass follows in-process."""
+    if opts.dedup == "near" and opts.world_size == 1:
+        return os.path.join(opts.output, NEAR_INPUT)
+    return opts.output
+
+
 def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: str, vocab: int, hf) -> dict:
-    shard_set = ShardSet(opts.output, opts.rank, np.dtype(cfg.dtype))
+    os.makedirs(_shard_dir(opts), exist_ok=True)
+    shard_set = ShardSet(_shard_dir(opts), opts.rank, np.dtype(cfg.dtype))
     seen = HashSet(spill_dir=os.path.join(opts.output, f".dedup-r{opts.rank:03d}"))
     try:
         cursor, counts = shard_set.restore(opts.fingerprint(files), seen)
@@ -251,22 +266,20 @@ def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: 
 
 
 def _near_pass(opts: PrepareOptions, shards: list[dict], counts: Counter) -> list[dict]:
-    """Near duplicates over the whole output (data_prep/minhash.py): the shards' indexes are rewritten without
-    them (the .bin files stay as written, shared through a hard link)."""
-    keep, dropped = minhash.near_keep_masks(opts.output, shards, opts.near_threshold, opts.near_bands,
+    """Near duplicates over the whole output (data_prep/minhash.py): each shard of NEAR_INPUT becomes the shard of
+    the same name in the output directory, indexed without them (the .bin is shared through a hard link, so no
+    token is copied). Rewritten whole on a rerun, so a kill during this pass only costs the pass."""
+    source = _shard_dir(opts)
+    keep, dropped = minhash.near_keep_masks(source, shards, opts.near_threshold, opts.near_bands,
                                             opts.near_rows, opts.num_perm)
     if dropped:
         counts["dropped:near_duplicate"] += dropped
         counts["kept"] -= dropped
     out = []
     for shard, mask in zip(shards, keep):
-        if mask.all():
-            out.append(shard)
-            continue
-        prefix = os.path.join(opts.output, shard["path"])
-        info = write_subset(prefix, prefix + "-near", mask)
+        info = write_subset(os.path.join(source, shard["path"]), os.path.join(opts.output, shard["path"]), mask)
         counts["tokens"] -= shard["tokens"] - info["tokens"]
-        out.append({"path": shard["path"] + "-near", "bin_sha256": shard["bin_sha256"], **info})
+        out.append({**shard, **info})
     return out
 
 
