@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 from pretrain import steptime  # noqa: E402
 from pretrain.config import preset  # noqa: E402
+from pretrain.engine import zero_auto  # noqa: E402
 
 WORKER = os.path.join(ROOT, "tests", "workers", "train_layout.py")
 
@@ -234,7 +235,7 @@ def _flags_to_input(nproc, flags, cfg, accum_total=4, mb=2):
     dp = nproc // (tp * pp)
     return steptime.StepInput(cfg=cfg, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=mb,
                               grad_accum=accum_total // (mb * dp), gpus_per_node=nproc, device="cpu",
-                              reduce_bucket=cfg.hidden_size ** 2)  # the worker sizes ZeRO buckets "auto": h x h
+                              reduce_bucket=zero_auto("reduce_bucket_size", cfg.hidden_size))  # the worker's "auto"
 
 
 def cpu_check(n_layouts: int | None = None, shape: dict | None = WIDE) -> list[dict]:

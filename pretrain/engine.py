@@ -30,12 +30,23 @@ _BATCH_KEYS = {
 }
 
 
-# ZeRO fields sized from the model's hidden size h when a config says "auto": the rules Hugging Face's DeepSpeed
-# integration applies (transformers/integrations/deepspeed.py), so buckets grow with the model instead of being
-# fixed numbers, and parameters smaller than 10 h elements (norm weights, biases) stay whole.
+# ZeRO fields sized from the model's hidden size h when a config says "auto". Parameters smaller than 10 h elements
+# (norm weights, biases) stay whole (Hugging Face's rule, transformers/integrations/deepspeed.py). The buckets are
+# Hugging Face's h x h (prefetch 0.9 h x h) raised to at least 4e7 elements (megatron-core's DDP bucket floor) and
+# capped at 1e8 (issue 32). Why: every bucket flush is one collective with its fixed cost, and h x h made ZeRO-3
+# reduce-scatter each gradient alone (16,384 elements at h 128): on the 2-core CPU, 8 layers, DP 2, 102 reduce-
+# scatters per step, and with their bucketing and partition copies 752 of a 1,545-ms step; with one bucket per
+# micro-batch 99 ms (bench/zero3_profile.py, medians of paired runs under load). On GPUs the floor gives 1B
+# ~1.5 reduce-scatters per layer instead of 6, 7B 5 instead of 6 (pretrain.steptime.bucket_flushes). The cost is
+# memory: DeepSpeed's ZeRO-3 allocates the whole reduce bucket up front (stage3.py, the IPG buffer, in the
+# communication dtype; the reduce-scatter copies it once more), so 4e7 is 80 MB in bf16 and the 1e8 cap
+# (h > 10,000) 200 MB; build_engine caps it further at the rank's own parameters (a tiny model needs no
+# 4e7-element buffer). The prefetch bucket only sets how far ahead parameters are
+# all-gathered; what it may hold gathered is bounded by stage3_max_live_parameters (pretrain.plan).
+_BUCKET_FLOOR, _BUCKET_CAP = 4e7, 1e8
 _ZERO_AUTO = {
-    "reduce_bucket_size": lambda h: h * h,
-    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "reduce_bucket_size": lambda h: min(max(h * h, _BUCKET_FLOOR), _BUCKET_CAP),
+    "stage3_prefetch_bucket_size": lambda h: min(max(0.9 * h * h, _BUCKET_FLOOR), _BUCKET_CAP),
     "stage3_param_persistence_threshold": lambda h: 10 * h,
 }
 
@@ -72,7 +83,7 @@ def load_ds_config(source, layout: Layout, clip_grad: float, fp32: bool = False,
         if zero.get(key) == "auto":
             if hidden_size is None:
                 raise LayoutError(f"{path}: zero_optimization.{key} is \"auto\" but no hidden size was given")
-            zero[key] = rule(hidden_size)
+            zero[key] = int(rule(hidden_size))
     config_stage = int(zero.get("stage", 0))
     if config_stage != layout.zero_stage:
         raise LayoutError(f"{path}: zero_optimization.stage={config_stage} but the layout was validated for "
@@ -144,6 +155,22 @@ def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, options, seed
         with deepspeed.zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(),
                                  config_dict_or_path=ds_config, mpu=MegatronMpu()):
             model = GPT(cfg, layout.tp, options)
+        # One ZeRO-3 fetch unit per transformer layer: DeepSpeed hooks every submodule (about 17 per layer: norms,
+        # linears, attention, RoPE, IdentityOps) and fetches, waits and releases per submodule; as a leaf the whole
+        # Block is fetched in one all-gather before its forward and reduced after its backward. On the 2-core CPU
+        # (bench/zero3_profile.py, 8 layers, DP 2) the sub-module hook calls went from 288 to 32 per step and their
+        # host time from 176 ms to 49 ms. Recompute ("full" checkpoints inside Block, "selective" inside
+        # megatron's layer) runs with the layer's parameters already gathered by the leaf's backward fetch; TP
+        # is untouched (the layer's own collectives). Not leaves: the output layer (the leaf's full backward hook
+        # wraps the logits, which the vocab-parallel cross-entropy modifies in place: autograd refuses it) and,
+        # with it, the embedding and final norm (a parameter was released before its backward: not pursued, 3 of
+        # ~20 modules). A leaf's gradients are reduced from a torch full backward hook, which sees only top-level
+        # tensor arguments: Block must get hidden states as one (GPT.logits passes (hidden, doc ids) as two).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from pretrain.model import Block
+
+        set_z3_leaf_modules(model, [Block])
     else:
         model = GPT(cfg, layout.tp, options)
     init_parameters(model, cfg, seed)
@@ -173,6 +200,7 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
 
     from pretrain.model import ModelOptions
 
+    ds_config = fit_zero3_reduce_bucket(ds_config, cfg, layout)
     model = build_model(cfg, layout, ds_config, options or ModelOptions(), seed)
     optimizer = build_optimizer(param_groups(model, opt.weight_decay), ds_config, opt)
     # With a PipelineModule the topology comes from the module, and DeepSpeed must get no mpu.
@@ -183,6 +211,21 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     if compile_layers or fused_swiglu:
         apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine
+
+
+def fit_zero3_reduce_bucket(ds_config: dict, cfg: ModelConfig, layout: Layout) -> dict:
+    """ZeRO-3 allocates its whole reduce bucket up front (reduce_bucket_size elements; DeepSpeed 0.19.8 stage3.py),
+    and a bucket larger than this rank's parameters never holds more than them: cap it there (the same flushes,
+    less memory; "auto" gives at least 4e7 elements, 160 MB in fp32 for a model of a few million)."""
+    zero = ds_config.get("zero_optimization", {})
+    if layout.zero_stage != 3 or not isinstance(zero.get("reduce_bucket_size"), (int, float)):
+        return ds_config
+    from pretrain.sharding import stage_parameters
+
+    params = sum(n for _, n in stage_parameters(cfg, layout.tp, 1, 0))
+    if zero["reduce_bucket_size"] <= params:
+        return ds_config
+    return {**ds_config, "zero_optimization": {**zero, "reduce_bucket_size": int(params)}}
 
 
 def zero3_partitioning(engine) -> dict:

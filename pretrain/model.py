@@ -254,8 +254,13 @@ class Block(nn.Module):
         with rng:
             return self.layer(hidden, attention_mask=doc, rotary_pos_emb=rotary_pos_emb)[0]
 
-    def forward(self, x):
-        hidden, doc = x if isinstance(x, tuple) else (x, None)
+    def forward(self, x, doc=None):
+        # GPT passes hidden and document ids as two arguments; DeepSpeed's PipelineModule passes one tuple. Two
+        # top-level tensors matter under ZeRO-3, where each Block is a leaf (pretrain/engine.py): torch's full
+        # backward hook, which DeepSpeed uses to reduce a leaf's gradients, sees only top-level tensor inputs; given
+        # one tuple it found none, fired before the layer's backward instead of after it, and the recomputed
+        # backward then met released parameters (issue 32; TP 2 x DP 2, full recompute, document mask).
+        hidden, doc = x if isinstance(x, tuple) else (x, doc)
         seq = hidden.size(0) * self.seq_factor
         rotary_pos_emb = self.rotary(seq)  # [s, 1, 1, d]
         if doc is not None:  # per-token positions: [s, b, 1, d]
@@ -288,7 +293,7 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.norm = RMSNorm(tconfig, cfg.hidden_size, eps=cfg.norm_eps)
 
-    def forward(self, x):
+    def forward(self, x, doc=None):
         return self.norm(x[0] if isinstance(x, tuple) else x)
 
 
@@ -425,8 +430,8 @@ class GPT(nn.Module):
 
     def logits(self, tokens):
         hidden = tokens
-        for stage in self.children():
-            hidden = stage(hidden)
+        for stage in self.children():  # (hidden, document ids) go in as two arguments: see Block.forward
+            hidden = stage(*hidden) if isinstance(hidden, tuple) else stage(hidden)
         return hidden
 
     def forward(self, tokens, labels=None, loss_mask=None):

@@ -89,7 +89,7 @@ class PlanInput:
     sequence_parallel: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
-    reduce_bucket_size: float = 5e7  # elements, as in ds_configs/zero3.json
+    reduce_bucket_size: float = 5e7  # elements; ds_configs/zero3.json's "auto" gives 4e7-1e8 (pretrain/engine.py)
     prefetch_bucket_size: float = 5e7
     zero3_max_live_parameters: float = 1e9  # as in ds_configs/zero3.json
     zero3_max_reuse_distance: float = 1e9

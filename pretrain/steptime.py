@@ -127,7 +127,7 @@ class StepInput:
     inter: str = "ib-ndr400"
     overrides: dict = field(default_factory=dict)  # Link fields by name: {"inter.bus_gbs": 25.0, ...}
     # ZeRO's reduce_bucket_size and stage3_prefetch_bucket_size (elements); None: what the shipped ds_configs give
-    # (ZeRO-3 "auto": h x h and 0.9 h x h, pretrain/engine.py; ZeRO-1/2: 2e8)
+    # (ZeRO-3 "auto": h x h and 0.9 h x h within [4e7, 1e8], pretrain/engine.py; ZeRO-1/2: 2e8)
     reduce_bucket: float | None = None
     prefetch_bucket: float | None = None
     allreduce_bucket: float = 5e8  # DeepSpeed's allreduce/allgather bucket size without ZeRO / after the step
@@ -346,7 +346,11 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int) -> list[Collective]
     # gradients are reduce-scattered in buckets as they become ready; parameters under the persistence threshold
     # (10 h, "auto": pretrain/engine.py) are whole on every rank and all-gathered after the step.
     # Fetches coalesce: the prefetcher gathers the next parameters in one all-gather while their sum stays under
-    # stage3_prefetch_bucket_size (partitioned_param_coordinator.py).
+    # stage3_prefetch_bucket_size (partitioned_param_coordinator.py). Each transformer layer is one ZeRO-3 leaf
+    # (pretrain/engine.py: its parameters fetched together, gradients reduced after its backward); counted per
+    # parameter here, which is what the prefetcher walks (checked call for call on the tiny model, where the
+    # "auto" buckets hold everything: one fetch and one reduce-scatter per micro-batch; GPU-sized layers under a
+    # 4e7 prefetch bucket not checked against a real run).
     parted = [n for _, n in tensors if n > zero_auto("stage3_param_persistence_threshold", s.cfg.hidden_size)]
     backward_fetch, after = [], 0
     for n in reversed(parted):
