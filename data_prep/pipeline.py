@@ -234,8 +234,9 @@ def _shard_dir(opts: PrepareOptions) -> str:
 
 
 def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: str, vocab: int, hf) -> dict:
-    os.makedirs(_shard_dir(opts), exist_ok=True)
-    shard_set = ShardSet(_shard_dir(opts), opts.rank, np.dtype(cfg.dtype))
+    shard_dir = _shard_dir(opts)
+    os.makedirs(shard_dir, exist_ok=True)
+    shard_set = ShardSet(shard_dir, opts.rank, np.dtype(cfg.dtype))
     seen = HashSet(spill_dir=os.path.join(opts.output, f".dedup-r{opts.rank:03d}"))
     try:
         cursor, counts = shard_set.restore(opts.fingerprint(files), seen)

@@ -165,7 +165,7 @@ def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, options, seed
         # wraps the logits, which the vocab-parallel cross-entropy modifies in place: autograd refuses it) and,
         # with it, the embedding and final norm (a parameter was released before its backward: not pursued, 3 of
         # ~20 modules). A leaf's gradients are reduced from a torch full backward hook, which sees only top-level
-        # tensor arguments: Block must get hidden states as one (GPT.logits passes (hidden, doc ids) as two).
+        # tensor arguments, so GPT.logits passes a Block (hidden, doc ids) as two arguments, never as one tuple.
         from deepspeed.utils import set_z3_leaf_modules
 
         from pretrain.model import Block
