@@ -181,6 +181,7 @@ def worker(a) -> int:
         with open(a.out, "w") as f:
             json.dump(rep, f)
     torch.distributed.barrier()
+    tl.shutdown_distributed()  # pretrain/parallel.py: gloo's threads otherwise abort the exit now and then
     return 0
 
 

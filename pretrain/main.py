@@ -40,7 +40,7 @@ from pretrain.metrics import WANDB_PIN, MetricsWriter, StepLog, device_peak_tflo
 from pretrain.monitor import CollectiveTracker, StragglerMonitor, TimedIterator, Watchdog, straggler_lines
 from pretrain.model import ModelOptions
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
-                               peers_report, validate_layout)
+                               peers_report, shutdown_distributed, validate_layout)
 from pretrain.schedule import lr_at
 from pretrain.signals import StopSignal
 from pretrain.step import SkipCounter, StepResult, release_gathered, train_step
@@ -461,7 +461,8 @@ def finish(run: Run, exit_code: int) -> None:
         log(f"checkpoint: {state.last_checkpoint}")
         log(f"plot: {plot_path}")
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank got here: the orderly end at which the groups may go
+    shutdown_distributed()
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from pretrain import checkpoint, hf  # noqa: E402
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning  # noqa: E402
 from pretrain.hooks import full_logits  # noqa: E402
-from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
+from pretrain.parallel import init_distributed, shutdown_distributed, validate_layout  # noqa: E402
 from pretrain.step import train_step  # noqa: E402
 
 SEQ = 16
@@ -96,6 +96,7 @@ def main():
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f)
     torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from pretrain.model import ACCURACY, lm_loss, mask_vocab_padding, top1_correct  # noqa: E402
-from pretrain.parallel import init_distributed  # noqa: E402
+from pretrain.parallel import init_distributed, shutdown_distributed  # noqa: E402
 
 
 def main():
@@ -39,6 +39,7 @@ def main():
         with open(sys.argv[1], "w") as f:
             json.dump({"wrong": int(wrong), "hard_ones": int((~want[1::3]).sum()), "right": int(want.sum()),
                        "accuracy": ACCURACY.result, "expected": expected}, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pretrain.memory import SavedActivations  # noqa: E402
 from pretrain.mlm import MaskingConfig, mask_sample  # noqa: E402
 from pretrain.model import ModelOptions  # noqa: E402
 from pretrain.monitor import CollectiveTracker  # noqa: E402
-from pretrain.parallel import init_distributed, validate_layout  # noqa: E402
+from pretrain.parallel import init_distributed, shutdown_distributed, validate_layout  # noqa: E402
 from pretrain.step import evaluate, release_gathered, train_step  # noqa: E402
 
 
@@ -248,6 +248,7 @@ def main():
         with open(a.out, "w") as f:
             json.dump(report, f)
     torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
