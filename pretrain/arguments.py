@@ -118,6 +118,22 @@ def _run_args(p) -> None:
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--load", help="resume from here (default: --save, if it holds a checkpoint)")
     g.add_argument("--no-load-optim", action="store_true", help="load weights only")
+    g.add_argument("--early-stop-patience", type=int, metavar="N",
+                   help="stop (save, exit 0) after N evaluations in a row without --early-stop-metric beating its "
+                        "best by more than --early-stop-min-delta; a resubmitted run that stopped exits at once "
+                        "(pretrain/early_stop.py)")
+    g.add_argument("--early-stop-min-delta", type=float, default=0.0, metavar="D",
+                   help="the least change that counts as an improvement for --early-stop-patience")
+    g.add_argument("--early-stop-metric", default="val_loss",
+                   help="a validation scalar as logged: val_loss, val_ppl, val_accuracy, or val_<task>_<metric> "
+                        "from --eval-tasks (e.g. val_arc_easy_acc_norm)")
+    g.add_argument("--early-stop-mode", choices=["auto", "min", "max"], default="auto",
+                   help="whether lower or higher is better (auto: from the name: *_loss, *_ppl lower; *_acc, "
+                        "*_accuracy higher)")
+    g.add_argument("--keep-best", action="store_true",
+                   help="save every evaluation that sets a new best --early-stop-metric (even off "
+                        "--save-interval); <save>/best names it, --keep-last never removes it, and export/convert "
+                        "take --tag best")
     g.add_argument("--max-skipped-steps", type=int, default=5,
                    help="stop after this many consecutive non-finite steps")
     g.add_argument("--log-interval", type=int, default=10)

@@ -16,6 +16,9 @@ so the resumed run is bit-identical.
                              Adam step, layout, model and run config, every file's size and xxh3-128 hash
   complete                   written last: the tag is whole
 <save>/latest                names the newest complete tag; replaced (atomically) only after `complete`
+<save>/best                  --keep-best: names the tag with the best validation metric (pretrain/early_stop.py);
+                             written after `latest`, never pruned; a damaged or missing one falls back to the best
+                             verified tag by the values the tags' meta.json recorded
 
 Resume verifies the files against meta.json (each rank checks a share); a damaged tag is reported file by file,
 set aside as <tag>.damaged, and the previous complete tag is used, saying so. No pickle is ever loaded.
@@ -38,7 +41,7 @@ from pretrain import sharding, zero_state
 from pretrain.parallel import Layout, barrier, is_rank0, log, rank, world_size
 
 FORMAT, VERSION = "dsllm-checkpoint", 1
-LATEST, COMPLETE, META = "latest", "complete", "meta.json"
+LATEST, COMPLETE, META, BEST = "latest", "complete", "meta.json", "best"
 TAG = re.compile(r"^iter_\d{7}$")
 
 
@@ -61,9 +64,10 @@ def layout_meta(layout: Layout) -> dict:
 
 # ------------------------------------------------------------------------------------------------ save
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, layout: Layout, model_config: dict,
-         run_config: dict, keep_last: int) -> str:
-    """Every rank writes its file; rank 0 then writes meta.json, `complete` and `latest`. A failure on any rank
-    (a full disk, say) fails the save on every rank, and the partial tag is removed."""
+         run_config: dict, keep_last: int, trainer_state: dict | None = None, best: bool = False) -> str:
+    """Every rank writes its file; rank 0 then writes meta.json, `complete`, `latest` (and `best` when `best`).
+    A failure on any rank (a full disk, say) fails the save on every rank, and the partial tag is removed.
+    trainer_state: what the loop keeps beside the engine (early stopping's counters), back from load()."""
     tag = tag_name(iteration)
     tag_dir = os.path.join(save_dir, tag)
     if is_rank0():
@@ -92,9 +96,12 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, layout: L
         write_json(os.path.join(tag_dir, META), {
             "format": FORMAT, "version": VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
             "adam_step": adam_step, "layout": layout_meta(layout), "model_config": model_config,
-            "run_config": run_config, "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            "run_config": run_config, "trainer_state": trainer_state or {}, "files": files,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         write_text(os.path.join(tag_dir, COMPLETE), str(iteration))
         write_text(os.path.join(save_dir, LATEST), tag)
+        if best:
+            write_text(os.path.join(save_dir, BEST), tag)
         _prune(save_dir, keep_last, keep=tag)
     barrier()
     return tag_dir
@@ -130,12 +137,24 @@ def _gather(obj) -> list:
     return out
 
 
+def mark_best(save_dir: str, tag: str) -> None:
+    """`best` names `tag`, already saved (rank 0 writes; collective)."""
+    if is_rank0():
+        write_text(os.path.join(save_dir, BEST), tag)
+    barrier()
+
+
 def _prune(save_dir: str, keep_last: int, keep: str) -> None:
-    """Remove the oldest complete tags beyond `keep_last` (only tags of ours: iter_NNNNNNN with `complete`)."""
+    """Remove the oldest complete tags beyond `keep_last` (only tags of ours: iter_NNNNNNN with `complete`),
+    never `keep` nor the one `best` names."""
     if keep_last <= 0:
         return
+    try:
+        best = read_pointer(save_dir, BEST)
+    except CheckpointError:
+        best = None
     for tag in complete_tags(save_dir)[:-keep_last]:
-        if tag != keep:
+        if tag not in (keep, best):
             shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
 
@@ -171,7 +190,12 @@ def _set_rng_state(tensors: dict, meta: dict) -> None:
 # ------------------------------------------------------------------------------------------------ find
 def read_latest(save_dir: str) -> str | None:
     """The tag `latest` names, checked to be one of ours (never a path to follow elsewhere), or None."""
-    path = os.path.join(save_dir, LATEST)
+    return read_pointer(save_dir, LATEST)
+
+
+def read_pointer(save_dir: str, name: str) -> str | None:
+    """The tag <save_dir>/<name> (latest, best) names, checked to be one of ours, or None."""
+    path = os.path.join(save_dir, name)
     if not os.path.exists(path):
         return None
     with open(path, errors="replace") as f:
@@ -303,10 +327,13 @@ def _candidates(load_dir: str) -> list[str]:
 
 def resolve_tag(path: str, tag: str | None = None) -> str:
     """For the offline tools (export, convert): a tag directory, given directly, by --tag, or the one `latest`
-    names (else the newest complete one); verified. Never falls back silently: a damaged tag is an error."""
+    names (else the newest complete one); verified. Never falls back silently: a damaged tag is an error, and
+    --tag best says which tag it takes instead of a damaged or missing `best`."""
+    if tag == BEST:
+        return _best_tag_dir(path)
     if tag is not None:
         if not TAG.match(tag):
-            raise CheckpointError(f"--tag {tag!r} is not a checkpoint tag (iter_NNNNNNN)")
+            raise CheckpointError(f"--tag {tag!r} is not a checkpoint tag (iter_NNNNNNN, or best)")
         tag_dir = os.path.join(path, tag)
     elif os.path.exists(os.path.join(path, META)):
         tag_dir = path
@@ -320,6 +347,39 @@ def resolve_tag(path: str, tag: str | None = None) -> str:
         raise CheckpointError(f"checkpoint {tag_dir} is damaged:\n  " + "\n  ".join(problems) +
                               "\n  pass --tag with an earlier one (ls the directory for iter_*)")
     return tag_dir
+
+
+def _best_tag_dir(path: str) -> str:
+    """The tag <path>/best names, verified; when it is missing or damaged, the best of the verified tags that
+    recorded their own evaluation (meta.json trainer_state.early_stop: last_step == iteration), saying so."""
+    try:
+        named = read_pointer(path, BEST)
+        why = None if named else f"{os.path.join(path, BEST)} is missing (was the run trained with --keep-best?)"
+    except CheckpointError as e:
+        named, why = None, str(e)
+    if named:
+        tag_dir = os.path.join(path, named)
+        problems = verify(tag_dir) if named in complete_tags(path) else [f"{tag_dir} is not a complete checkpoint"]
+        if not problems:
+            return tag_dir
+        why = f"{os.path.join(path, BEST)} names {named}, which is damaged or gone: " + "; ".join(problems)
+    scored = []  # (value, tag, metric, mode)
+    for tag in complete_tags(path):
+        try:
+            meta = read_meta(os.path.join(path, tag))
+        except CheckpointError:
+            continue
+        state = (meta.get("trainer_state") or {}).get("early_stop") or {}
+        if state.get("last_step") == meta["iteration"] and state.get("last_value") is not None:
+            if not verify(os.path.join(path, tag)):
+                scored.append((state["last_value"], tag, state["metric"], state["mode"]))
+    if not scored:
+        raise CheckpointError(f"{why}; no other checkpoint in {path} recorded its validation value: pass --tag "
+                              f"iter_NNNNNNN (ls the directory)")
+    pick = min if scored[0][3] == "min" else max
+    value, tag, metric, _ = pick(scored, key=lambda x: x[0])
+    log(f"warning: {why}; using {tag} instead, the best verified checkpoint ({metric} {value:.6g})")
+    return os.path.join(path, tag)
 
 
 # ------------------------------------------------------------------------------------------------ load

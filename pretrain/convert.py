@@ -1,4 +1,4 @@
-"""python -m pretrain.convert --load CKPT_DIR --output OUT_DIR [--tp N] [--pp N] [--tag iter_NNNNNNN]
+"""python -m pretrain.convert --load CKPT_DIR --output OUT_DIR [--tp N] [--pp N] [--tag iter_NNNNNNN|best]
 
 Rewrites a checkpoint of any layout as a consolidated one: every parameter's fp32 master and Adam moments whole
 per tensor-parallel rank of the target --tp, one file per (TP rank, layer), so a run at that TP reads each
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="where the consolidated checkpoint goes (a new directory)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the files are cut for")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check the model against")
-    p.add_argument("--tag", help="which checkpoint (default: the one 'latest' names)")
+    p.add_argument("--tag", help="which checkpoint: iter_NNNNNNN, or best (the one --keep-best named); default: "
+                                 "the one 'latest' names")
     a = p.parse_args(argv)
     try:
         out = convert(a.load, a.output, a.tp, a.pp, a.tag)

@@ -1,4 +1,4 @@
-"""python -m pretrain.export --load CKPT_DIR --output HF_DIR [--dtype bfloat16|float32] [--tag iter_NNNNNNN]
+"""python -m pretrain.export --load CKPT_DIR --output HF_DIR [--dtype bfloat16|float32] [--tag iter_NNNNNNN|best]
 
 Writes a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files; Llama, or the family a model
 imported with --init-from-hf came from, or EuroBERT for an --objective mlm encoder: pretrain/hf.py) from a
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="Hugging Face model directory to write")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one the run trained with)")
-    p.add_argument("--tag", help="which checkpoint (default: the one 'latest' names)")
+    p.add_argument("--tag", help="which checkpoint: iter_NNNNNNN, or best (the one --keep-best named); default: "
+                                 "the one 'latest' names")
     a = p.parse_args(argv)
     try:
         out = export(a.load, a.output, a.dtype, a.tokenizer, a.tag)

@@ -3,15 +3,16 @@
 setup -> fit -> finish, around one `Run` (what was built) and its `RunState` (what moves):
   setup   config -> parallel state -> DeepSpeed config -> engine -> data -> resume
   fit     the loop: one optimizer step, its log line, evaluation and checkpoints at their intervals, and the stop
-          conditions (end, preemption signal, too many non-finite steps)
+          conditions (end, early stop on validation, preemption signal, too many non-finite steps)
   finish  final evaluation, checkpoint, sample, loss plot and summary
 
-Exit codes: 0 done; 2 bad arguments, layout, data or checkpoint to resume from; 3 stopped by SIGTERM, SIGINT or
-SIGUSR1 after saving (requeue me; pretrain/signals.py: a signal sent to every process of the job, as Slurm and Ctrl-C
-send it, still saves); 4 stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last
-good state was saved); 5 a checkpoint could not be written (a full disk: the message names it; the partial
-checkpoint was removed, the earlier ones are intact); 6 a collective failed or timed out after
---dist-timeout-minutes because another rank is dead or stuck (the message names it; rerun to resume).
+Exit codes: 0 done (also stopped early by --early-stop-patience: a rerun of such a run exits 0 at once); 2 bad
+arguments, layout, data or checkpoint to resume from; 3 stopped by SIGTERM, SIGINT or SIGUSR1 after saving (requeue
+me; pretrain/signals.py: a signal sent to every process of the job, as Slurm and Ctrl-C send it, still saves); 4
+stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last good state was saved); 5 a
+checkpoint could not be written (a full disk: the message names it; the partial checkpoint was removed, the earlier
+ones are intact); 6 a collective failed or timed out after --dist-timeout-minutes because another rank is dead or
+stuck (the message names it; rerun to resume).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
-from pretrain import checkpoint, downstream, hf, mlm
+from pretrain import checkpoint, downstream, early_stop, hf, mlm
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
@@ -62,6 +63,7 @@ class RunState:
     last_loss: float | None = None
     last_checkpoint: str | None = None
     saved_iteration: int | None = None
+    stopped_early: str | None = None  # "here" (this run's evaluation) or "before" (the resumed checkpoint's)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Run:
     watchdog: Watchdog
     state: RunState = field(default_factory=RunState)
     task_lm: object = None  # --eval-tasks: pretrain.downstream's lm-eval model, built on first use
+    early: early_stop.EarlyStopping | None = None  # --early-stop-patience / --keep-best
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -142,6 +145,7 @@ def tokenizer_path(args) -> str:
 
 def setup(args) -> Run:
     check_optional_packages(args)
+    early_stop.check_options(args)
     op_builds.check()  # DeepSpeed loads its JIT-built ops in init_distributed; a killed build's lock hangs it
     tracker = CollectiveTracker().install()  # before any collective: stragglers and the watchdog read it
     tok_path = tokenizer_path(args)
@@ -193,13 +197,15 @@ def setup(args) -> Run:
                                              parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers))
     peak = args.peak_tflops or device_peak_tflops()[0]
     wandb = wandb_options(args, run_config, loaded["run_config"] if resume_from else {})
+    saved_state = (loaded.get("trainer_state") or {}) if resume_from else {}
     return Run(args=args, cfg=cfg, layout=layout, engine=engine, tokenizer=tokenizer, datasets=datasets,
                train_iters=train_iters, decay_iters=args.lr_decay_iters or train_iters, train_iter=train_iter,
                metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb,
                                    resumed_at=state.iteration),
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
-               **monitors(args, tracker, train_iter), state=state)
+               **monitors(args, tracker, train_iter), state=state,
+               early=early_stop.EarlyStopping.from_args(args, saved_state.get("early_stop")))
 
 
 def monitors(args, tracker: CollectiveTracker, train_iter: TimedIterator) -> dict:
@@ -306,6 +312,11 @@ def fit(run: Run) -> int:
         log(f"ZeRO-3: {part['partitioned']} of {part['zero3_params']} parameter tensors "
             f"({part['partitioned_elements'] / max(part['all_elements'], 1):.1%} of the elements) partitioned over "
             f"DP={run.layout.dp}; the rest (under stage3_param_persistence_threshold) stay whole on every rank")
+    if run.early and run.early.should_stop():
+        log(f"this run stopped early at iteration {state.iteration}: {run.early.why()}; nothing to train (raise "
+            f"--early-stop-patience or drop it to train on)")
+        state.stopped_early = "before"
+        return 0
     while state.iteration < run.train_iters:
         train_one_step(run)
         if run.skips.exhausted:
@@ -316,9 +327,10 @@ def fit(run: Run) -> int:
             save(run, "stopped after non-finite steps")
             return EXIT_TOO_MANY_SKIPS
         if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < run.train_iters:
-            evaluate(run, run.datasets[1], "val")
-            evaluate_tasks(run)
+            values = {**evaluate(run, run.datasets[1], "val"), **evaluate_tasks(run)}
             release_gathered(run.engine)  # ZeRO-3: what those forwards gathered, before training goes on
+            if run.early and watch(run, values):
+                return 0
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(run, "interval")
         stop = run.stop.agreed()
@@ -415,15 +427,34 @@ def evaluate_tasks(run: Run) -> dict:
     return out
 
 
-def save(run: Run, reason: str) -> str | None:
-    """A checkpoint of the current state (at most one per iteration); -> its path, or None."""
+def watch(run: Run, values: dict) -> bool:
+    """Early stopping and --keep-best after an evaluation (pretrain/early_stop.py); -> True when the run stops."""
+    verdict = run.early.update(values, run.state.iteration)
+    if verdict.improved and run.args.keep_best:
+        save(run, f"new best {run.early.metric} {verdict.value:.6g}", best=True)
+    if not verdict.stop:
+        return False
+    log(f"early stop at iteration {run.state.iteration}: {run.early.why()}")
+    save(run, "early stop")
+    run.state.stopped_early = "here"
+    return True
+
+
+def save(run: Run, reason: str, best: bool = False) -> str | None:
+    """A checkpoint of the current state (at most one per iteration); -> its path, or None. best: <save>/best
+    names it (--keep-best), also when this iteration was already saved."""
     state = run.state
-    if not run.args.save or state.saved_iteration == state.iteration:
+    if not run.args.save:
+        return None
+    if state.saved_iteration == state.iteration:
+        if best:
+            checkpoint.mark_best(run.args.save, checkpoint.tag_name(state.iteration))
         return None
     state.saved_iteration = state.iteration
+    trainer_state = {"early_stop": run.early.state_dict()} if run.early else {}
     path = checkpoint.save(run.engine, run.args.save, state.iteration, state.consumed_samples, run.layout,
-                           run.cfg.__dict__, run.run_config, run.args.keep_last)
-    log(f"saved checkpoint {path} ({reason})")
+                           run.cfg.__dict__, run.run_config, run.args.keep_last, trainer_state, best)
+    log(f"saved checkpoint {path} ({reason}{'; best names it' if best else ''})")
     state.last_checkpoint = path
     return path
 
@@ -431,12 +462,15 @@ def save(run: Run, reason: str) -> str | None:
 # ------------------------------------------------------------------------------------------------ finish
 def finish(run: Run, exit_code: int) -> None:
     args, state = run.args, run.state
-    results = {}
-    if exit_code == 0:
-        results.update(evaluate(run, run.datasets[1], "val"))
-        results.update(evaluate_tasks(run))
+    results, best = {}, False
+    if exit_code == 0 and state.stopped_early != "before":
+        if not state.stopped_early:  # (an early stop evaluated this very step)
+            results.update(evaluate(run, run.datasets[1], "val"))
+            results.update(evaluate_tasks(run))
+            if run.early:
+                best = run.early.update(results, state.iteration).improved and args.keep_best
         results.update(evaluate(run, run.datasets[2], "test"))
-        save(run, "end of training")
+        save(run, "end of training", best=best)
         if args.sample_prompt:
             from pretrain.generate import generate
 
@@ -476,7 +510,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_SAVE_FAILED
     except (LayoutError, DataError, manifest.ManifestError, FileNotFoundError, checkpoint.CheckpointError,
-            op_builds.StaleLockError) as e:
+            op_builds.StaleLockError, early_stop.EarlyStopError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

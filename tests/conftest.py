@@ -245,6 +245,37 @@ def tokenizer_dir(tiny_tokenizer):
     return tiny_tokenizer
 
 
+# ------------------------------------------------------------------------------------------ a downstream task
+TASK = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """A local lm-eval multiple-choice task (YAML and data file, no download): --eval-tasks tiny_mc."""
+    d = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(3)
+    with open(d / "tiny_mc.jsonl", "w") as f:
+        for _ in range(24):
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + " is"
+            choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(4)]
+            f.write(json.dumps({"question": question, "choices": choices, "answer": rng.randrange(4)}) + "\n")
+    (d / "tiny_mc.yaml").write_text(TASK.format(data=d / "tiny_mc.jsonl"))
+    return d
+
+
 # ------------------------------------------------------------------------------------------ trainer helpers
 MAIN = ROOT / "pretrain" / "main.py"
 

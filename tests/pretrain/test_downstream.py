@@ -2,42 +2,12 @@
 is scored by the live model during a run on the default config, logged, and equals what lm-eval's own `hf` model
 computes for the exported checkpoint: the same accuracy and the same per-request log-likelihoods."""
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 
-from conftest import MAIN, ROOT, WORDS, common, launch, metrics
-
-TASK = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tasks")
-    rng = random.Random(3)
-    with open(d / "tiny_mc.jsonl", "w") as f:
-        for _ in range(24):
-            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + " is"
-            choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(4)]
-            f.write(json.dumps({"question": question, "choices": choices, "answer": rng.randrange(4)}) + "\n")
-    (d / "tiny_mc.yaml").write_text(TASK.format(data=d / "tiny_mc.jsonl"))
-    return d
-
+from conftest import MAIN, ROOT, common, launch, metrics
 
 def test_asking_for_tasks_without_lm_eval_installed_says_how(hide_package, capsys):
     from pretrain import main
