@@ -134,8 +134,13 @@ def _run_args(p) -> None:
                    help="save every evaluation that sets a new best --early-stop-metric (even off "
                         "--save-interval); <save>/best names it, --keep-last never removes it, and export/convert "
                         "take --tag best")
+    g.add_argument("--spike-sigma", type=float, metavar="K",
+                   help="loss-spike guard (off by default; OLMo-core uses 6): after --spike-window applied steps, "
+                        "skip a step whose loss exceeds the window's mean by K standard deviations, as a non-finite "
+                        "step is skipped (pretrain/spike_guard.py)")
+    g.add_argument("--spike-window", type=int, default=128, metavar="W", help="steps the spike guard averages over")
     g.add_argument("--max-skipped-steps", type=int, default=5,
-                   help="stop after this many consecutive non-finite steps")
+                   help="stop after this many consecutive skipped steps (non-finite, or loss spikes)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-dir", default="runs/latest", help="metrics.jsonl, loss curve")
     g.add_argument("--tensorboard-dir", help="default: <log-dir>/tensorboard")

@@ -4,6 +4,7 @@ a stray variable must never make a healthy run look divergent.
 
 PRETRAIN_INJECT_NAN_AT=3,4       the loss of steps 3 and 4 becomes NaN (so do its gradients)
 PRETRAIN_INJECT_NAN_GRAD_AT=5    step 5's loss stays finite but its gradients are NaN
+PRETRAIN_INJECT_SPIKE_AT=7       step 7's final-norm output is scaled 30x: a finite loss an order of magnitude up
 PRETRAIN_INJECT_RANK=1           inject on this global rank only (default: every rank)
 PRETRAIN_DUMP_LOGITS=FILE        at the end, the full-vocabulary logits of the first micro-batch go to FILE
 PRETRAIN_SLOW_RANK=1:0.3         global rank 1 sleeps 0.3 s in every training forward pass (a straggler)
@@ -19,21 +20,11 @@ import time
 import torch
 
 from pretrain.parallel import log, rank
+from pretrain.spike_guard import NanGradient
 
-VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS",
-             "PRETRAIN_SLOW_RANK", "PRETRAIN_STALL_AT", "PRETRAIN_SLOW_SAVE")
-
-
-class _NanGradient(torch.autograd.Function):
-    """Identity forward; NaN gradient backward: a finite loss whose gradients are not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
+VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_SPIKE_AT",
+             "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS", "PRETRAIN_SLOW_RANK", "PRETRAIN_STALL_AT",
+             "PRETRAIN_SLOW_SAVE")
 
 
 def _steps(value: str) -> set[int]:
@@ -48,6 +39,7 @@ class TestHooks:
         self.active = {k: env[k] for k in VARIABLES if env.get(k)}
         self.nan_steps = _steps(env.get("PRETRAIN_INJECT_NAN_AT", ""))
         self.nan_grad_steps = _steps(env.get("PRETRAIN_INJECT_NAN_GRAD_AT", ""))
+        self.spike_steps = _steps(env.get("PRETRAIN_INJECT_SPIKE_AT", ""))
         only = env.get("PRETRAIN_INJECT_RANK")
         self.ranks = None if not only else {int(only)}
         self.dump_logits_path = env.get("PRETRAIN_DUMP_LOGITS") or None
@@ -69,9 +61,10 @@ class TestHooks:
             _slow_down_saves(*self.slow_save)
         if self.slow or self.stall:
             engine.module.register_forward_pre_hook(self._sleep)
-        if self.nan_steps or self.nan_grad_steps:
+        if self.nan_steps or self.nan_grad_steps or self.spike_steps:
             install_poison(engine, lambda: (self.step, "loss" if self.step in self.nan_steps else
-                                            "grad" if self.step in self.nan_grad_steps else None), self.ranks)
+                                            "grad" if self.step in self.nan_grad_steps else
+                                            "spike" if self.step in self.spike_steps else None), self.ranks)
 
     def _sleep(self, module, inputs):
         """PRETRAIN_SLOW_RANK / PRETRAIN_STALL_AT: this rank's own work takes longer (not a collective)."""
@@ -109,7 +102,8 @@ def _stall_here(seconds: float) -> None:
 
 def install_poison(engine, now, ranks=None, micro_batch=None) -> None:
     """Forward hook on the final norm. `now()` -> (step, mode): while training, mode "loss" makes the output NaN,
-    "grad" keeps it finite but makes its gradient NaN, None does nothing; on `ranks` only (None: all), and in
+    "grad" keeps it finite but makes its gradient NaN, "spike" scales it 30x, None does nothing; on `ranks` only
+    (None: all), and in
     the `micro_batch`-th forward pass of the step only (None: every one)."""
     from pretrain.model import FinalNorm
 
@@ -124,7 +118,9 @@ def install_poison(engine, now, ranks=None, micro_batch=None) -> None:
         if mode is None or (ranks is not None and rank() not in ranks) or \
                 (micro_batch is not None and seen["calls"] != micro_batch):
             return output
-        return output * float("nan") if mode == "loss" else _NanGradient.apply(output)
+        if mode == "spike":
+            return output * 30.0
+        return output * float("nan") if mode == "loss" else NanGradient.apply(output)
 
     for m in engine.module.modules():
         if isinstance(m, FinalNorm):

@@ -9,10 +9,10 @@ setup -> fit -> finish, around one `Run` (what was built) and its `RunState` (wh
 Exit codes: 0 done (also stopped early by --early-stop-patience: a rerun of such a run exits 0 at once); 2 bad
 arguments, layout, data or checkpoint to resume from; 3 stopped by SIGTERM, SIGINT or SIGUSR1 after saving (requeue
 me; pretrain/signals.py: a signal sent to every process of the job, as Slurm and Ctrl-C send it, still saves); 4
-stopped after --max-skipped-steps consecutive non-finite steps (a checkpoint of the last good state was saved); 5 a
-checkpoint could not be written (a full disk: the message names it; the partial checkpoint was removed, the earlier
-ones are intact); 6 a collective failed or timed out after --dist-timeout-minutes because another rank is dead or
-stuck (the message names it; rerun to resume).
+stopped after --max-skipped-steps consecutive skipped steps, non-finite or loss spikes (a checkpoint of the last
+good state was saved); 5 a checkpoint could not be written (a full disk: the message names it; the partial
+checkpoint was removed, the earlier ones are intact); 6 a collective failed or timed out after
+--dist-timeout-minutes because another rank is dead or stuck (the message names it; rerun to resume).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
-from pretrain import checkpoint, downstream, early_stop, hf, mlm
+from pretrain import checkpoint, downstream, early_stop, hf, mlm, spike_guard
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
@@ -90,6 +90,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     task_lm: object = None  # --eval-tasks: pretrain.downstream's lm-eval model, built on first use
     early: early_stop.EarlyStopping | None = None  # --early-stop-patience / --keep-best
+    spike: spike_guard.SpikeGuard | None = None  # --spike-sigma
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -198,6 +199,10 @@ def setup(args) -> Run:
     peak = args.peak_tflops or device_peak_tflops()[0]
     wandb = wandb_options(args, run_config, loaded["run_config"] if resume_from else {})
     saved_state = (loaded.get("trainer_state") or {}) if resume_from else {}
+    spike = None
+    if args.spike_sigma:
+        spike = spike_guard.SpikeGuard(args.spike_sigma, args.spike_window, saved_state.get("spike_window"))
+        spike.install(engine, layout.grad_accum_steps)
     return Run(args=args, cfg=cfg, layout=layout, engine=engine, tokenizer=tokenizer, datasets=datasets,
                train_iters=train_iters, decay_iters=args.lr_decay_iters or train_iters, train_iter=train_iter,
                metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb,
@@ -205,7 +210,7 @@ def setup(args) -> Run:
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
                **monitors(args, tracker, train_iter), state=state,
-               early=early_stop.EarlyStopping.from_args(args, saved_state.get("early_stop")))
+               early=early_stop.EarlyStopping.from_args(args, saved_state.get("early_stop")), spike=spike)
 
 
 def monitors(args, tracker: CollectiveTracker, train_iter: TimedIterator) -> dict:
@@ -320,11 +325,11 @@ def fit(run: Run) -> int:
     while state.iteration < run.train_iters:
         train_one_step(run)
         if run.skips.exhausted:
-            log(f"error: {run.skips.in_a_row} consecutive non-finite steps (--max-skipped-steps "
-                f"{args.max_skipped_steps}); saving the last good state and stopping. Lower --lr, check the data "
-                f"around sample {state.consumed_samples - run.skips.in_a_row * run.layout.global_batch_size}, "
-                f"or raise --clip-grad.")
-            save(run, "stopped after non-finite steps")
+            first_bad = state.consumed_samples - run.skips.in_a_row * run.layout.global_batch_size
+            log(f"error: {run.skips.in_a_row} consecutive skipped steps, non-finite or loss spikes "
+                f"(--max-skipped-steps {args.max_skipped_steps}); saving the last good state and stopping. Lower "
+                f"--lr, check the data around sample {first_bad}, or raise --clip-grad (or --spike-sigma).")
+            save(run, "stopped after skipped steps")
             return EXIT_TOO_MANY_SKIPS
         if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < run.train_iters:
             values = {**evaluate(run, run.datasets[1], "val"), **evaluate_tasks(run)}
@@ -359,7 +364,10 @@ def train_one_step(run: Run) -> StepResult:
     t0 = time.time()
     run.hooks.step = state.iteration + 1
     run.watchdog.step_started(state.iteration + 1)
+    if run.spike:
+        run.spike.begin(state.iteration + 1)
     result = train_step(run.engine, run.train_iter)
+    spiked = run.spike.agree() if run.spike else False
     run.watchdog.step_finished()
     step_time = time.time() - t0
     run.stragglers.step_done(step_time)
@@ -369,11 +377,19 @@ def train_one_step(run: Run) -> StepResult:
     run.step_log.step_done()
     run.skips.update(result)
     if result.skipped:
-        log(f"iteration {state.iteration:6d} | non-finite loss or grad norm: step skipped "
-            f"({run.skips.in_a_row} in a row, {run.skips.total} total)")
+        gbs = run.layout.global_batch_size
+        why = (f"loss spike {result.loss:.4f} above {run.spike.threshold():.4f} (the mean of the last "
+               f"{run.spike.size} applied steps + {run.spike.sigma:g} sd)" if spiked else
+               "non-finite loss or grad norm")
+        log(f"iteration {state.iteration:6d} | {why}: step skipped ({run.skips.in_a_row} in a row, "
+            f"{run.skips.total} total); its samples: [{state.consumed_samples - gbs}, {state.consumed_samples}) of "
+            f"the training order")
         run.metrics.write({"step": state.iteration, "consumed_samples": state.consumed_samples, "skipped": True,
-                           "skipped_total": run.skips.total, "loss": None})
+                           "skipped_total": run.skips.total, "loss": None,
+                           **({"spike_loss": result.loss} if spiked else {})})
     else:
+        if run.spike:
+            run.spike.applied(result.loss)
         state.first_loss = result.loss if state.first_loss is None else state.first_loss
         state.last_loss = result.loss
     if state.iteration % args.log_interval == 0 or state.iteration == 1 or state.iteration == run.train_iters:
@@ -452,6 +468,8 @@ def save(run: Run, reason: str, best: bool = False) -> str | None:
         return None
     state.saved_iteration = state.iteration
     trainer_state = {"early_stop": run.early.state_dict()} if run.early else {}
+    if run.spike:
+        trainer_state["spike_window"] = run.spike.state()
     path = checkpoint.save(run.engine, run.args.save, state.iteration, state.consumed_samples, run.layout,
                            run.cfg.__dict__, run.run_config, run.args.keep_last, trainer_state, best)
     log(f"saved checkpoint {path} ({reason}{'; best names it' if best else ''})")
@@ -510,7 +528,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_SAVE_FAILED
     except (LayoutError, DataError, manifest.ManifestError, FileNotFoundError, checkpoint.CheckpointError,
-            op_builds.StaleLockError, early_stop.EarlyStopError) as e:
+            op_builds.StaleLockError, early_stop.EarlyStopError, spike_guard.SpikeGuardError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
