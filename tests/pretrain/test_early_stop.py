@@ -216,9 +216,10 @@ def test_sigkill_between_evaluations_then_rerun_stops_at_the_same_step_with_the_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"], ["--objective", "mlm"]], ids=["tp2", "pp2", "mlm"])
 def test_every_rank_stops_at_the_same_step(two_docs, tiny_data, tmp_path, layout):
-    """launch() returns only when both ranks exited 0 (a rank left waiting in a collective would time out)."""
+    """launch() returns only when both ranks exited 0 (a rank left waiting in a collective would time out); an
+    encoder (mlm, DP 2) stops on its masked-token validation loss the same way."""
     config = "ds_configs/zero1_pp.json" if "--pp" in layout else "ds_configs/zero3.json"
     out = launch(2, MAIN, *es_args(two_docs, tiny_data, tmp_path, *layout, config=config)).stdout
     stop, best = expected_stop(evaluations(tmp_path), PATIENCE, MIN_DELTA, "min")
