@@ -10,7 +10,7 @@
    TP 2 x DP 2 ZeRO-3) is predicted and measured (median of steps 3-10). The model is the suite's tiny preset
    widened (WIDE) so compute matters; --shape tiny runs the suite's own (host and latency bound).
 
-  python bench/steptime_validation.py [--skip-cpu] [--shape wide|tiny] [--layouts N] [--json out.jsonl]
+  python bench/steptime_validation.py [--skip-cpu] [--shape wide|tiny] [--layouts N] [--shipped] [--json out.jsonl]
 
 What the CPU check covers: the pipeline schedule, TP/PP/ZeRO traffic (counts checked call for call by
 tests/pretrain/test_steptime.py), ranks sharing 2 cores, fp32 compute on one core each; not a GPU's
@@ -238,13 +238,36 @@ def _flags_to_input(nproc, flags, cfg, accum_total=4, mb=2):
                               reduce_bucket=zero_auto("reduce_bucket_size", cfg.hidden_size))  # the worker's "auto"
 
 
-def cpu_check(n_layouts: int | None = None, shape: dict | None = WIDE) -> list[dict]:
+def cpu_check(n_layouts: int | None = None, shape: dict | None = WIDE, shipped: bool = False) -> list[dict]:
     """Calibrate on one process (FLOP rate of the model's matmuls; host cost per layer pass, per step and of
     ZeRO-3's hooks from 1 and 4 micro-batches per step), measure gloo between 2 processes, then predict each
-    multi-process layout of the test suite and measure it."""
+    multi-process layout of the test suite and measure it. shipped: no calibration, the constants
+    pretrain/steptime.py ships (what `python -m pretrain.plan --gpu cpu` predicts with)."""
+    cfg = preset("tiny", **(shape or {}))
+    if shipped:
+        print(f"\nCPU model {shape or 'tiny'}: the shipped constants (pretrain/steptime.py DEVICES['cpu'], "
+              f"LINKS['gloo-loopback']), no refit")
+        title = "CPU, 2 cores, gloo (shipped constants)"
+    else:
+        calibrate(cfg, shape)
+        title = "CPU, 2 cores, gloo (calibrated on one process)"
+    out = []
+    for nproc, flags in LAYOUTS[:n_layouts]:
+        measured = run_worker(nproc, *flags, shape=shape)["median_s"]
+        pred = steptime.step_time(_flags_to_input(nproc, flags, cfg))
+        out.append({"ranks": nproc, "layout": " ".join(map(str, flags)), "shape": shape or "tiny",
+                    "constants": "shipped" if shipped else "refit", "step_s": round(measured, 4),
+                    "predicted_s": round(pred["step_s"], 4), "error": round(pred["step_s"] / measured - 1, 4),
+                    "breakdown_s": {k: round(v, 4) for k, v in pred["breakdown_s"].items()}})
+    _table(title, out, lambda r: f"{r['ranks']} ranks {r['layout']}")
+    return out
+
+
+def calibrate(cfg, shape: dict | None) -> None:
+    """Refit DEVICES['cpu'] and LINKS['gloo-loopback'] on this machine (printed; pretrain/steptime.py ships typical
+    values of such fits)."""
     import dataclasses
 
-    cfg = preset("tiny", **(shape or {}))
     link = measure_gloo()
     steptime.LINKS["gloo-loopback"] = link
     rate = matmul_rate(cfg)
@@ -276,16 +299,6 @@ def cpu_check(n_layouts: int | None = None, shape: dict | None = WIDE) -> list[d
           f"{per_step * 1e3:.1f} ms per step -> host cost {fitted.layer_overhead_s * 1e3:.2f} ms per layer pass, "
           f"ZeRO-3 hooks {fitted.zero3_layer_overhead_s * 1e3:.2f} ms more + {per_param * 1e9:.1f} ns per parameter of "
           f"the layer")
-    out = []
-    for nproc, flags in LAYOUTS[:n_layouts]:
-        measured = run_worker(nproc, *flags, shape=shape)["median_s"]
-        pred = steptime.step_time(_flags_to_input(nproc, flags, cfg))
-        out.append({"ranks": nproc, "layout": " ".join(map(str, flags)), "shape": shape or "tiny",
-                    "step_s": round(measured, 4), "predicted_s": round(pred["step_s"], 4),
-                    "error": round(pred["step_s"] / measured - 1, 4),
-                    "breakdown_s": {k: round(v, 4) for k, v in pred["breakdown_s"].items()}})
-    _table("CPU, 2 cores, gloo (calibrated on one process)", out, lambda r: f"{r['ranks']} ranks {r['layout']}")
-    return out
 
 
 def _table(title, rows, name) -> None:
@@ -303,12 +316,16 @@ def main() -> int:
     ap.add_argument("--shape", choices=("wide", "tiny"), default="wide",
                     help="the CPU model: the tiny preset widened so compute dominates (default), or as the suite "
                          "runs it")
+    ap.add_argument("--shipped", action="store_true",
+                    help="predict with the constants pretrain/steptime.py ships, no calibration (what the plan "
+                         "prints; tests/bench/test_bench.py holds its bound)")
     ap.add_argument("--json", help="append the rows here")
     a = ap.parse_args()
     t0 = time.time()
     rows = [{"check": "h100", **r} for r in h100_check()]
     if not a.skip_cpu:
-        rows += [{"check": "cpu", **r} for r in cpu_check(a.layouts, WIDE if a.shape == "wide" else None)]
+        rows += [{"check": "cpu", **r} for r in cpu_check(a.layouts, WIDE if a.shape == "wide" else None,
+                                                          a.shipped)]
     if a.json:
         with open(a.json, "a") as f:
             for r in rows:

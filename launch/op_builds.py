@@ -1,7 +1,7 @@
 """Find DeepSpeed op builds that died holding their lock, so that setup and training stop naming it, not hang.
 
-DeepSpeed JIT-compiles C++ ops on first use (on CPU: the shared-memory all-reduce at every launch, CPU Adam for
-offload) through torch.utils.cpp_extension, which guards each build directory with a `lock` file (torch's
+DeepSpeed JIT-compiles C++ ops on first use (on CPU: CPU Adam for offload; the shared-memory all-reduce it would load
+at every launch is switched off by pretrain/compat.py) through torch.utils.cpp_extension, which guards each build directory with a `lock` file (torch's
 FileBaton: created with O_EXCL, removed when the build ends). A builder that is killed (Ctrl-C, a job's time limit,
 OOM) leaves the file behind, and every later load of that op polls for it to vanish, forever and without a word:
 launch/setup.sh's prebuild hung 17 minutes on one in CI, and a training launch hangs the same way before its first

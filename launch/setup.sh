@@ -23,10 +23,10 @@ echo "setup: installing into .venv (one time, about a minute)"
 .venv/bin/python -m pip install -q "torch==$(sed -n 's/^torch==//p' requirements.txt)"
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-# DeepSpeed JIT-builds its shared-memory all-reduce op on first use on CPU; two ranks building it at once in a
-# fresh environment fail ("Error building extension 'deepspeed_shm_comm'"). Build it once here. A build killed
-# earlier can have left its lock, on which every load waits forever: refuse that with the fix, and bound the
-# build's time (launch/op_builds.py).
+# DeepSpeed JIT-builds C++ ops on first use. Its shared-memory all-reduce is never loaded (pretrain/compat.py
+# marks it incompatible: training does not use it); CPU Adam (offload) is built once here. A build killed earlier
+# can have left its lock, on which every load waits forever: refuse that with the fix, and bound the build's time
+# (launch/op_builds.py).
 prebuild() {  # $1: what, $2: the builder's import
   local rc=0
   timeout "${PREBUILD_TIMEOUT:-900}" .venv/bin/python -c "from deepspeed.ops.op_builder$2 as B; B().load()" \
@@ -40,7 +40,6 @@ prebuild() {  # $1: what, $2: the builder's import
 }
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   .venv/bin/python -m launch.op_builds || exit 1
-  prebuild "shm comm" ".cpu.comm import ShareMemCommBuilder"
   # DeepSpeedCPUAdam (ds_configs/zero3_offload.json) is JIT-built on first use too: about 90 s on 2 cores.
   prebuild "CPU Adam" " import CPUAdamBuilder"
 fi

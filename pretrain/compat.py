@@ -36,6 +36,14 @@ def apply_cpu_compat() -> bool:
         return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=1 + skv - sq)
 
     mt_utils.get_default_causal_mask = lambda sq: causal_mask(sq)
+    # DeepSpeed 0.19.8's CPU backend JIT-loads its shared-memory all-reduce op in every rank at init
+    # (deepspeed/comm/torch.py, build_shm_op) for inference_all_reduce alone, which training never calls. Each load
+    # takes the build's lock file in turn, builds in a fresh environment (two ranks building at once fail), rebuilds
+    # whenever another venv built it last, and hangs on a lock a killed build left (launch/op_builds.py): hazards for
+    # nothing. Marked incompatible, build_shm_op returns None and every collective stays torch's (docs/FINDINGS.md).
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     _applied = True
     return True
 
