@@ -81,6 +81,11 @@ LINKS = {
     "gloo-loopback": Link(1.2, 1.5e-3, 80e-6),
 }
 
+# The worst |predicted / measured - 1| the shipped "cpu" constants are held to over the test suite's 7 layouts on the
+# widened model (tests/bench/test_bench.py, bench/steptime_validation.py --shipped). Measured worst: 43% on
+# 2026-12-03, a day the machine's matmul rate was 59 GFLOP/s against 84 the day the constants were fitted (these
+# VMs vary up to 1.5x run to run): a bound below that flakes.
+CPU_SHIPPED_WORST_ERROR = 0.60
 DEVICES = {
     # Fitted by bench/steptime_validation.py to the default-kernel one-GPU runs (2026-11-23): efficiency
     # 0.79 h / (h + 2295), optimizer 6.13e-11 s per parameter (host costs are inside the efficiency).
@@ -88,7 +93,8 @@ DEVICES = {
                                                   (4096, 0.506), (8192, 0.617), (16384, 0.693)),
                    layer_overhead_s=0.0, optimizer_s_per_param=6.13e-11,
                    # 1b, micro-batch 4, one GPU: ZeRO-3 0.968 s against ZeRO-1 0.201 s per step, over 22 layers
-                   # (the 8x of issue 17; a fix there must update this)
+                   # (the 8x of issue 17), recorded 2026-11-23, before each Block became one ZeRO-3 fetch unit
+                   # (issue 32): not re-measured on a GPU since, so likely high
                    zero3_layer_overhead_s=0.0349,
                    measured_error="one H100, 9 one-GPU runs, leave-one-out: mean |error| 9%, 8 of 9 within 11%, "
                                   "worst -44% (350m at seq 4096); communication terms not measured on GPUs"),
@@ -99,8 +105,11 @@ DEVICES = {
     "cpu": Device(peak_tflops=0.084, efficiency=((64, 1.0),), layer_overhead_s=8e-3, optimizer_s_per_param=0.0,
                   step_overhead_s=45e-3, zero3_layer_overhead_s=13e-3, zero3_s_per_layer_param=2e-9, cores=2,
                   intra="gloo-loopback", dtype_bytes=4, overlaps_comm=False,
-                  measured_error="2-core CPU, the 7 layouts of 2-4 gloo ranks the tests run, calibrated on one "
-                                 "process: mean |error| 5.5-10.9%, worst 10.4-23.8% over 3 runs (bench/RESULTS.md)"),
+                  measured_error="2-core CPU, the 7 layouts of 2-4 gloo ranks the tests run, on the tiny preset "
+                                 "widened (hidden 256, ffn 704, 4 layers, seq 256, fp32), with these constants as "
+                                 "shipped: worst |error| 43% (2026-12-03, a slow day for the machine); the slow test "
+                                 "tests/bench/test_bench.py fails above 60%. Refit on the machine: worst 10-40% "
+                                 "(bench/RESULTS.md)"),
 }
 # Not measured here: the H100's efficiencies at these GPUs' peaks (a guess the plan labels as such).
 for _name, _peak, _link in (("a100", 312.0, "nvlink-a100"), ("l40s", 362.0, "pcie-gen5")):
