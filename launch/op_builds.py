@@ -1,12 +1,12 @@
 """Find DeepSpeed op builds that died holding their lock, so that setup and training stop naming it, not hang.
 
-DeepSpeed JIT-compiles C++ ops on first use (on CPU: CPU Adam for offload; the shared-memory all-reduce it would load
-at every launch is switched off by pretrain/compat.py) through torch.utils.cpp_extension, which guards each build directory with a `lock` file (torch's
-FileBaton: created with O_EXCL, removed when the build ends). A builder that is killed (Ctrl-C, a job's time limit,
-OOM) leaves the file behind, and every later load of that op polls for it to vanish, forever and without a word:
-launch/setup.sh's prebuild hung 17 minutes on one in CI, and a training launch hangs the same way before its first
-step (docs/FINDINGS.md). torch offers no stale-lock check, so this one looks at the lock's age: a build takes
-30-90 s on 2 cores, and a lock older than STALE_AFTER_S has no live builder.
+DeepSpeed JIT-compiles C++ ops on first use (on CPU: CPU Adam for offload; the shared-memory all-reduce it would
+load at every launch is switched off by pretrain/compat.py) through torch.utils.cpp_extension, which guards each
+build directory with a `lock` file (torch's FileBaton: created with O_EXCL, removed when the build ends). A builder
+that is killed (Ctrl-C, a job's time limit, OOM) leaves the file behind, and every later load of that op polls for
+it to vanish, forever and without a word: launch/setup.sh's prebuild hung 17 minutes on one in CI, and a training
+launch hangs the same way before its first step (docs/FINDINGS.md). torch offers no stale-lock check, so this one
+looks at the lock's age: a build takes 30-90 s on 2 cores, and a lock older than STALE_AFTER_S has no live builder.
 
     python -m launch.op_builds            # exit 1 and say what to remove if a stale lock exists
     python -m launch.op_builds --max-age 0  # list every lock, stale or not (used after a prebuild timed out)
