@@ -99,7 +99,8 @@ def _parallel_args(p) -> None:
                         "sequence each (activation memory outside attention and the MLP divided by TP)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer layer (GPU speed; ZeRO 0-2; first steps are slower)")
-    g.add_argument("--fused-swiglu", action="store_true", help="megatron's fused SwiGLU kernel (torch.compile)")
+    g.add_argument("--fused-swiglu", action="store_true",
+                   help="megatron's fused SwiGLU kernel (torch.compile on GPU; eager on CPU: pretrain/__init__.py)")
     g.add_argument("--dist-timeout-minutes", type=float, default=10,
                    help="a collective waiting this long fails the run instead of hanging")
 

@@ -27,11 +27,10 @@ if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
-from pretrain import checkpoint, downstream, early_stop, hf, mlm, spike_guard
+from pretrain import checkpoint, downstream, early_stop, hf, mlm, spike_guard  # first: pretrain/__init__.py
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
@@ -46,6 +45,7 @@ from pretrain.schedule import lr_at
 from pretrain.signals import StopSignal
 from pretrain.step import SkipCounter, StepResult, release_gathered, train_step
 from pretrain.step import evaluate as evaluate_batches
+from megatron.core import parallel_state  # noqa: E402  (after pretrain: its __init__ runs first)
 
 EXIT_PREEMPTED = 3
 EXIT_TOO_MANY_SKIPS = 4
