@@ -76,15 +76,10 @@ class SpikeGuard:
         self._losses.append(loss.detach().float())
         if len(self._losses) < self.grad_accum:
             return loss
-        mean = torch.stack(self._losses).mean().reshape(1)
-        if dist.is_initialized():
-            from megatron.core import parallel_state
+        from pretrain.step import _dp_mean  # the step's reported loss, computed the same way
 
-            group = parallel_state.get_data_parallel_group()
-            dist.all_reduce(mean, group=group)
-            mean /= dist.get_world_size(group)
+        value = _dp_mean(torch.stack(self._losses).mean())
         limit = self.threshold()
-        value = mean.item()
         if limit is not None and value > limit:  # (a non-finite loss is skipped as such, not as a spike)
             self.flagged = value
             return NanGradient.apply(loss)
