@@ -53,3 +53,41 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def defer_deepspeed_muon_compile() -> None:
+    """DeepSpeed 0.19.8 imports its Muon optimizer in every engine (zero/utils.py is_zero_supported_optimizer,
+    stage3.py, stage_1_and_2.py, bf16_optimizer.py: to ask `isinstance(optimizer, MuonWithAuxAdam)`), and that import
+    decorates three functions with torch.compile, which imports torch._inductor: 2.0 s per rank of a 2-rank CPU
+    launch, 1.2-1.4 s of it inductor (the rest is torch._dynamo, which torch.optim imports anyway; cProfile,
+    2026-12-03, docs/FINDINGS.md), in every launch, for an optimizer we never build. Imported here first with
+    DeepSpeed's compile() returning a decorator that calls torch.compile on the function's first call, Muon
+    behaves as shipped if anyone uses it and nobody pays for it otherwise. GPU and CPU alike."""
+    import functools
+    import sys
+
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    def lazy_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def first_call_compiles(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+
+            return first_call_compiles
+
+        return decorate
+
+    shipped = compiler.compile
+    compiler.compile = lazy_compile
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (and original_muon, decorated lazily)
+    finally:
+        compiler.compile = shipped

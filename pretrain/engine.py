@@ -194,12 +194,14 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     """
     import deepspeed
 
+    from pretrain.compat import defer_deepspeed_muon_compile
     from pretrain.model import apply_speedups
     from pretrain.step import guard_plain_optimizer
     from pretrain.zero_state import undo_construction_step
 
     from pretrain.model import ModelOptions
 
+    defer_deepspeed_muon_compile()
     ds_config = fit_zero3_reduce_bucket(ds_config, cfg, layout)
     model = build_model(cfg, layout, ds_config, options or ModelOptions(), seed)
     optimizer = build_optimizer(param_groups(model, opt.weight_decay), ds_config, opt)

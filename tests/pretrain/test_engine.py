@@ -45,3 +45,18 @@ def test_zero3_reduce_bucket_capped_at_the_rank_parameters():
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 40_000_000  # the caller's dict is left alone
     small = {**cfg, "zero_optimization": {**cfg["zero_optimization"], "reduce_bucket_size": 1000}}
     assert fit_zero3_reduce_bucket(small, TINY, layout) == small
+
+
+def test_deepspeeds_muon_import_no_longer_imports_inductor():
+    """pretrain.compat.defer_deepspeed_muon_compile: every engine imports DeepSpeed's Muon module, whose torch.compile
+    decorators imported torch._inductor (1.2-1.4 s per rank per launch); deferred, Muon's functions compile on their
+    first call instead, and nothing imports inductor. (Mutation tried: without the deferral the assert fails.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys, pretrain.compat as c; c.defer_deepspeed_muon_compile()\n"
+            "from deepspeed.runtime.zero.muon import original_muon as m\n"
+            "assert m.zeropower_via_newtonschulz5.__name__ == 'zeropower_via_newtonschulz5'\n"
+            "print('torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False"
