@@ -31,6 +31,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 # The torch.distributed entry points megatron-core and DeepSpeed call (looked up on the module at call time).
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -39,18 +40,22 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 
 class CollectiveTracker:
-    """Wraps torch.distributed's collectives: cumulative seconds blocked in them, how many of each were called (the
-    planner's collective counts are checked against these), and the one in progress."""
+    """Wraps torch.distributed's collectives: cumulative seconds blocked in them, how many of each were called and
+    how many bytes each kind moved (the planner's collective inventory is checked against these), and the one in
+    progress."""
 
     def __init__(self, count: bool = False):
         self.blocked_s = 0.0
-        # with count: outermost calls by (name, ranks in the group); an asynchronous collective's wait has no
-        # group: 0. Off in training (a group-size lookup per call that nothing reads).
-        self.count, self.counts = count, collections.Counter()
+        # with count: outermost calls by (name, ranks in the group), an asynchronous collective's wait has no
+        # group: 0; and bytes by (kind, ranks in the group), kind one of BYTE_KINDS' values. Off in training (a
+        # group-size lookup per call that nothing reads).
+        self.count, self.counts, self.bytes = count, collections.Counter(), collections.Counter()
         self.current: tuple[str, float] | None = None  # (name, start time) while inside one
         self._originals = {}
 
     def install(self) -> "CollectiveTracker":
+        """Call it outside any collective (never inside a coalescing manager: it compares the functions it
+        recorded with the module's by identity)."""
         for name in COLLECTIVES:
             fn = getattr(dist, name, None)
             if fn is None or getattr(fn, "_tracked", False):
@@ -63,12 +68,24 @@ class CollectiveTracker:
         if not getattr(work.wait, "_tracked", False):
             self._originals["Work.wait"] = work.wait
             work.wait = self._wrap("wait (an asynchronous collective)", work.wait, grouped=False)
+        if self.count:
+            # DeepSpeed's comm backend and megatron's mappings keep their own references to
+            # all_gather_into_tensor / reduce_scatter_tensor, taken at import, so the wrappers above never see
+            # ZeRO's gathers and reduce-scatters. In torch 2.13 both forward to these module globals, looked up at
+            # call time (as the coalescing manager's identity checks are): their bytes are counted here.
+            for name in SINGLE_TENSOR:
+                fn = getattr(c10d, name)
+                if not getattr(fn, "_tracked", False):
+                    self._originals["c10d." + name] = fn
+                    setattr(c10d, name, self._wrap_bytes(name, fn))
         return self
 
     def uninstall(self) -> None:
         for name, fn in self._originals.items():
             if name == "Work.wait":
                 torch._C._distributed_c10d.Work.wait = fn
+            elif name.startswith("c10d."):
+                setattr(c10d, name[len("c10d."):], fn)
             else:
                 setattr(dist, name, fn)
         self._originals = {}
@@ -79,8 +96,13 @@ class CollectiveTracker:
             if self.current is not None:  # nested (e.g. barrier -> all_reduce): the outer one is timed
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
-            if self.count:
-                self.counts[name, _group_size(args, kwargs) if grouped else 0] += 1
+            if self.count and grouped:
+                size = _group_size(args, kwargs)
+                self.counts[name, size] += 1
+                if name in BYTE_KINDS:
+                    self.bytes[BYTE_KINDS[name], size] += _tensor_bytes(name, args, kwargs)
+            elif self.count:
+                self.counts[name, 0] += 1
             self.current = (name, time.time())
             try:
                 return fn(*args, **kwargs)
@@ -91,11 +113,42 @@ class CollectiveTracker:
         tracked._tracked = True
         return tracked
 
+    def _wrap_bytes(self, name, fn):
+        @functools.wraps(fn)
+        def tracked(*args, **kwargs):
+            self.bytes[BYTE_KINDS[name], _group_size(args, kwargs)] += _tensor_bytes(name, args, kwargs)
+            return fn(*args, **kwargs)
+
+        tracked._tracked = True
+        return tracked
+
     def in_progress(self) -> str:
         if self.current is None:
             return "none (the rank is not inside a torch.distributed collective)"
         name, since = self.current
         return f"{name}, for {time.time() - since:.1f} s"
+
+
+# What each call moves, by kind (the planner's op names; send and receive are "p2p"): the tensor for all-reduce,
+# broadcast and point-to-point, the gathered output of an all-gather, the input of a reduce-scatter (so padding
+# to a multiple of the group counts, as it is sent). all_gather_into_tensor and reduce_scatter_tensor are absent:
+# they forward to SINGLE_TENSOR's functions, counted there (once).
+BYTE_KINDS = {"all_reduce": "all_reduce", "broadcast": "broadcast", "send": "p2p", "recv": "p2p",
+              "all_gather": "all_gather", "all_gather_single": "all_gather", "reduce_scatter": "reduce_scatter",
+              "reduce_scatter_single": "reduce_scatter", "all_to_all_single": "all_to_all"}
+SINGLE_TENSOR = ("all_gather_single", "reduce_scatter_single")
+
+
+def _tensor_bytes(name: str, args, kwargs) -> int:
+    def size(t):
+        return sum(map(size, t)) if isinstance(t, (list, tuple)) else t.numel() * t.element_size()
+
+    if name in ("all_reduce", "broadcast", "send", "recv"):
+        return size(kwargs.get("tensor", args[0] if args else None))
+    if name in ("all_gather", "all_gather_single"):  # (output list or tensor, input)
+        return size(kwargs.get("tensor_list", kwargs.get("output_tensor", args[0] if args else None)))
+    # reduce_scatter(output, input_list), reduce_scatter_single(output, input), all_to_all_single(output, input)
+    return size(kwargs.get("input_list", kwargs.get("input", args[1] if len(args) > 1 else None)))
 
 
 def _group_size(args, kwargs) -> int:

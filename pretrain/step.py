@@ -186,7 +186,8 @@ def release_gathered(engine) -> None:
     backward comes to release it), and the next training step then holds more at once than any other step (16-layer
     tiny model, DP 2: 200,704 elements gathered at its forward's end against 106,496 in every other step;
     docs/FINDINGS.md). Releasing it once afterwards (not per forward: evaluation's forwards reuse it) restores the
-    steady state. Nothing to do for other stages."""
+    steady state (at the cost of one more gather of the persistent parameters, the norms, which it releases too:
+    tests/pretrain/test_steptime.py counts their bytes in the next step). Nothing to do for other stages."""
     if engine.zero_optimization_partition_weights():
         engine.empty_partition_cache()
 

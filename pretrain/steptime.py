@@ -14,10 +14,11 @@ One optimizer step on the busiest pipeline stage (the last), m = gradient-accumu
 Communication is an inventory (`inventory`): every collective one step makes, by kind, group and count, as
 DeepSpeed 0.19.8 and megatron-core issue them (buckets flushed when the next gradient would overflow them,
 ZeRO-3's prefetch coalescing and reuse distance, the vocab-parallel cross-entropy's three reductions, ...).
-tests/pretrain/test_steptime.py checks it call for call against real runs of every layout the suite trains
-(pretrain.monitor.CollectiveTracker). Each collective costs alpha-beta time: latency + bytes / bus bandwidth, ring
-volumes (all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n of the buffer). A group spanning nodes runs
-at the inter-node fabric's bandwidth per GPU. Bandwidths and latencies are named presets and can be overridden.
+tests/pretrain/test_steptime.py checks it call for call, and byte for byte on every rank of every pipeline stage,
+against real runs of every layout the suite trains (pretrain.monitor.CollectiveTracker). Each collective costs
+alpha-beta time: latency + bytes / bus bandwidth, ring volumes (all-reduce 2(n-1)/n, all-gather and
+reduce-scatter (n-1)/n of the buffer). A group spanning nodes runs at the inter-node fabric's bandwidth per GPU.
+Bandwidths and latencies are named presets and can be overridden.
 
 Compute is FLOPs (pretrain.config: 6N + attention per token, recompute adds its forward again) over the device's
 peak times a measured efficiency that depends on the layer width (small matmuls run further from peak), plus a
@@ -266,37 +267,43 @@ class Collective:
     why: str
 
 
-def inventory(s: StepInput, dtype_bytes: int = 2) -> list[Collective]:
-    """Every collective of one optimizer step on the busiest stage, for groups of more than one rank.
-    tests/pretrain/test_steptime.py checks the counts against the torch.distributed calls of real runs
-    (pretrain.monitor.CollectiveTracker)."""
+def inventory(s: StepInput, dtype_bytes: int = 2, stage: int | None = None) -> list[Collective]:
+    """Every collective of one optimizer step on a pipeline stage (default the last, the busiest), for groups of
+    more than one rank. tests/pretrain/test_steptime.py checks the counts against the torch.distributed calls of
+    real runs, and the bytes of each kind on every rank (pretrain.monitor.CollectiveTracker)."""
     cfg, m = s.cfg, s.grad_accum
-    layers, first = math.ceil(cfg.num_layers / s.pp), int(s.pp == 1)
+    stage = s.pp - 1 if stage is None else stage
+    layers = math.ceil(cfg.num_layers / s.pp)  # per stage (the trainer requires layers divisible by PP)
+    first, last = int(stage == 0), int(stage == s.pp - 1)
     tokens = s.micro_batch_size * cfg.seq_length
     act = tokens * cfg.hidden_size * dtype_bytes
     # TP (megatron-core): per layer the row-parallel outputs (attention, MLP) all-reduce in forward, again in a
     # recomputed forward, and the column-parallel inputs (QKV, fc1) in backward; the vocab-parallel embedding in
-    # forward; the output layer's input in backward; the vocab-parallel cross-entropy's max, target logit and sum
-    # of exponentials (fp32 per token). Sequence parallelism swaps each for an all-gather or reduce-scatter of the
-    # same bytes.
+    # forward (first stage); the output layer's input in backward and the vocab-parallel cross-entropy's max,
+    # target logit and sum of exponentials (fp32 per token; last stage). Sequence parallelism swaps each for an
+    # all-gather or reduce-scatter of the same bytes.
     fwd = 2 * layers * (1 + (s.recompute == "full")) + first
-    out = [Collective("all_reduce", "tp", m * (fwd + 2 * layers + 1), act, "micro", "layer activations"),
-           Collective("all_reduce", "tp", m * 3, tokens * 4, "micro", "vocab-parallel cross-entropy")]
+    out = [Collective("all_reduce", "tp", m * (fwd + 2 * layers + last), act, "micro", "layer activations"),
+           Collective("all_reduce", "tp", m * 3 * last, tokens * 4, "micro", "vocab-parallel cross-entropy")]
     # PP (DeepSpeed's pipe engine): per micro-batch the activation in and its gradient out. Under TP each goes as
-    # a PartitionedTensor: a small meta tensor, then this TP rank's slice, all-gathered over TP on arrival
-    # (pipe/engine.py, _exec_send_grads / _exec_recv_activations)
-    parts = 2 if s.tp > 1 else 1
-    out += [Collective("p2p", "pp", m * 2 * parts, act / s.tp / parts, "micro", "activations and gradients"),
-            Collective("all_gather", "tp", m * (s.pp > 1), act, "micro", "partitioned activations")]
-    out += _data_parallel_inventory(s, dtype_bytes)
+    # a PartitionedTensor: a meta tensor (int64: the rank, the shape, the TP offsets: 7 + TP of them), then this
+    # TP rank's slice, all-gathered over TP on arrival; a stage that sends activations on also all-gathers its own
+    # output again for its backward (pipe/engine.py, _exec_recv_activations, _exec_backward_pass).
+    parts, meta = (2, 8 * (s.tp + 7)) if s.tp > 1 else (1, 0)
+    gathers = int(stage > 0) + 2 * int(stage < s.pp - 1)
+    out += [Collective("p2p", "pp", m * 2 * parts, (act / s.tp + meta) / parts, "micro", "activations and gradients"),
+            Collective("all_gather", "tp", m * gathers * (s.pp > 1), act, "micro", "partitioned activations")]
+    out += _data_parallel_inventory(s, dtype_bytes, stage)
     # The step's small reductions: the loss over DP (pretrain/step.py); the gradient norm and overflow check
     # (DeepSpeed's ZeRO-0 engine clips over DP and the model-parallel group and checks overflow over the world,
     # our ZeRO-0 norm sums over TP; ZeRO-1/2/3 reduce the norm twice over DP and twice over the model-parallel
-    # group); the pipeline engine's loss broadcast.
+    # group; ZeRO-3 in fp64, DeepSpeed's get_norm_dtype() wherever the device has it); the pipeline engine's
+    # broadcast of the last stage's loss and its DP mean (fp32).
     norm = {"dp": 2, "mp": 2} if s.zero else {"dp": 1, "mp": 1, "world": 1, "tp": 1}
     out.append(Collective("all_reduce", "dp", 1, 4, "step", "the loss"))
-    out += [Collective("all_reduce", g, n, 4, "step", "gradient norm, overflow") for g, n in norm.items()]
-    out.append(Collective("broadcast", "pp", 1, 4, "step", "the pipeline's loss"))
+    out += [Collective("all_reduce", g, n, 8 if s.zero == 3 else 4, "step", "gradient norm, overflow")
+            for g, n in norm.items()]
+    out.append(Collective("broadcast", "pp", 1, 2 * 4, "step", "the pipeline's loss"))
     # Tied embeddings under PP: the first and last stages' copies sum their gradients (DeepSpeed's pipe engine,
     # allreduce_tied_weight_gradients), once per step, before the optimizer.
     tied = dict(stage_parameters(cfg, s.tp, 1, 0))["0.word_embeddings.weight"]
@@ -327,9 +334,9 @@ def prefetch_groups(sizes: list[int], bucket: float) -> int:
     return groups
 
 
-def _data_parallel_inventory(s: StepInput, dtype_bytes: int) -> list[Collective]:
+def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list[Collective]:
     """ZeRO/data-parallel traffic over this model-parallel rank's parameters (DeepSpeed 0.19.8)."""
-    m, tensors = s.grad_accum, stage_parameters(s.cfg, s.tp, s.pp, s.pp - 1)
+    m, tensors = s.grad_accum, stage_parameters(s.cfg, s.tp, s.pp, stage)
     psi = sum(n for _, n in tensors)
     backward = [n for _, n in reversed(tensors)]  # the order gradients become ready
     if s.zero == 0:  # the engine all-reduces after the last backward, in allreduce buckets

@@ -62,7 +62,8 @@ def train_layout(tmp_path_factory):
     """train_layout(nproc, **flags) -> the worker's report (losses and grad norms in step order, ...) plus "dir":
     one run of tests/workers/train_layout.py per layout, shared by every test that asks for it. Each trains
     LAYOUT_STEPS steps, saves a checkpoint (dir/ck) and the logits of a held-out micro-batch
-    (dir/logits-3.pt) after step LAYOUT_SAVE_AT, and counts each step's torch.distributed calls."""
+    (dir/logits-3.pt) after step LAYOUT_SAVE_AT, and counts each step's torch.distributed calls (on the
+    loss-owning rank) and their bytes by kind (on every rank: report["ranks"])."""
     cache = {}
     root = tmp_path_factory.mktemp("layouts")
 
@@ -89,6 +90,7 @@ def train_layout(tmp_path_factory):
                    "--out", d / "report.json")
             report = json.loads((d / "report.json").read_text())
             report["by_step"] = dict(report["losses"])
+            report["ranks"] = [json.loads((d / f"report.json.rank{r}").read_text()) for r in range(nproc)]
             for k in ("losses", "grad_norms"):  # by step -> in step order
                 report[k] = [report[k][s] for s in sorted(report[k], key=int)]
             cache[key] = {**report, "dir": d}

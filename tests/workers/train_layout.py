@@ -57,7 +57,8 @@ def parse():
     p.add_argument("--cfg", nargs="*", default=[], metavar="FIELD=INT",
                    help="model shape over the tiny preset's, e.g. hidden_size=256 (bench/steptime_validation.py)")
     p.add_argument("--count-collectives", action="store_true",
-                   help="report each step's torch.distributed calls by name (pretrain.monitor.CollectiveTracker)")
+                   help="report each step's torch.distributed calls by name, and the bytes of each kind, on every rank "
+                        "(OUT.rank<R>; pretrain.monitor.CollectiveTracker)")
     p.add_argument("--zero3-reuse-distance", type=float, help="stage3_max_reuse_distance (DeepSpeed's default: 1e9)")
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -219,6 +220,7 @@ def main():
         batches, current["step"] = micro_batches(cfg, layout, step, dp_rank), step
         if tracker:
             tracker.counts.clear()
+            tracker.bytes.clear()
         t0 = time.perf_counter()
         if "activation_bytes" not in report:  # the first step's forward passes
             meter = SavedActivations(engine.module)
@@ -231,6 +233,8 @@ def main():
         if tracker:
             report.setdefault("collectives", {})[step] = {f"{name} {size}": n for (name, size), n in
                                                           tracker.counts.items()}
+            report.setdefault("collective_bytes", {})[step] = {f"{kind} {size}": n for (kind, size), n in
+                                                               tracker.bytes.items()}
         window["step"] = step
         report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
         report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
@@ -247,6 +251,10 @@ def main():
     if owns_loss(layout):
         with open(a.out, "w") as f:
             json.dump(report, f)
+    if tracker:  # every rank's bytes, for the first pipeline stage's inventory too
+        with open(f"{a.out}.rank{torch.distributed.get_rank()}", "w") as f:
+            json.dump({"stage": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+                       "dp_rank": dp_rank, "collective_bytes": report.get("collective_bytes", {})}, f)
     torch.distributed.barrier()
     shutdown_distributed()
 
