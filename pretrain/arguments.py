@@ -6,6 +6,7 @@ import json
 import os
 
 from pretrain.config import PRESETS
+from pretrain.objectives import OBJECTIVES
 
 # Model fields that can be overridden flag by flag: --num-layers, --hidden-size, ...
 MODEL_OVERRIDES = {
@@ -39,7 +40,7 @@ def _model_args(p) -> None:
     for name, typ in MODEL_OVERRIDES.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override the preset's {name}")
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")
-    g.add_argument("--objective", choices=["clm", "mlm"],
+    g.add_argument("--objective", choices=list(OBJECTIVES),
                    help="clm (default): a decoder trained on the next token; mlm: an encoder (bidirectional "
                         "attention) trained on masked tokens, exported as a Hugging Face EuroBERT (pretrain/mlm.py)")
     g.add_argument("--mask-prob", type=float, help="mlm: share of ordinary tokens chosen per sample (default 0.15)")

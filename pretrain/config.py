@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pretrain.objectives import objective
+
 
 @dataclass
 class ModelConfig:
@@ -26,8 +28,8 @@ class ModelConfig:
     add_bias: bool = False  # biases on every linear layer (megatron's add_bias_linear)
     qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
     family: str = "llama"  # the Hugging Face family exports are written as (pretrain/hf.py)
-    # "clm": a causal decoder trained on the next token; "mlm": the same layers with bidirectional attention
-    # trained on masked tokens (an encoder, exported as EuroBERT)
+    # the training objective's name (pretrain/objectives.py): "clm", a causal decoder trained on the next token;
+    # "mlm", the same layers with bidirectional attention trained on masked tokens (an encoder, exported as EuroBERT)
     objective: str = "clm"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -35,8 +37,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self):
-        if self.objective not in ("clm", "mlm"):
-            raise ValueError(f"objective={self.objective!r}: use 'clm' (decoder) or 'mlm' (encoder)")
+        objective(self.objective)  # a ValueError naming the choices
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -54,7 +55,7 @@ class ModelConfig:
 
     @property
     def causal(self) -> bool:
-        return self.objective == "clm"
+        return objective(self.objective).causal
 
     @property
     def head_dim(self) -> int:

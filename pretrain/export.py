@@ -24,6 +24,7 @@ import torch
 from common.files import atomic_dir, check_output_dir
 from pretrain import hf
 from pretrain.checkpoint import CheckpointError, CheckpointReader, resolve_tag
+from pretrain.objectives import objective
 
 MARKER = "dsllm_export.json"
 
@@ -47,7 +48,7 @@ def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: s
     with atomic_dir(output_dir) as tmp:
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "config.json"), config)
-        if cfg.objective == "clm":  # an encoder generates nothing
+        if objective(cfg.objective).generates:  # an encoder generates nothing
             _write_json(os.path.join(tmp, "generation_config.json"),
                         {"do_sample": True, "temperature": 0.8, "top_k": 40})
         if tok_dir:

@@ -23,6 +23,7 @@ import torch
 
 from pretrain import sharding
 from pretrain.config import ModelConfig
+from pretrain.objectives import for_hf_family, objective
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "eurobert": "EuroBertForMaskedLM"}
@@ -72,7 +73,7 @@ def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
                        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
                        init_std=hf.get("initializer_range", 0.02),
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
-                       family=family, objective="mlm" if family == "eurobert" else "clm")
+                       family=family, objective=for_hf_family(family).name)
 
 
 def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
@@ -96,13 +97,15 @@ def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
 
 
 def export_family(cfg: ModelConfig) -> str:
-    """The family an export is written as: EuroBERT for an mlm encoder; for a decoder the family it was imported
-    from (a decoder imported from EuroBERT weights: Llama, which has the same names); Llama for our own."""
-    if cfg.objective == "mlm":
+    """The family an export is written as: the objective's own (EuroBERT for an mlm encoder); for a decoder the
+    family it was imported from (a decoder imported from EuroBERT weights: Llama, which has the same names); Llama
+    for our own."""
+    family = objective(cfg.objective).hf_family
+    if family == "eurobert":
         if cfg.qkv_bias:
             raise ValueError("export: an mlm model with q/k/v biases (imported from Qwen2) matches no encoder family "
                              "here (EuroBERT's attention_bias would add an output-projection bias too)")
-        return "eurobert"
+        return family
     return "llama" if cfg.family in (None, "eurobert") else cfg.family
 
 

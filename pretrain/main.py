@@ -30,15 +30,16 @@ import torch.distributed as dist
 
 from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
-from pretrain import checkpoint, downstream, early_stop, hf, mlm, spike_guard  # first: pretrain/__init__.py
+from pretrain import checkpoint, downstream, early_stop, hf, spike_guard  # first: pretrain/__init__.py
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
 from pretrain.metrics import WANDB_PIN, MetricsWriter, StepLog, device_peak_tflops, new_wandb_id
-from pretrain.monitor import CollectiveTracker, StragglerMonitor, TimedIterator, Watchdog, straggler_lines
 from pretrain.model import ModelOptions
+from pretrain.monitor import CollectiveTracker, StragglerMonitor, TimedIterator, Watchdog, straggler_lines
+from pretrain.objectives import objective
 from pretrain.parallel import (Layout, LayoutError, heartbeat, init_distributed, is_peer_failure, is_rank0, log,
                                peers_report, shutdown_distributed, validate_layout)
 from pretrain.schedule import lr_at
@@ -153,7 +154,7 @@ def setup(args) -> Run:
     tokenizer = tokenizers.load(tok_path)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     cfg = model_config(args, vocab)
-    masking = masking_config(args, cfg, tokenizer, tok_path, vocab)
+    transform = data_transform(args, cfg, tokenizer, tok_path, vocab)
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute, args.compile,
@@ -175,8 +176,8 @@ def setup(args) -> Run:
     gbs, seq = layout.global_batch_size, cfg.seq_length
     train_iters = args.train_iters or math.ceil(args.train_tokens / (gbs * seq))
     datasets = _datasets(args, cfg, layout, train_iters, vocab, eod)
-    if masking:
-        datasets = mlm.wrap(datasets, masking)
+    if transform:
+        datasets = transform(datasets)
     state = RunState()
     run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
                   "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}
@@ -244,28 +245,13 @@ def wandb_options(args, run_config: dict, saved_run_config: dict) -> dict | None
             "id": run_config["wandb_run_id"], "config": run_config}
 
 
-MASK_FLAGS = {"mask_prob": "prob", "mask_replace_prob": "replace", "mask_random_prob": "random"}
-
-
-def masking_config(args, cfg: ModelConfig, tokenizer, tok_path: str, vocab: int) -> mlm.MaskingConfig | None:
-    """--objective mlm's masking (pretrain/mlm.py), or None for clm. Options that belong to the other objective
-    are refused, naming them."""
-    given = [k for k in MASK_FLAGS if getattr(args, k) is not None]
-    if cfg.objective == "clm":
-        if given:
-            raise LayoutError(f"--{given[0].replace('_', '-')} applies to --objective mlm only; this run trains "
-                              f"clm (a decoder): drop it, or pass --objective mlm")
-        return None
-    if args.sample_prompt or args.eval_tasks:
-        flag = "--sample-prompt generates text" if args.sample_prompt else "--eval-tasks scores continuations"
-        raise LayoutError(f"{flag}, which an mlm encoder does not do; drop it (evaluation reports masked-token "
-                          f"loss, accuracy and perplexity)")
+def data_transform(args, cfg: ModelConfig, tokenizer, tok_path: str, vocab: int):
+    """The objective's dataset wrapper (pretrain/objectives.py; mlm: masking), after refusing the options it does
+    not honour, naming them."""
     try:
-        mask = tokenizers.mask_id(tokenizer, tok_path)
-        return mlm.MaskingConfig(mask_id=mask, special_ids=tuple(sorted({*tokenizers.special_ids(tokenizer), mask})),
-                                 vocab_size=vocab, seed=args.seed,
-                                 **{field: getattr(args, k) for k, field in MASK_FLAGS.items()
-                                    if getattr(args, k) is not None})
+        obj = objective(cfg.objective)
+        obj.check_options(args)
+        return obj.data_transform(args, tokenizer, tok_path, vocab)
     except ValueError as e:
         raise LayoutError(str(e)) from None
 
@@ -416,7 +402,7 @@ def evaluate(run: Run, dataset, name: str) -> dict:
     loss = result["loss"]
     out = {f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50)), f"{name}_accuracy": result["accuracy"]}
     run.metrics.write({"step": run.state.iteration, "consumed_samples": run.state.consumed_samples, **out})
-    what = "masked-token" if run.cfg.objective == "mlm" else "next-token"
+    what = objective(run.cfg.objective).loss_tokens
     log(f"iteration {run.state.iteration:6d} | {name} loss {loss:.4f} | {name} ppl {out[f'{name}_ppl']:.2f} | "
         f"{name} {what} accuracy {result['accuracy']:.4f}")
     return out

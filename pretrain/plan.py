@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pretrain import steptime
 from pretrain.config import PRESETS, ModelConfig, preset
 from pretrain.engine import zero_auto
+from pretrain.objectives import OBJECTIVES, objective
 from pretrain.parallel import LayoutError, validate_layout
 from pretrain.sharding import stage_parameters
 
@@ -242,7 +243,7 @@ def plan(p: PlanInput) -> dict:
                   "device_model": steptime.DEVICE_OF_GPU[p.gpu], "measured_error": st["measured_error"],
                   "tokens_per_step": step_tokens, "objective": cfg.objective,
                   # mlm: every position is computed (same FLOPs, same memory), the loss counts the masked share
-                  "loss_tokens_per_step": round(step_tokens * (p.mask_prob if cfg.objective == "mlm" else 1))},
+                  "loss_tokens_per_step": round(step_tokens * objective(cfg.objective).loss_token_share(p.mask_prob))},
     }
 
 
@@ -281,9 +282,9 @@ def format_plan(r: dict) -> str:
     out.append(f"predicted MFU {s['mfu']:.1%}: {s['tokens_per_s_per_gpu']:,} tokens/s per GPU, "
                f"{s['tokens_per_s']:,} tokens/s in all")
     out += [f"warning: {w}" for w in s["warnings"]]
-    if s["objective"] == "mlm":
-        out.append(f"objective mlm: bidirectional attention and the head over every position cost what clm does; "
-                   f"the loss counts the masked ~{s['loss_tokens_per_step']:,} tokens of each step")
+    note = objective(s["objective"]).plan_note(s["loss_tokens_per_step"])
+    if note:
+        out.append(note)
     return "\n".join(out)
 
 
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search", action="store_true",
                     help="rank every valid layout (TP, PP, ZeRO, micro-batch, recompute) that fits by predicted "
                          "tokens/s, for --global-batch-size")
-    ap.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="as the trainer's --objective")
+    ap.add_argument("--objective", choices=list(OBJECTIVES), default="clm", help="as the trainer's --objective")
     ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)

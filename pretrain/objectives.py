@@ -1,0 +1,101 @@
+"""The training objective as one object: what differs between a causal decoder trained on the next token (clm) and
+an encoder trained on masked tokens (mlm), asked of the objective instead of comparing its name in the loop, the
+model config, export, import and the planner.
+
+What an objective owns:
+  attention      causal or bidirectional (pretrain/model.py's layer spec reads `causal`)
+  options        the trainer's flags that only it honours (another objective refuses them, naming the fix), and
+                 whether it generates text (--sample-prompt, --eval-tasks' continuations, a generation config)
+  data           what it does to each sample before the loss (mlm: pretrain/mlm.py's masking), from the tokenizer
+  loss tokens    which tokens the loss and the accuracy count (logged), and their share of a step's (the planner)
+  export         the Hugging Face family its models are written as (None: the decoder family they came from)
+
+The name stays the checkpoint's record (meta.json model_config.objective) and the flag's value; ModelConfig keeps
+the string and `objective(cfg.objective)` gives the object. A third objective (supervised fine-tuning, issue 30)
+is one more subclass and one more entry in OBJECTIVES.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+class Objective:
+    name: str
+    causal: bool
+    generates: bool
+    loss_tokens: str  # what the loss and the accuracy count, as the log says it
+    hf_family: str | None = None  # the family every export is written as; None: the decoder's own
+    flags: dict[str, str] = {}  # argparse dest -> what it sets, for flags only this objective honours
+
+    def data_transform(self, args, tokenizer, tok_path: str, vocab: int) -> Callable | None:
+        """A function that wraps the train/valid/test datasets (None: samples go to the loss as they are)."""
+        return None
+
+    def loss_token_share(self, mask_prob: float) -> float:
+        """The share of a step's tokens the loss counts (the planner's loss_tokens_per_step)."""
+        return 1.0
+
+    def plan_note(self, loss_tokens_per_step: int) -> str | None:
+        """A line pretrain.plan prints for this objective, if any."""
+        return None
+
+    def check_options(self, args) -> None:
+        """Refuse, naming the fix, a flag another objective owns, and text generation when this one has none."""
+        for other in OBJECTIVES.values():
+            for dest in other.flags:
+                if other is not self and dest not in self.flags and getattr(args, dest, None) is not None:
+                    raise ValueError(f"--{dest.replace('_', '-')} applies to --objective {other.name} only; this run "
+                                     f"trains {self.name} ({self.describe}): drop it, or pass --objective "
+                                     f"{other.name}")
+        if not self.generates and (getattr(args, "sample_prompt", None) or getattr(args, "eval_tasks", None)):
+            flag = "--sample-prompt generates text" if args.sample_prompt else "--eval-tasks scores continuations"
+            raise ValueError(f"{flag}, which an {self.name} {self.describe.split()[-1]} does not do; drop it "
+                             f"(evaluation reports "
+                             f"{self.loss_tokens} loss, accuracy and perplexity)")
+
+    @property
+    def describe(self) -> str:
+        return "a decoder" if self.causal else "an encoder"
+
+
+class CausalLM(Objective):
+    name, causal, generates, loss_tokens = "clm", True, True, "next-token"
+
+
+class MaskedLM(Objective):
+    """pretrain/mlm.py: BERT-style masking of each sample, seeded by its index; exported as EuroBERT."""
+    name, causal, generates, loss_tokens, hf_family = "mlm", False, False, "masked-token", "eurobert"
+    flags = {"mask_prob": "prob", "mask_replace_prob": "replace", "mask_random_prob": "random"}
+
+    def data_transform(self, args, tokenizer, tok_path: str, vocab: int) -> Callable:
+        from data_prep import tokenizer as tokenizers
+        from pretrain import mlm
+
+        mask = tokenizers.mask_id(tokenizer, tok_path)  # ValueError naming the tokenizer when it has none
+        config = mlm.MaskingConfig(mask_id=mask, special_ids=tuple(sorted({*tokenizers.special_ids(tokenizer), mask})),
+                                   vocab_size=vocab, seed=args.seed,
+                                   **{field: getattr(args, dest) for dest, field in self.flags.items()
+                                      if getattr(args, dest, None) is not None})
+        return lambda datasets: mlm.wrap(datasets, config)
+
+    def loss_token_share(self, mask_prob: float) -> float:
+        return mask_prob
+
+    def plan_note(self, loss_tokens_per_step: int) -> str:
+        return (f"objective mlm: bidirectional attention and the head over every position cost what clm does; the "
+                f"loss counts the masked ~{loss_tokens_per_step:,} tokens of each step")
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (CausalLM(), MaskedLM())}
+
+
+def objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r}: use one of {', '.join(OBJECTIVES)} (clm: a decoder on the next "
+                         f"token; mlm: an encoder on masked tokens)")
+    return OBJECTIVES[name]
+
+
+def for_hf_family(family: str) -> Objective:
+    """The objective a Hugging Face model of this family was trained for (EuroBERT: mlm; decoders: clm)."""
+    return next((o for o in OBJECTIVES.values() if o.hf_family == family), OBJECTIVES["clm"])
