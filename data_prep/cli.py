@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--output", required=True, help="directory")
     t.add_argument("--max-docs", type=int, help="train on at most this many documents")
+    t.add_argument("--chat-template", choices=["chatml", "llama3"],
+                   help="add this chat template's special tokens and write it into tokenizer_config.json, for "
+                        "fine-tuning on conversations (data_prep/chat.py)")
     _add_normalize_args(t)  # train on the text `prepare` will tokenize: give both the same normalisation
 
     p = sub.add_parser("prepare", help="clean, dedup, tokenize and pack into .bin/.idx shards")
@@ -167,7 +170,7 @@ def _train_tokenizer(a) -> int:
                         yield text
 
     stream = itertools.islice(texts(), a.max_docs) if a.max_docs else texts()
-    path = tokenizer.train_bpe(stream, a.vocab_size, a.output)
+    path = tokenizer.train_bpe(stream, a.vocab_size, a.output, chat_template=a.chat_template)
     print(f"tokenizer -> {path}")
     return 0
 

@@ -14,14 +14,24 @@ _EOS_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 _MASK_CANDIDATES = (MASK_TOKEN, "[MASK]", "<mask>")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_frequency: int = 2) -> str:
+def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_frequency: int = 2,
+              chat_template: str | None = None) -> str:
+    """chat_template: a built-in template's name (data_prep/chat.py): its special tokens join the vocabulary and
+    the template goes into tokenizer_config.json, where transformers' apply_chat_template finds it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from data_prep.chat import BUILTIN
+
+    if chat_template is not None and chat_template not in BUILTIN:
+        raise ValueError(f"--chat-template {chat_template}: train-tokenizer knows {', '.join(BUILTIN)}")
+    chat = BUILTIN.get(chat_template, {})
+    bos = chat.get("bos_token", EOD_TOKEN)  # Llama 3's template opens with its own
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOD_TOKEN, PAD_TOKEN, MASK_TOKEN],
+                                  special_tokens=[EOD_TOKEN, PAD_TOKEN, MASK_TOKEN, *chat.get("special_tokens", [])],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(output_dir, exist_ok=True)
@@ -30,11 +40,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
         tok.save(tmp)
     # What transformers.AutoTokenizer needs to load this directory (used by the HF export).
     write_json(os.path.join(output_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN,
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": bos,
         "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN, "unk_token": None, "model_max_length": 1_000_000_000,
-        "add_bos_token": False})
+        "add_bos_token": False, **({"chat_template": chat["template"]} if chat else {})})
     write_json(os.path.join(output_dir, "special_tokens_map.json"),
-               {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN})
+               {"eos_token": EOD_TOKEN, "bos_token": bos, "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN})
     return path
 
 
