@@ -37,6 +37,11 @@ def _model_args(p) -> None:
                    help="continue pretraining a Hugging Face Llama / Mistral / Qwen2 model: shape from DIR/"
                         "config.json, weights from its safetensors (each rank reads only its slice), tokenizer "
                         "from DIR; the optimizer starts fresh. Ignored once --save holds a checkpoint (resume)")
+    g.add_argument("--init-from-checkpoint", metavar="DIR",
+                   help="start a new run (fine-tuning, another objective) from the weights of one of our checkpoints, "
+                        "saved under any layout: a save directory (its latest tag) or a tag directory. Shape from "
+                        "its meta.json; the optimizer, schedule, iteration and data position start fresh (unlike "
+                        "--load, which resumes). Ignored once --save holds a checkpoint (resume)")
     for name, typ in MODEL_OVERRIDES.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override the preset's {name}")
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")
@@ -71,7 +76,8 @@ def _schedule_args(p) -> None:
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, help="default: micro-batch-size x data-parallel size")
-    g.add_argument("--train-iters", type=int, help="optimizer steps")
+    g.add_argument("--train-iters", type=int, help="optimizer steps (0: evaluate and save the starting weights, e.g. "
+                                                     "those --init-from-checkpoint or --init-from-hf gave)")
     g.add_argument("--train-tokens", type=int, help="alternative to --train-iters")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=3e-5)
@@ -182,6 +188,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = parser.parse_args(argv)  # flags given on the command line still win
     if args.train_iters is None and args.train_tokens is None:
         parser.error("give --train-iters or --train-tokens")
+    if args.init_from_checkpoint and (args.init_from_hf or args.load):
+        other = "--init-from-hf" if args.init_from_hf else "--load"
+        parser.error(f"--init-from-checkpoint and {other} both name the weights to start from: keep one "
+                     f"(--load resumes a run: iteration, optimizer and data position; --init-from-checkpoint takes "
+                     f"the weights alone)")
     if not args.data_path:
         parser.error("--data-path is required")
     return args

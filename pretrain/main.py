@@ -104,7 +104,8 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     --model preset with flag overrides. A shape flag that contradicts an imported or resumed shape is an error
     naming both (never a silently different model)."""
     overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
-    saved = None if args.init_from_hf or args.model else checkpoint.saved_model_config(resume_source(args))
+    source = init_checkpoint(args) or resume_source(args)
+    saved = None if args.init_from_hf or args.model else checkpoint.saved_model_config(source)
     if not args.init_from_hf and not saved:
         return preset(args.model or "tiny", vocab_size=vocab_size, tie_embeddings=args.tie_embeddings or None,
                       seq_length=args.seq_length, objective=args.objective, **overrides)
@@ -114,7 +115,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
             raise LayoutError(f"--model {args.model} contradicts --init-from-hf {args.init_from_hf}, which gives "
                               f"the shape (config.json); drop --model")
     else:
-        cfg, origin = ModelConfig(**saved), f"the checkpoint in {resume_source(args)} (meta.json: model_config)"
+        cfg, origin = ModelConfig(**saved), f"the checkpoint in {source} (meta.json: model_config)"
         cfg.seq_length = args.seq_length or cfg.seq_length
     for key, value in overrides.items():
         if key in NOT_SHAPE:
@@ -125,7 +126,8 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     if args.tie_embeddings and not cfg.tie_embeddings:
         raise LayoutError(f"--tie-embeddings contradicts {origin}, whose embeddings are untied; drop the flag")
     if args.objective and args.objective != cfg.objective:
-        if not args.init_from_hf:  # a resumed run keeps its objective; imported weights may take either
+        if not (args.init_from_hf or init_checkpoint(args)):  # a resumed run keeps its objective; a new run from
+            # weights may take either (the same layers: attention and loss are the objective's)
             raise LayoutError(f"--objective {args.objective} contradicts {origin}, trained as {cfg.objective}; "
                               f"drop the flag, or start a new run (--save elsewhere) from an export")
         cfg.objective = args.objective
@@ -174,7 +176,7 @@ def setup(args) -> Run:
     hooks.install(engine)
 
     gbs, seq = layout.global_batch_size, cfg.seq_length
-    train_iters = args.train_iters or math.ceil(args.train_tokens / (gbs * seq))
+    train_iters = args.train_iters if args.train_iters is not None else math.ceil(args.train_tokens / (gbs * seq))
     datasets = _datasets(args, cfg, layout, train_iters, vocab, eod)
     if transform:
         datasets = transform(datasets)
@@ -182,8 +184,9 @@ def setup(args) -> Run:
     run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
                   "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}
     if resume_from:
-        if args.init_from_hf:
-            log(f"--init-from-hf {args.init_from_hf} is not read: resuming from {resume_from}")
+        for flag in ("init_from_hf", "init_from_checkpoint"):
+            if getattr(args, flag):
+                log(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not read: resuming from {resume_from}")
         loaded = checkpoint.load(engine, resume_from, layout, cfg.parameter_shapes(), not args.no_load_optim)
         state.iteration, state.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
         run_config["resumed_from"] = {"checkpoint": os.path.abspath(resume_from), "layout": loaded["layout"],
@@ -195,6 +198,8 @@ def setup(args) -> Run:
     elif args.init_from_hf:
         import_hf_weights(engine, cfg, layout, args.init_from_hf)
         run_config["init_from_hf"] = os.path.abspath(args.init_from_hf)
+    elif init_checkpoint(args):
+        run_config["init_from_checkpoint"] = init_weights(engine, cfg, layout, init_checkpoint(args))
     train_iter = TimedIterator(micro_batches(datasets[0], state.consumed_samples, layout.micro_batch_size,
                                              parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers))
     peak = args.peak_tflops or device_peak_tflops()[0]
@@ -205,7 +210,7 @@ def setup(args) -> Run:
         spike = spike_guard.SpikeGuard(args.spike_sigma, args.spike_window, saved_state.get("spike_window"))
         spike.install(engine, layout.grad_accum_steps)
     return Run(args=args, cfg=cfg, layout=layout, engine=engine, tokenizer=tokenizer, datasets=datasets,
-               train_iters=train_iters, decay_iters=args.lr_decay_iters or train_iters, train_iter=train_iter,
+               train_iters=train_iters, decay_iters=args.lr_decay_iters or max(train_iters, 1), train_iter=train_iter,
                metrics=MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=is_rank0(), wandb=wandb,
                                    resumed_at=state.iteration),
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
@@ -265,6 +270,28 @@ def import_hf_weights(engine, cfg: ModelConfig, layout: Layout, hf_dir: str) -> 
         f"{time.time() - t0:.1f} s; the optimizer starts fresh; peak RSS {peak:.0f} MiB per rank")
 
 
+def init_weights(engine, cfg: ModelConfig, layout: Layout, source: str) -> str:
+    """--init-from-checkpoint: the weights of `source` (verified; any layout, resharded as a resume is) as fp32
+    masters and model weights; Adam, the schedule, the iteration and the data position start fresh."""
+    tag_dir = checkpoint.find_resume(source)
+    if tag_dir is None:
+        raise checkpoint.CheckpointError(f"--init-from-checkpoint {source}: no complete checkpoint there; name a "
+                                         f"save directory that holds one, or a tag directory (iter_NNNNNNN)")
+    meta = checkpoint.read_meta(tag_dir)
+    checkpoint.load_states(engine, checkpoint.CheckpointReader(tag_dir, meta), layout, cfg.parameter_shapes(),
+                           load_optimizer=False)
+    log(f"initialised from {tag_dir} (iteration {meta['iteration']} of a {meta['model_config']['objective']} run "
+        f"under {_layout_text(meta['layout'])}); the optimizer, schedule and data start fresh at iteration 0")
+    return os.path.abspath(tag_dir)
+
+
+def init_checkpoint(args) -> str | None:
+    """--init-from-checkpoint, while this run has no checkpoint of its own (then it resumes that instead)."""
+    if args.init_from_checkpoint and not (args.save and checkpoint.complete_tags(args.save)):
+        return args.init_from_checkpoint
+    return None
+
+
 def resume_source(args) -> str | None:
     """--save when it already holds a checkpoint (a restarted or requeued run continues its own work), else
     --load (the checkpoint a new run starts from)."""
@@ -285,7 +312,8 @@ def _datasets(args, cfg: ModelConfig, layout: Layout, train_iters: int, vocab: i
     data_cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=cfg.seq_length, seed=args.seed,
                           cache_dir=args.data_cache_dir, num_workers=args.num_workers, vocab_size=vocab,
                           eod_id=eod, valid_data_path=args.valid_data_path, test_data_path=args.test_data_path)
-    return build_datasets(data_cfg, (train_iters * gbs, n_evals * args.eval_iters * gbs, args.eval_iters * gbs))
+    return build_datasets(data_cfg, (max(train_iters, 1) * gbs, n_evals * args.eval_iters * gbs,
+                                     args.eval_iters * gbs))
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -352,7 +380,7 @@ def train_one_step(run: Run) -> StepResult:
     run.watchdog.step_started(state.iteration + 1)
     if run.spike:
         run.spike.begin(state.iteration + 1)
-    result = train_step(run.engine, run.train_iter)
+    result = train_step(run.engine, run.train_iter, objective(run.cfg.objective).global_loss_tokens)
     spiked = run.spike.agree() if run.spike else False
     run.watchdog.step_finished()
     step_time = time.time() - t0
@@ -398,7 +426,8 @@ def evaluate(run: Run, dataset, name: str) -> dict:
     layout = run.layout
     it = micro_batches(dataset, 0, layout.micro_batch_size, parallel_state.get_data_parallel_rank(), layout.dp,
                        num_workers=0, cycle=True)
-    result = evaluate_batches(run.engine, it, run.args.eval_iters * layout.grad_accum_steps)
+    result = evaluate_batches(run.engine, it, run.args.eval_iters * layout.grad_accum_steps,
+                              objective(run.cfg.objective).global_loss_tokens)
     loss = result["loss"]
     out = {f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50)), f"{name}_accuracy": result["accuracy"]}
     run.metrics.write({"step": run.state.iteration, "consumed_samples": run.state.consumed_samples, **out})

@@ -388,21 +388,24 @@ def top1_correct(logits, labels):
     return label_logit >= best
 
 
-def lm_loss(logits, labels, loss_mask):
-    """Mean cross-entropy over unmasked tokens; logits are vocab-parallel [s, b, v/tp], labels [b, s].
+def lm_loss(logits, labels, loss_mask, loss_tokens=None):
+    """Cross-entropy summed over unmasked tokens, divided by this micro-batch's unmasked tokens (a mean), or by
+    `loss_tokens` when given: the global batch's loss tokens per micro-batch per DP rank, which makes DeepSpeed's
+    mean over micro-batches and DP ranks the mean over every loss token of the global batch
+    (pretrain.step.global_loss_tokens). Logits are vocab-parallel [s, b, v/tp], labels [b, s].
     megatron's vocab_parallel_cross_entropy works in place: fp32 logits are overwritten (bf16 ones are copied by
     .float() first), so a caller that needs the logits afterwards must not compute the loss on them."""
     if ACCURACY.counts is not None:
         ACCURACY.add(logits, labels, loss_mask)
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
     loss_mask = loss_mask.float()
-    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    divisor = loss_mask.sum().clamp(min=1.0) if loss_tokens is None else loss_tokens.float().reshape(())
+    return (losses * loss_mask).sum() / divisor
 
 
 def pipeline_loss(logits, labels_and_mask):
-    """DeepSpeed PipelineModule's loss_fn: labels travel as (labels, loss_mask)."""
-    labels, loss_mask = labels_and_mask
-    return lm_loss(logits, labels, loss_mask)
+    """DeepSpeed PipelineModule's loss_fn: labels travel as (labels, loss_mask[, loss_tokens])."""
+    return lm_loss(logits, *labels_and_mask)
 
 
 class GPT(nn.Module):
@@ -434,13 +437,13 @@ class GPT(nn.Module):
             hidden = stage(*hidden) if isinstance(hidden, tuple) else stage(hidden)
         return hidden
 
-    def forward(self, tokens, labels=None, loss_mask=None):
+    def forward(self, tokens, labels=None, loss_mask=None, loss_tokens=None):
         logits = self.logits(tokens)
         if labels is None:
             return logits
         if loss_mask is None:
             loss_mask = torch.ones_like(labels)
-        return lm_loss(logits, labels, loss_mask)
+        return lm_loss(logits, labels, loss_mask, loss_tokens)
 
 
 def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, options: ModelOptions = ModelOptions(),

@@ -7,7 +7,8 @@ What an objective owns:
   options        the trainer's flags that only it honours (another objective refuses them, naming the fix), and
                  whether it generates text (--sample-prompt, --eval-tasks' continuations, a generation config)
   data           what it does to each sample before the loss (mlm: pretrain/mlm.py's masking), from the tokenizer
-  loss tokens    which tokens the loss and the accuracy count (logged), and their share of a step's (the planner)
+  loss tokens    which tokens the loss and the accuracy count (logged), their share of a step's (the planner), and
+                 how the loss is normalised over them (per micro-batch, or over the global batch)
   export         the Hugging Face family its models are written as (None: the decoder family they came from)
 
 The name stays the checkpoint's record (meta.json model_config.objective) and the flag's value; ModelConfig keeps
@@ -26,6 +27,13 @@ class Objective:
     loss_tokens: str  # what the loss and the accuracy count, as the log says it
     hf_family: str | None = None  # the family every export is written as; None: the decoder's own
     flags: dict[str, str] = {}  # argparse dest -> what it sets, for flags only this objective honours
+    # How the loss is normalised: False, each micro-batch's mean over its loss tokens, averaged over micro-batches
+    # and DP ranks (Megatron's rule; exact for clm, where every micro-batch counts the same number of tokens, and
+    # kept for mlm, whose masked share varies by a few percent between micro-batches); True, the sum over every
+    # loss token of the global batch divided by their number (pretrain.step.global_loss_tokens), for samples that
+    # supervise very different numbers of tokens (answer-only fine-tuning), where the mean of means would depend
+    # on the micro-batch size, and so on the layout.
+    global_loss_tokens: bool = False
 
     def data_transform(self, args, tokenizer, tok_path: str, vocab: int) -> Callable | None:
         """A function that wraps the train/valid/test datasets (None: samples go to the loss as they are)."""

@@ -50,14 +50,39 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def train_step(engine, micro_batches) -> StepResult:
-    """Run one global batch. `micro_batches` yields dicts with tokens/labels/loss_mask ([b, s] each)."""
+def global_loss_tokens(micro_batches, count: int) -> list[dict]:
+    """The next `count` micro-batches of this rank, each with "loss_tokens": the loss tokens of all of them on every
+    DP rank, divided by count x DP. Each micro-batch's loss is then its sum over loss tokens divided by that, and
+    the mean DeepSpeed takes over micro-batches (its 1/accumulation scaling) and DP ranks (gradient averaging) is
+    the sum over every loss token of the global batch divided by their number: the same step under any DP,
+    micro-batch size and accumulation, where a mean of per-micro-batch means weighs a token by how few others
+    share its micro-batch (objectives whose samples supervise different numbers of tokens: pretrain/objectives.py).
+    One all-reduce of one number over DP, before the step."""
+    from megatron.core import parallel_state
+
+    batches = [next(micro_batches) for _ in range(count)]
+    total = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().reshape(1).to(device())
+    dp = 1
+    if dist.is_initialized():
+        group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(total, group=group)
+        dp = dist.get_world_size(group)
+    per_micro = (total / (count * dp)).clamp(min=1e-12).cpu()  # no loss token anywhere: the sum is 0, not nan
+    return [{**b, "loss_tokens": per_micro} for b in batches]
+
+
+def train_step(engine, micro_batches, global_tokens: bool = False) -> StepResult:
+    """Run one global batch. `micro_batches` yields dicts with tokens/labels/loss_mask ([b, s] each).
+    global_tokens: the loss is divided by the global batch's loss tokens (global_loss_tokens), not averaged over
+    micro-batches."""
+    if global_tokens:
+        micro_batches = iter(global_loss_tokens(micro_batches, engine.gradient_accumulation_steps()))
     if is_pipeline(engine):
         return _pipeline_step(engine, micro_batches)
     losses, grad_norm = [], None
     for m in range(engine.gradient_accumulation_steps()):
         batch = _to_device(next(micro_batches))
-        loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+        loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("loss_tokens"))
         losses.append(loss.detach())
         engine.backward(loss)
         if m == engine.gradient_accumulation_steps() - 1 and engine.zero_optimization_stage() == 0:
@@ -117,9 +142,11 @@ def guard_plain_optimizer(engine) -> None:
 
 
 def _pipeline_feed(micro_batches):
-    """DeepSpeed's pipeline engine takes (inputs, labels) pairs; our labels travel as (labels, loss_mask)."""
+    """DeepSpeed's pipeline engine takes (inputs, labels) pairs; our labels travel as (labels, loss_mask) and, with
+    global_loss_tokens, loss_tokens as a third."""
     for b in micro_batches:
-        yield b["tokens"], (b["labels"], b["loss_mask"])
+        extra = (b["loss_tokens"].reshape(1),) if "loss_tokens" in b else ()
+        yield b["tokens"], (b["labels"], b["loss_mask"], *extra)
 
 
 def _pipeline_step(engine, micro_batches) -> StepResult:
@@ -128,11 +155,14 @@ def _pipeline_step(engine, micro_batches) -> StepResult:
 
 
 @torch.no_grad()
-def evaluate(engine, micro_batches, num_micro_batches: int) -> dict:
-    """{"loss": mean loss over `num_micro_batches` micro-batches per DP rank, averaged over DP; "accuracy": top-1
-    accuracy over every loss-counted token of them (pretrain.model.TokenAccuracy)}."""
+def evaluate(engine, micro_batches, num_micro_batches: int, global_tokens: bool = False) -> dict:
+    """{"loss": mean loss over `num_micro_batches` micro-batches per DP rank, averaged over DP (global_tokens: over
+    every loss token of them, as training divides); "accuracy": top-1 accuracy over every loss-counted token of
+    them (pretrain.model.TokenAccuracy)}."""
     from pretrain.model import ACCURACY
 
+    if global_tokens:
+        micro_batches = iter(global_loss_tokens(micro_batches, num_micro_batches))
     engine.eval()
     try:
         with ACCURACY.counting():
@@ -154,7 +184,8 @@ def _eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
     losses = []
     for _ in range(num_micro_batches):
         batch = _to_device(next(micro_batches))
-        losses.append(engine(batch["tokens"], batch["labels"], batch["loss_mask"]).detach().float())
+        losses.append(engine(batch["tokens"], batch["labels"], batch["loss_mask"],
+                             batch.get("loss_tokens")).detach().float())
     return _dp_mean(torch.stack(losses).mean())
 
 

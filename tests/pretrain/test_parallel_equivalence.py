@@ -85,6 +85,28 @@ def test_document_mask_changes_the_model_the_same_way_under_every_layout(train_l
     assert max(abs(a - b) / b for a, b in zip(bf16["losses"], ref["losses"])) < 2e-4
 
 
+# ------------------------------------------------------------------------------- loss over the global batch
+VARIED = dict(varied_loss_mask=True)  # samples supervise 1..seq_length tokens, as answer-only fine-tuning does
+
+
+def test_loss_over_the_global_batchs_tokens_is_one_step_under_every_layout(train_layout):
+    """pretrain.step.global_loss_tokens (objectives whose samples supervise very different numbers of tokens):
+    DP 2 with ZeRO-3 partitioned, TP 2, PP 2 and gradient accumulation 4 take the reference's step (fp32), where a
+    mean of micro-batch means moves with the micro-batch size. (Mutation tried: global_loss_tokens dividing by
+    count alone, not count x DP, fails the DP and ZeRO-3 runs.)"""
+    ref = train_layout(1, **REF, **VARIED, global_loss_tokens=True)
+    mean_of_means = [train_layout(1, **{**REF, "micro_batch_size": mb}, **VARIED)["losses"] for mb in (1, 2)]
+    assert max(abs(a - b) / b for a, b in zip(*mean_of_means)) > 1e-3  # the rule matters on these batches
+    for n, layout in ((1, dict(micro_batch_size=1)), (2, dict(zero=3)), (2, dict(tp=2)), (2, dict(pp=2, zero=1))):
+        run = train_layout(n, **{**REF, **layout}, **VARIED, global_loss_tokens=True)
+        assert_same(run, ref)
+        assert abs(run["eval"]["loss"] - ref["eval"]["loss"]) <= 1e-5 * ref["eval"]["loss"]
+        if layout.get("zero") == 3:
+            assert run["partitioned"] > 0
+    # and the same batches under the mean of means (micro-batch 2, as the reference) take another step
+    assert max(abs(a - b) / b for a, b in zip(ref["losses"], mean_of_means[1])) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------ sequence parallel
 SP = dict(tp=2, sequence_parallel=True)
 

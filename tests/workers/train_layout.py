@@ -42,6 +42,12 @@ def parse():
     p.add_argument("--document-eod", type=int, help="document masking with this EOD id (0 occurs in the batches)")
     p.add_argument("--objective", default="clm", help="mlm: bidirectional attention on masked samples "
                                                         "(pretrain.mlm, mask id 1, special ids 0 and 1)")
+    p.add_argument("--varied-loss-mask", action="store_true",
+                   help="each sample's loss counts only its last 1..seq_length tokens (length from its index), as "
+                        "answer-only fine-tuning does: micro-batches supervise very different numbers of tokens")
+    p.add_argument("--global-loss-tokens", action="store_true",
+                   help="divide by the global batch's loss tokens (pretrain.step.global_loss_tokens), not a mean "
+                        "of micro-batch means")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="train until this global step")
@@ -101,13 +107,24 @@ def global_batch(cfg, layout, step):
 
 
 EOD = None  # --document-eod
+VARIED_MASK = False  # --varied-loss-mask
 
 
 def micro_batches(cfg, layout, step, dp_rank):
     seqs, b = global_batch(cfg, layout, step), layout.micro_batch_size
     for m in range(layout.grad_accum_steps):
         first = (m * layout.dp + dp_rank) * b
-        yield sample_batch(cfg, seqs[first:first + b], step * layout.global_batch_size + first)
+        batch = sample_batch(cfg, seqs[first:first + b], step * layout.global_batch_size + first)
+        if VARIED_MASK:
+            batch["loss_mask"] = varied_mask(cfg, step * layout.global_batch_size + first, b)
+        yield batch
+
+
+def varied_mask(cfg, first_index, b):
+    """Sample i supervises its last k tokens, k from 1 to seq_length by a fixed function of i (the same under any
+    layout): the share of supervised tokens differs between micro-batches by up to seq_length x."""
+    k = [1 + (i * 7919) % cfg.seq_length if i % 3 else cfg.seq_length for i in range(first_index, first_index + b)]
+    return torch.stack([(torch.arange(cfg.seq_length) >= cfg.seq_length - n).float() for n in k])
 
 
 def sample_batch(cfg, seqs, first_index):
@@ -196,9 +213,9 @@ def zero3_window_meter(engine, report) -> dict:
 
 
 def main():
-    global EOD
+    global EOD, VARIED_MASK
     a = parse()
-    EOD = a.document_eod
+    EOD, VARIED_MASK = a.document_eod, a.varied_loss_mask
     cfg, layout, engine = build(a)
     from megatron.core import parallel_state as ps
 
@@ -225,10 +242,10 @@ def main():
         if "activation_bytes" not in report:  # the first step's forward passes
             meter = SavedActivations(engine.module)
             with meter.measure():
-                r = train_step(engine, batches)
+                r = train_step(engine, batches, a.global_loss_tokens)
             report["activation_bytes"] = meter.bytes
         else:
-            r = train_step(engine, batches)
+            r = train_step(engine, batches, a.global_loss_tokens)
         report.setdefault("step_s", {})[step] = time.perf_counter() - t0  # the planner's step-time validation
         if tracker:
             report.setdefault("collectives", {})[step] = {f"{name} {size}": n for (name, size), n in
@@ -247,7 +264,8 @@ def main():
                 dump(engine, cfg, layout, a.dump_logits.format(step=step), owns_loss(layout))
                 release_gathered(engine)  # as pretrain/main.py does after its evaluations
     # held-out batches (never trained on): loss and top-1 accuracy over the loss-counted tokens
-    report["eval"] = evaluate(engine, micro_batches(cfg, layout, 10**6 + 1, dp_rank), layout.grad_accum_steps)
+    report["eval"] = evaluate(engine, micro_batches(cfg, layout, 10**6 + 1, dp_rank), layout.grad_accum_steps,
+                              a.global_loss_tokens)
     if owns_loss(layout):
         with open(a.out, "w") as f:
             json.dump(report, f)
