@@ -35,13 +35,15 @@ BUILTIN = {
         "end_of_turn": "<|im_end|>",
     },
     "llama3": {
-        "template": ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
-                     "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+        # its begin-of-text written as a literal, not bos_token: the tokenizer's bos stays the end-of-text token
+        # pretraining saw (lm-eval's prefix token, the export's bos_token_id)
+        "template": ("{{- '<|begin_of_text|>' }}{%- for message in messages %}{{- '<|start_header_id|>' + "
+                     "message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+                     "{%- endfor %}"
                      "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
                      "{%- endif %}"),
         "special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         "end_of_turn": "<|eot_id|>",
-        "bos_token": "<|begin_of_text|>",
     },
 }
 _END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>")
@@ -63,10 +65,16 @@ class ChatTemplate:
         return hashlib.sha256(self.source.encode()).hexdigest()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The template's text; what it refuses (raise_exception, a first message it does not expect) is a
+        BadConversation: one row's problem, counted, not the run's."""
+        from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.source,
-                                            add_generation_prompt=add_generation_prompt, **self.variables)
+        try:
+            rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.source,
+                                                add_generation_prompt=add_generation_prompt, **self.variables)
+        except TemplateError as e:
+            raise BadConversation(f"the chat template {self.name} refused it: {e}") from None
         return rendered[0]
 
 
@@ -75,7 +83,9 @@ def load_template(tokenizer_dir: str, choice: str | None = None) -> ChatTemplate
     path (for a tokenizer without one). Its special tokens must be tokens of the tokenizer."""
     config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
     config = json.load(open(config_path)) if os.path.exists(config_path) else {}
-    variables = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    # the special tokens apply_chat_template passes (an AddedToken is saved as a dict with its "content")
+    variables = {k: v["content"] if isinstance(v, dict) else v for k, v in config.items()
+                 if k.endswith("_token") and isinstance(v, (str, dict))}
     if choice in BUILTIN:
         b = BUILTIN[choice]
         return ChatTemplate(b["template"], b["end_of_turn"], {**variables, **{k: v for k, v in b.items()

@@ -25,7 +25,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
     if chat_template is not None and chat_template not in BUILTIN:
         raise ValueError(f"--chat-template {chat_template}: train-tokenizer knows {', '.join(BUILTIN)}")
     chat = BUILTIN.get(chat_template, {})
-    bos = chat.get("bos_token", EOD_TOKEN)  # Llama 3's template opens with its own
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -40,11 +39,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
         tok.save(tmp)
     # What transformers.AutoTokenizer needs to load this directory (used by the HF export).
     write_json(os.path.join(output_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": bos,
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN,
         "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN, "unk_token": None, "model_max_length": 1_000_000_000,
         "add_bos_token": False, **({"chat_template": chat["template"]} if chat else {})})
     write_json(os.path.join(output_dir, "special_tokens_map.json"),
-               {"eos_token": EOD_TOKEN, "bos_token": bos, "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN})
+               {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN})
     return path
 
 

@@ -272,15 +272,19 @@ def import_hf_weights(engine, cfg: ModelConfig, layout: Layout, hf_dir: str) -> 
 
 def init_weights(engine, cfg: ModelConfig, layout: Layout, source: str) -> str:
     """--init-from-checkpoint: the weights of `source` (verified; any layout, resharded as a resume is) as fp32
-    masters and model weights; Adam, the schedule, the iteration and the data position start fresh."""
-    tag_dir = checkpoint.find_resume(source)
-    if tag_dir is None:
-        raise checkpoint.CheckpointError(f"--init-from-checkpoint {source}: no complete checkpoint there; name a "
-                                         f"save directory that holds one, or a tag directory (iter_NNNNNNN)")
+    masters and model weights; Adam, the schedule, the iteration and the data position start fresh. Read only:
+    another run's directory is never changed (a damaged tag is an error naming it, not set aside as a resume
+    does with its own)."""
+    try:
+        tag_dir = checkpoint.resolve_tag(source)
+    except FileNotFoundError as e:
+        raise checkpoint.CheckpointError(f"--init-from-checkpoint {source}: {e}; name a save directory that holds "
+                                         f"one, or a tag directory (iter_NNNNNNN)") from None
     meta = checkpoint.read_meta(tag_dir)
     checkpoint.load_states(engine, checkpoint.CheckpointReader(tag_dir, meta), layout, cfg.parameter_shapes(),
                            load_optimizer=False)
-    log(f"initialised from {tag_dir} (iteration {meta['iteration']} of a {meta['model_config']['objective']} run "
+    log(f"initialised from {tag_dir} (iteration {meta['iteration']} of a "
+        f"{meta['model_config'].get('objective', 'clm')} run "
         f"under {_layout_text(meta['layout'])}); the optimizer, schedule and data start fresh at iteration 0")
     return os.path.abspath(tag_dir)
 

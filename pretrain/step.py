@@ -176,6 +176,9 @@ def _eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
     if is_pipeline(engine):
         it = _pipeline_feed(micro_batches)
         total, n = 0.0, 0
+        # (global_loss_tokens divided by every micro-batch requested: the calls below must consume them all)
+        assert num_micro_batches % engine.gradient_accumulation_steps() == 0, \
+            (num_micro_batches, engine.gradient_accumulation_steps())
         # eval_batch consumes gradient_accumulation_steps micro-batches per call.
         for _ in range(max(1, num_micro_batches // engine.gradient_accumulation_steps())):
             total += float(engine.eval_batch(data_iter=it))

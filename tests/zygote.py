@@ -9,8 +9,13 @@ on sys.path), and a failed rank stops the others as torchrun's agent does. What 
 restarts, its signal handling) is not what these tests prove: the signal, Slurm and launcher tests keep the real
 launchers (`deepspeed`, `srun`, `torchrun`).
 
-Forking is safe here because the server imports modules only: no thread (checked at start), no process group, no
-intra-op pool sized (OMP_NUM_THREADS is fixed before it starts).
+Forking is safe here because the server imports modules only: one thread (checked from /proc at start), no process
+group, OMP_NUM_THREADS=1 while it starts. What forked ranks share that fresh ones would not: the hash seed (a bug
+where ranks iterate a set of strings in different orders cannot show here), numpy's unseeded global RNG, and what
+modules read from the environment at import (the server's, not launch(env=...)'s: DeepSpeed's accelerator choice,
+pretrain/__init__.py's CUDA check). Import-time warnings go to the server's stderr, not the ranks'. Rank 0 hosts the
+rendezvous store (torchrun's agent does). `TESTS_LAUNCHER=torchrun bash launch/test.sh` runs every launch through
+torchrun instead, for what only fresh processes show.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,30 +41,42 @@ def context():
     if _CTX is None:
         from multiprocessing import forkserver
 
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")] + ([saved] if saved else []))
+        # one OpenMP/BLAS thread in the server (numpy's OpenBLAS starts its pool at import otherwise), and the
+        # repository on its path; both only for the server's start
+        saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+        os.environ.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")] +
+                                                     ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])),
+                          OMP_NUM_THREADS="1")
         try:
             forkserver.ensure_running()
         finally:
-            if saved is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = saved
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         probe = ctx.Process(target=_preloaded)
         probe.start()
         probe.join()
         if probe.exitcode != 0:
-            raise RuntimeError("tests/zygote.py: the forkserver did not import " + ", ".join(PRELOAD) + "; run "
-                               "`python -c 'import pretrain.main'` from the repository to see why")
+            raise RuntimeError(f"tests/zygote.py: the forkserver {PROBLEMS.get(probe.exitcode, probe.exitcode)}")
         _CTX = ctx
     return _CTX
 
 
+PROBLEMS = {1: "did not import " + ", ".join(PRELOAD) + " (run `python -c 'import pretrain.main'` from the "
+                                                        "repository to see why)",
+            2: "runs more than one thread (forking it would copy only one, its locks perhaps held)"}
+
+
 def _preloaded() -> None:
-    os._exit(0 if all(m in sys.modules for m in PRELOAD) else 1)
+    """In a child: the server (our parent) holds the imports and runs one thread, native ones included (after a
+    fork Python's threading module forgets the others, so it is asked of /proc)."""
+    if not all(m in sys.modules for m in PRELOAD):
+        os._exit(1)
+    os._exit(0 if len(os.listdir(f"/proc/{os.getppid()}/task")) == 1 else 2)
 
 
 def _rank(script: str, args: list[str], env: dict, out: str, err: str, cwd: str) -> None:
@@ -75,11 +91,10 @@ def _rank(script: str, args: list[str], env: dict, out: str, err: str, cwd: str)
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
+    sys.stdout.reconfigure(line_buffering=True, write_through=True)
+    sys.stderr.reconfigure(line_buffering=True, write_through=True)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if threading.active_count() > 1:  # a thread in the server would be missing here, its locks perhaps held
-        print(f"zygote: the server had threads {threading.enumerate()}", file=sys.stderr)
+    registered = _own_exit_hooks()
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     code = 0
@@ -92,14 +107,55 @@ def _rank(script: str, args: list[str], env: dict, out: str, err: str, cwd: str)
     except BaseException:  # noqa: BLE001 - reported as torchrun's failed rank would be
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    try:
+        _run_exit_hooks(registered)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _own_exit_hooks() -> list:
+    """What a normal interpreter exit runs, for this rank only: the server registered exit hooks at import that
+    must not run in every rank (wandb deletes its media and artifact temp directories, shared with the server and
+    later ranks), so they are set aside, and what the script registers from here on is recorded."""
+    import atexit
+    import weakref
+
+    for f in list(weakref.finalize._registry):  # the server's finalizers stay out of this rank's exit
+        f.atexit = False
+    registered, real = [], atexit.register
+
+    def register(func, *args, **kwargs):
+        registered.append((func, args, kwargs))
+        return real(func, *args, **kwargs)
+
+    atexit.register = register
+    return registered
+
+
+def _run_exit_hooks(registered: list) -> None:
+    """The script's atexit hooks (last first) and finalizers, then what multiprocessing's own child exit does
+    (daemonic children such as DataLoader workers terminated, the rest joined) and logging's flush."""
+    import logging
+    import multiprocessing.util
+    import traceback
+    import weakref
+
+    for func, args, kwargs in reversed(registered):
+        try:
+            func(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - as the interpreter reports a failing exit hook and goes on
+            traceback.print_exc()
+    weakref.finalize._exitfunc()
+    multiprocessing.util._exit_function()
+    logging.shutdown()
 
 
 def run(nproc: int, script: str, args: list[str], env: dict, cwd: str, port: int, timeout: float):
-    """-> (returncode, stdout, stderr, timed_out) of the whole job: the first failing rank's code, outputs of every
-    rank in rank order."""
+    """-> (returncode, stdout, stderr, timed_out) of the whole job: a failed rank's code (the lowest-numbered among
+    those found failed at one 50-ms poll; a negative code is a signal), outputs of every rank in rank order. An
+    interruption (pytest's timeout, Ctrl-C) stops every rank before it propagates."""
     ctx = context()
     with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
         procs, files = [], []
@@ -112,13 +168,17 @@ def run(nproc: int, script: str, args: list[str], env: dict, cwd: str, port: int
             p.start()
             procs.append(p)
         deadline, code, timed_out = time.time() + timeout, 0, False
-        while any(p.is_alive() for p in procs):
-            failed = [p for p in procs if p.exitcode not in (None, 0)]
-            if failed or time.time() > deadline:
-                timed_out, code = not failed, (failed[0].exitcode if failed else -9)
-                _stop(procs)
-                break
-            time.sleep(0.05)
+        try:
+            while any(p.is_alive() for p in procs):
+                failed = [p for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.time() > deadline:
+                    timed_out, code = not failed, (failed[0].exitcode if failed else -9)
+                    _stop(procs)
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            _stop(procs)
+            raise
         for p in procs:
             p.join()
         if not code:

@@ -15,7 +15,7 @@ MARKED = {
                "{%- if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
                "{% endgeneration %}{%- else %}{{ message['content'] + '<|im_end|>' }}{%- endif %}{{ '\\n' }}"
                "{%- endfor %}"),
-    "llama3": ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "llama3": ("{{- '<|begin_of_text|>' }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
                "'<|end_header_id|>\\n\\n' }}{%- if message['role'] == 'assistant' %}{% generation %}"
                "{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{%- else %}"
                "{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}{%- endfor %}"),
@@ -73,3 +73,14 @@ def test_a_tokenizer_without_the_templates_tokens_is_refused_naming_the_fix(tiny
         chat.check_tokens(chat.load_template(tiny_tokenizer, "chatml"), load(tiny_tokenizer))
     with pytest.raises(ValueError, match="has no chat_template; pass --chat-template"):
         chat.load_template(tiny_tokenizer)
+
+
+def test_what_a_template_refuses_is_one_bad_row(tokenizer_dir, tmp_path):
+    name, path = tokenizer_dir
+    jinja = tmp_path / "strict.jinja"
+    jinja.write_text("{%- if messages[0]['role'] != 'user' %}{{ raise_exception('begin with a user turn') }}"
+                     "{%- endif %}" + chat.BUILTIN["chatml"]["template"])
+    template = chat.load_template(path, str(jinja))
+    messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]
+    with pytest.raises(chat.BadConversation, match="refused it: begin with a user turn"):
+        chat.encode(chat.validate(messages), template, load(path))
