@@ -104,7 +104,8 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     --model preset with flag overrides. A shape flag that contradicts an imported or resumed shape is an error
     naming both (never a silently different model)."""
     overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
-    source = init_checkpoint(args) or resume_source(args)
+    init = init_checkpoint(args)
+    source = init or resume_source(args)
     saved = None if args.init_from_hf or args.model else checkpoint.saved_model_config(source)
     if not args.init_from_hf and not saved:
         return preset(args.model or "tiny", vocab_size=vocab_size, tie_embeddings=args.tie_embeddings or None,
@@ -126,7 +127,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     if args.tie_embeddings and not cfg.tie_embeddings:
         raise LayoutError(f"--tie-embeddings contradicts {origin}, whose embeddings are untied; drop the flag")
     if args.objective and args.objective != cfg.objective:
-        if not (args.init_from_hf or init_checkpoint(args)):  # a resumed run keeps its objective; a new run from
+        if not (args.init_from_hf or init):  # a resumed run keeps its objective; a new run from
             # weights may take either (the same layers: attention and loss are the objective's)
             raise LayoutError(f"--objective {args.objective} contradicts {origin}, trained as {cfg.objective}; "
                               f"drop the flag, or start a new run (--save elsewhere) from an export")
@@ -166,7 +167,7 @@ def setup(args) -> Run:
     hooks.announce()
     ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, args.fp32, cfg.hidden_size,
                                args.sequence_parallel)
-    resume_from = checkpoint.find_resume(resume_source(args))
+    resume_from, init = checkpoint.find_resume(resume_source(args)), init_checkpoint(args)
     opt = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1, beta2=args.adam_beta2,
                       eps=args.adam_eps, clip_grad=args.clip_grad)
     eod = tokenizers.eod_id(tokenizer, tok_path)
@@ -198,8 +199,8 @@ def setup(args) -> Run:
     elif args.init_from_hf:
         import_hf_weights(engine, cfg, layout, args.init_from_hf)
         run_config["init_from_hf"] = os.path.abspath(args.init_from_hf)
-    elif init_checkpoint(args):
-        run_config["init_from_checkpoint"] = init_weights(engine, cfg, layout, init_checkpoint(args))
+    elif init:
+        run_config["init_from_checkpoint"] = init_weights(engine, cfg, layout, init)
     train_iter = TimedIterator(micro_batches(datasets[0], state.consumed_samples, layout.micro_batch_size,
                                              parallel_state.get_data_parallel_rank(), layout.dp, args.num_workers))
     peak = args.peak_tflops or device_peak_tflops()[0]

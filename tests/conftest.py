@@ -30,12 +30,18 @@ def launch(nproc: int, script, *args, timeout: int = 300, env: dict | None = Non
     code, out, err, timed_out = zygote.run(nproc, str(script), [str(a) for a in args], full_env, str(ROOT),
                                            free_port(), timeout)
     if timed_out:
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-6000:]}")
-    proc = subprocess.CompletedProcess(cmd, code, out, err)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
-    return proc
+        _timed_out(cmd, timeout, out, err)
+    return _finished(cmd, code, out, err, check)
+
+
+def _timed_out(cmd: list, timeout: int, out: str, err: str):
+    raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-6000:]}")
+
+
+def _finished(cmd: list, code: int, out: str, err: str, check: bool) -> subprocess.CompletedProcess:
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({code}):\n{out[-4000:]}\n{err[-8000:]}")
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def _torchrun(nproc: int, script, args, timeout: int, full_env: dict, check: bool):
@@ -50,12 +56,8 @@ def _torchrun(nproc: int, script, args, timeout: int, full_env: dict, check: boo
     except subprocess.TimeoutExpired:
         os.killpg(popen.pid, signal.SIGKILL)
         out, err = popen.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-6000:]}") from None
-    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
-    return proc
+        _timed_out(cmd, timeout, out, err)
+    return _finished(cmd, popen.returncode, out, err, check)
 
 
 LAYOUT_DEFAULTS = {"zero": 0, "micro_batch_size": 2, "global_batch_size": 4}

@@ -150,6 +150,15 @@ COUNTED = [(2, dict(zero=0)), (2, dict(zero=1)), (2, dict(zero=2)), (2, dict(zer
            (2, dict(pp=2, zero=1, tie=True)), (2, dict(zero=3, tie=True))]
 
 
+def worker_input(nproc: int, layout: dict) -> steptime.StepInput:
+    """The planner's input for a train_layout run of this layout (tiny model, micro-batch 2, global batch 4)."""
+    tp, pp, zero = layout.get("tp", 1), layout.get("pp", 1), layout.get("zero", 0)
+    dp, cfg = nproc // (tp * pp), preset("tiny", tie_embeddings=layout.get("tie", False))
+    return steptime.StepInput(cfg=cfg, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=2,
+                              grad_accum=4 // (2 * dp), gpus_per_node=nproc, device="cpu",
+                              reduce_bucket=zero_auto("reduce_bucket_size", cfg.hidden_size))  # the worker's "auto"
+
+
 def calls_of(inventory, s) -> collections.Counter:
     """The torch.distributed calls the planner's collectives are, as CollectiveTracker counts them: (name, ranks in
     the group), 0 ranks for the wait of an asynchronous collective."""
@@ -174,14 +183,9 @@ def test_collective_counts_are_the_calls_of_a_real_run(train_layout, nproc, layo
     """The planner's inventory of one step's collectives (TP, PP, ZeRO buckets and fetches, the step's norms) is
     what DeepSpeed and megatron-core really call: every torch.distributed call of a step on the loss-owning rank
     (the last pipeline stage), counted by pretrain.monitor.CollectiveTracker, groups of one rank left out."""
-    report = train_layout(nproc, **layout)
-    tp, pp, zero = layout.get("tp", 1), layout.get("pp", 1), layout.get("zero", 0)
-    dp, cfg = nproc // (tp * pp), preset("tiny", tie_embeddings=layout.get("tie", False))
-    s = steptime.StepInput(cfg=cfg, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=2,
-                           grad_accum=4 // (2 * dp), gpus_per_node=nproc, device="cpu",
-                           reduce_bucket=zero_auto("reduce_bucket_size", cfg.hidden_size))  # the worker's "auto"
+    report, s = train_layout(nproc, **layout), worker_input(nproc, layout)
     # the parameters the planner counts for this stage (pretrain.sharding.stage_parameters) are the built ones
-    assert report["local_params"] == sum(n for _, n in stage_parameters(cfg, tp, pp, pp - 1))
+    assert report["local_params"] == sum(n for _, n in stage_parameters(s.cfg, s.tp, s.pp, s.pp - 1))
     # every step from 3 (step 2 alone broadcasts ZeRO-3's recorded trace), the one after the fixture's checkpoint
     # and logits dump included (ZeRO-3 fetched less there until pretrain.step.release_gathered)
     for step in sorted(set(report["collectives"]) - {"1", "2"}, key=int):
@@ -210,24 +214,17 @@ def test_collective_bytes_of_every_rank_are_the_planners(train_layout, nproc, la
     inventory()'s byte total for that rank's pipeline stage, the first stage's embedding and pipeline traffic
     included, to the byte. (Mutations tried: ZeRO-3's norms at 4 bytes, the pipeline's loss broadcast of one
     float, one partitioned-activation gather on every stage: each fails here.)"""
-    report = train_layout(nproc, **layout)
-    tp, pp, zero = layout.get("tp", 1), layout.get("pp", 1), layout.get("zero", 0)
-    dp, cfg = nproc // (tp * pp), preset("tiny", tie_embeddings=layout.get("tie", False))
-    s = steptime.StepInput(cfg=cfg, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=2,
-                           grad_accum=4 // (2 * dp), gpus_per_node=nproc, device="cpu",
-                           reduce_bucket=zero_auto("reduce_bucket_size", cfg.hidden_size))
-    assert sorted(r["stage"] for r in report["ranks"]) == sorted(list(range(pp)) * (nproc // pp))
+    report, s = train_layout(nproc, **layout), worker_input(nproc, layout)
+    assert sorted(r["stage"] for r in report["ranks"]) == sorted(list(range(s.pp)) * (nproc // s.pp))
+    # release_gathered after the fixture's logits dump released the persistent parameters too: the next step's
+    # first fetch gathers them once more
+    refetch = collections.Counter({("all_gather", s.dp): sum(c.count * c.nbytes for c in steptime.inventory(s, 4)
+                                                             if c.why == "persistent parameters")})
     for rank, r in enumerate(report["ranks"]):
-        want = planned_bytes(s, r["stage"])
-        assert want and all(v > 0 for v in want.values())
+        planned = planned_bytes(s, r["stage"])
+        assert planned and all(v > 0 for v in planned.values())
         for step in sorted(set(r["collective_bytes"]) - {"1", "2"}, key=int):
-            if zero == 3 and int(step) == LAYOUT_SAVE_AT + 1:  # release_gathered after the fixture's logits dump
-                # released the persistent parameters too: the step's first fetch gathers them once more
-                want = planned_bytes(s, r["stage"]) + collections.Counter(
-                    {("all_gather", dp): sum(c.count * c.nbytes for c in steptime.inventory(s, 4)
-                                             if c.why == "persistent parameters")})
-            else:
-                want = planned_bytes(s, r["stage"])
+            want = planned + refetch if s.zero == 3 and int(step) == LAYOUT_SAVE_AT + 1 else planned
             got = collections.Counter()
             for key, v in r["collective_bytes"][step].items():
                 kind, n = key.rsplit(" ", 1)
