@@ -50,7 +50,12 @@ _END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>")
 
 
 class BadConversation(ValueError):
-    """A row that cannot be rendered; its message is the reason, counted as a drop by the caller."""
+    """A row that cannot be rendered: `reason` is what prepare counts it as (a drop reason of the manifest), the
+    message says what is wrong with it."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class ChatTemplate:
             rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.source,
                                                 add_generation_prompt=add_generation_prompt, **self.variables)
         except TemplateError as e:
-            raise BadConversation(f"the chat template {self.name} refused it: {e}") from None
+            raise BadConversation("template_refused", f"the chat template {self.name} refused it: {e}") from None
         return rendered[0]
 
 
@@ -120,26 +125,35 @@ def check_tokens(template: ChatTemplate, tokenizer) -> None:
 def validate(messages) -> list[dict]:
     """The messages as the template gets them; BadConversation names what is wrong."""
     if not isinstance(messages, list) or not messages:
-        raise BadConversation("empty: no messages")
+        raise BadConversation("empty", "empty: no messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise BadConversation(f"unknown role in message {i}: {m.get('role') if isinstance(m, dict) else m!r}")
+            role = m.get("role") if isinstance(m, dict) else m
+            raise BadConversation("unknown_role", f"unknown role in message {i}: {role!r}")
         if not isinstance(m.get("content"), str):
-            raise BadConversation(f"content not a string in message {i} ({type(m.get('content')).__name__})")
+            raise BadConversation("content_not_string",
+                                  f"content not a string in message {i} ({type(m.get('content')).__name__})")
     if not any(m["role"] == "assistant" for m in messages):
-        raise BadConversation("no assistant turn")
+        raise BadConversation("no_assistant_turn", "no assistant turn")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def encode(messages: list[dict], template: ChatTemplate, tokenizer) -> tuple[list[int], list[int]]:
     """-> (ids, loss mask) of one validated conversation."""
+    _, ids, mask = render_and_encode(messages, template, tokenizer)
+    return ids, mask
+
+
+def render_and_encode(messages: list[dict], template: ChatTemplate, tokenizer) -> tuple[str, list[int], list[int]]:
+    """-> (the rendered text, what exact dedup hashes; its ids; their loss mask) of one validated conversation."""
     text = template.render(messages)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if template.end_of_turn in m["content"]:
-            raise BadConversation(f"message {i} contains the end-of-turn token {template.end_of_turn} as text")
+            raise BadConversation("end_of_turn_in_content",
+                                  f"message {i} contains the end-of-turn token {template.end_of_turn} as text")
         prompt, through = template.render(messages[:i], add_generation_prompt=True), template.render(messages[:i + 1])
         if not (text.startswith(through) and through.startswith(prompt)):
             raise ValueError(f"chat template {template.name}: rendering the first {i + 1} messages is not a prefix "
@@ -151,7 +165,19 @@ def encode(messages: list[dict], template: ChatTemplate, tokenizer) -> tuple[lis
         spans.append((len(prompt), end + len(template.end_of_turn)))
     enc = tokenizer.encode(text, add_special_tokens=False)
     mask = [int(any(s < e_span and e > s_span for s_span, e_span in spans)) for s, e in enc.offsets]
-    return enc.ids, mask
+    return text, enc.ids, mask
+
+
+def fit_length(ids: list[int], mask: list[int], max_tokens: int, too_long: str) -> tuple[list[int], list[int], bool]:
+    """A conversation of at most `max_tokens` ids (its end-of-document id, which prepare appends, included) ->
+    (ids, mask, truncated). Longer: --too-long drop refuses it; truncate cuts its end and keeps it when some answer
+    token survives (a conversation whose prompt alone fills max_tokens teaches nothing: dropped either way)."""
+    if len(ids) + 1 <= max_tokens:
+        return ids, mask, False
+    if too_long == "truncate" and any(mask[:max_tokens - 1]):
+        return ids[:max_tokens - 1], mask[:max_tokens - 1], True
+    raise BadConversation("too_long", f"{len(ids) + 1} tokens, over --max-tokens {max_tokens}"
+                          + ("" if too_long == "drop" else " and no answer token within them"))
 
 
 def instruction_messages(row: dict) -> list[dict]:
@@ -159,7 +185,7 @@ def instruction_messages(row: dict) -> list[dict]:
     assistant turn."""
     for key in ("instruction", "output"):
         if not isinstance(row.get(key), str):
-            raise BadConversation(f"{key} missing or not a string")
+            raise BadConversation("bad_instruction", f"{key} missing or not a string")
     prompt = row["instruction"] + (f"\n\n{row['input']}" if isinstance(row.get("input"), str) and row["input"]
                                    else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]

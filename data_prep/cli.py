@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="this rank's share of the inputs (default: Slurm array / MPI / 0)")
     p.add_argument("--world-size", type=int)
     p.add_argument("--progress", choices=["auto", "bar", "log"], default="auto")
+    c = p.add_argument_group("conversations (fine-tuning data, data_prep/chat.py)")
+    c.add_argument("--format", choices=["text", "chat", "instruction"], default="text",
+                   help="text: --text-key documents (pretraining); chat: rows of --messages-key [{role, content}]; "
+                        "instruction: {instruction, input?, output} rows. chat/instruction write a loss mask (1 on "
+                        "answers and their end-of-turn) beside the tokens, for --objective sft")
+    c.add_argument("--messages-key", default="messages", help="chat: the field holding the messages")
+    c.add_argument("--chat-template", metavar="chatml|llama3|PATH.jinja",
+                   help="render with this template (default: the tokenizer's own chat_template)")
+    c.add_argument("--max-tokens", type=int, metavar="N",
+                   help="conversations longer than N tokens (end-of-document included) are --too-long's; set it to "
+                        "the fine-tune's --seq-length + 1 (longer ones cannot be packed whole)")
+    c.add_argument("--too-long", choices=["drop", "truncate"], default="drop",
+                   help="drop them, or cut their end (keeping the prompt); counted either way")
 
     m = sub.add_parser("merge", help="combine per-rank manifests (global exact dedup); optionally one prefix")
     m.add_argument("--output", required=True, help="the directory the ranks wrote")
@@ -192,10 +205,15 @@ def _prepare(a) -> int:
                           num_perm=a.num_perm, near_bands=a.near_bands, near_rows=a.near_rows, strict=a.strict,
                           chunk_docs=a.chunk_docs,
                           chunk_bytes=int(a.chunk_mb * 2**20), rank=rank, world_size=world,
-                          progress={"auto": None, "bar": True, "log": False}[a.progress])
+                          progress={"auto": None, "bar": True, "log": False}[a.progress], data_format=a.format,
+                          messages_key=a.messages_key, chat_template=a.chat_template, max_tokens=a.max_tokens,
+                          too_long=a.too_long)
     man = prepare(opts)
     c = man["counts"]
     dropped = ", ".join(f"{k}={v}" for k, v in c["dropped"].items()) or "none"
-    print(f"read {c['documents_read']} documents, kept {c['documents_kept']} ({c['tokens']} tokens) in "
-          f"{len(man['shards'])} shard(s); dropped: {dropped}; empty files: {c['empty_files']}")
+    what = "documents" if a.format == "text" else "conversations"
+    extra = "" if a.format == "text" else (f"; {c['supervised_tokens']} supervised (answer) tokens; truncated: "
+                                            f"{c['truncated']}")
+    print(f"read {c['documents_read']} {what}, kept {c['documents_kept']} ({c['tokens']} tokens) in "
+          f"{len(man['shards'])} shard(s); dropped: {dropped}; empty files: {c['empty_files']}{extra}")
     return 0

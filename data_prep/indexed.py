@@ -34,6 +34,7 @@ class IndexedWriter:
         self._sha = hashlib.sha256()
         self._lengths: list[np.ndarray] = []  # per add_many call: numpy, not one Python int per document
         self.tokens = 0
+        self.ones = 0  # of a uint8 loss mask: the supervised tokens
 
     def add(self, ids: np.ndarray) -> None:
         self.add_many(ids, [len(ids)])
@@ -45,6 +46,8 @@ class IndexedWriter:
         self._sha.update(data)
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.tokens += len(flat)
+        if self.dtype == np.uint8:
+            self.ones += int(np.count_nonzero(flat))
 
     def close(self) -> dict:
         self._bin.flush()
@@ -104,7 +107,12 @@ def write_subset(src: str, dst: str, keep: np.ndarray) -> dict:
         os.replace(bin_tmp, f"{dst}.bin")
     _write_idx(f"{dst}.idx.tmp", idx["dtype"], idx["lengths"][keep], idx["pointers"][keep])
     os.replace(f"{dst}.idx.tmp", f"{dst}.idx")
-    return {"documents": int(keep.sum()), "tokens": int(idx["lengths"][keep].astype(np.int64).sum())}
+    info = {"documents": int(keep.sum()), "tokens": int(idx["lengths"][keep].astype(np.int64).sum())}
+    if idx["dtype"] == np.uint8:  # a loss mask (data_prep/shards.py): its supervised tokens
+        lengths = idx["lengths"].astype(np.int64)
+        data = np.memmap(f"{dst}.bin", dtype=np.uint8, mode="r") if lengths.sum() else np.zeros(0, np.uint8)
+        info["ones"] = int(np.count_nonzero(np.asarray(data)[np.repeat(keep, lengths)])) if len(data) else 0
+    return info
 
 
 def read_index(prefix: str) -> dict:

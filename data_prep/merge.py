@@ -16,6 +16,7 @@ import numpy as np
 from data_prep import manifest as manifest_file, minhash
 from data_prep.hashset import HashSet
 from data_prep.indexed import IndexedWriter, read_index, write_subset
+from data_prep.shards import LOSS_MASK
 
 
 def _kept(prefix: str, keep: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -54,6 +55,9 @@ def merge(directory: str, into: str | None = None) -> dict:
     manifests = _rank_manifests(directory)
     options = manifests[0]["options"]
     counts = {"documents_read": 0, "documents_kept": 0, "tokens": 0, "dropped": {}, "empty_files": 0}
+    masked = "truncated" in manifests[0]["counts"]  # conversations: loss masks travel with the shards
+    if masked:
+        counts.update(truncated=sum(m["counts"]["truncated"] for m in manifests), supervised_tokens=0)
     for m in manifests:
         counts["documents_read"] += m["counts"]["documents_read"]
         counts["empty_files"] += m["counts"]["empty_files"]
@@ -100,24 +104,43 @@ def _write(directory: str, shards: list[dict], keep: list[np.ndarray], into: str
     """The merged output: every kept document in one new prefix (--into), or each rank's shards as they are,
     re-indexed without the removed documents (data_prep.indexed.write_subset: the .bin is shared, not copied).
     Rank outputs stay untouched, so merging again (say with --into) sees the same inputs."""
+    masked = bool(shards) and "loss_mask" in shards[0]
     writer = IndexedWriter(os.path.join(directory, into), dtype) if into else None
+    mask_writer = IndexedWriter(os.path.join(directory, into + LOSS_MASK), np.uint8) if into and masked else None
     out = []
     for shard, mask in zip(shards, keep):
         prefix = os.path.join(directory, shard["path"])
+        loss_mask = os.path.join(directory, shard["loss_mask"]["path"]) if masked else None
         if writer is not None:
             tokens, lengths = _kept(prefix, mask)
             if lengths:
                 writer.add_many(tokens, lengths)
+                if mask_writer is not None:
+                    mask_writer.add_many(_kept(loss_mask, mask)[0], lengths)
             info = {"documents": len(lengths), "tokens": int(sum(lengths))}
         elif mask.all():
             info = shard
             out.append(shard)
         else:
             info = write_subset(prefix, prefix + "-global", mask)
+            if masked:
+                sub = write_subset(loss_mask, prefix + "-global" + LOSS_MASK, mask)
+                info["loss_mask"] = {"path": shard["path"] + "-global" + LOSS_MASK,
+                                     "bin_sha256": shard["loss_mask"]["bin_sha256"], "supervised_tokens": sub["ones"]}
             out.append({"path": shard["path"] + "-global", "bin_sha256": shard["bin_sha256"], **info})
         counts["documents_kept"] += info["documents"]
         counts["tokens"] += info["tokens"]
-    return [{"path": into, **writer.close()}] if writer is not None else out
+    if writer is None:
+        if masked:
+            counts["supervised_tokens"] = sum(s["loss_mask"]["supervised_tokens"] for s in out)
+        return out
+    merged = {"path": into, **writer.close()}
+    if mask_writer is not None:
+        m = mask_writer.close()
+        merged["loss_mask"] = {"path": into + LOSS_MASK, "bin_sha256": m["bin_sha256"],
+                               "supervised_tokens": mask_writer.ones}
+        counts["supervised_tokens"] = mask_writer.ones
+    return [merged]
 
 
 def _dtype_of(directory: str, manifests) -> str:

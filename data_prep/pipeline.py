@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from common.files import file_sha256
-from data_prep import manifest, minhash, readers, tokenizer as tok, work
+from data_prep import chat, manifest, minhash, readers, tokenizer as tok, work
 from data_prep.clean import FilterConfig
 from data_prep.hashset import HashSet
 from data_prep.indexed import token_dtype, write_subset
@@ -69,6 +69,11 @@ class PrepareOptions:
     tokenizer_backend: str = "auto"  # auto | gigatoken | tokenizers (the ids are the same; checked)
     verify_every: int = 256  # check gigatoken against tokenizers on every n-th work unit (0: never)
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+    data_format: str = "text"  # text | chat | instruction: conversations with a loss mask (data_prep/chat.py)
+    messages_key: str = "messages"  # chat: the field holding [{role, content}, ...]
+    chat_template: str | None = None  # chatml | llama3 | PATH.jinja; None: the tokenizer's own
+    max_tokens: int | None = None  # chat/instruction: longer conversations are dropped or truncated (too_long)
+    too_long: str = "drop"  # drop | truncate (keeps the prompt, cuts the end)
 
     def fingerprint(self, files: list[str]) -> dict:
         """What determines the output (the worker count, the backend and the checking do not), and the input
@@ -77,6 +82,9 @@ class PrepareOptions:
         for k in ("workers", "progress", "output", "tokenizer_backend", "verify_every"):
             d.pop(k)
         d["format"] = FORMAT_VERSION
+        if self.data_format != "text":  # the template's text, not only its name or path, decides the ids
+            d["chat_template_sha256"] = chat.load_template(os.path.dirname(tok.resolve(self.tokenizer)),
+                                                           self.chat_template).sha256
         d["files"] = [[f, *_stat(f)] for f in files]
         return json.loads(json.dumps(d))  # as it reads back from disk (tuples become lists)
 
@@ -119,7 +127,8 @@ class _Reading:
                 yield from self._ranges(path)
                 continue
             n = 0
-            for rec in readers.read_file(path, self.opts.text_key, self.opts.txt_mode, self.opts.strict):
+            for rec in readers.read_file(path, self.opts.text_key, self.opts.txt_mode, self.opts.strict,
+                                         rows=self.opts.data_format != "text"):
                 n += 1
                 self.records += 1
                 pending.append((rec.source, rec.line, rec.raw, rec.text, rec.drop))
@@ -186,6 +195,10 @@ class _Reading:
 def prepare(opts: PrepareOptions) -> dict:
     if opts.dedup not in ("none", "exact", "near"):
         raise ValueError(f"--dedup must be none, exact or near, got {opts.dedup!r}")
+    if opts.data_format not in ("text", "chat", "instruction"):
+        raise ValueError(f"--format must be text, chat or instruction, got {opts.data_format!r}")
+    if opts.too_long not in ("drop", "truncate"):
+        raise ValueError(f"--too-long must be drop or truncate, got {opts.too_long!r}")
     ctx = _worker_context() if opts.workers > 1 else None
     files = files_for_rank(readers.expand_inputs(opts.inputs, tuple(opts.text_suffixes), tuple(opts.exclude),
                                                  tuple(opts.include)), opts.rank, opts.world_size)
@@ -193,17 +206,23 @@ def prepare(opts: PrepareOptions) -> dict:
     tokenizer_path = tok.resolve(opts.tokenizer)
     hf = tok.load(tokenizer_path)
     vocab, eod = hf.get_vocab_size(with_added_tokens=True), tok.eod_id(hf, tokenizer_path)
+    template = None
+    if opts.data_format != "text":  # refused before any worker starts: no template, or one the tokenizer lacks
+        template = chat.load_template(os.path.dirname(tokenizer_path), opts.chat_template)
+        chat.check_tokens(template, hf)
     cfg = work.WorkConfig(tokenizer=tokenizer_path, eod=eod, dtype=np.dtype(token_dtype(vocab)).name,
                           backend=opts.tokenizer_backend, text_key=opts.text_key, filters=opts.filters,
                           dedup=opts.dedup != "none", near=opts.dedup == "near", num_perm=opts.num_perm,
-                          strict=opts.strict, verify_every=opts.verify_every)
+                          strict=opts.strict, verify_every=opts.verify_every, format=opts.data_format,
+                          messages_key=opts.messages_key, chat_template=opts.chat_template,
+                          max_tokens=opts.max_tokens, too_long=opts.too_long)
     pool = None
     if ctx is not None:
         pool = ctx.Pool(opts.workers, initializer=work.init, initargs=(cfg,))
     else:
         work.init(cfg)
     try:
-        return _prepare(opts, files, cfg, pool, tokenizer_path, vocab, hf)
+        return _prepare(opts, files, cfg, pool, tokenizer_path, vocab, hf, template)
     finally:
         if pool is not None:
             pool.terminate()
@@ -233,7 +252,8 @@ def _shard_dir(opts: PrepareOptions) -> str:
     return opts.output
 
 
-def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: str, vocab: int, hf) -> dict:
+def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: str, vocab: int, hf,
+             template) -> dict:
     shard_dir = _shard_dir(opts)
     os.makedirs(shard_dir, exist_ok=True)
     shard_set = ShardSet(shard_dir, opts.rank, np.dtype(cfg.dtype))
@@ -263,7 +283,7 @@ def _prepare(opts: PrepareOptions, files: list[str], cfg, pool, tokenizer_path: 
     shards = list(shard_set.committed)
     if opts.dedup == "near" and opts.world_size == 1:  # with several ranks, merge clusters across all of them
         shards = _near_pass(opts, shards, counts)
-    return _write_manifest(opts, shards, counts, examples, tokenizer_path, vocab, cfg, files, backend)
+    return _write_manifest(opts, shards, counts, examples, tokenizer_path, vocab, cfg, files, backend, template)
 
 
 def _near_pass(opts: PrepareOptions, shards: list[dict], counts: Counter) -> list[dict]:
@@ -279,6 +299,10 @@ def _near_pass(opts: PrepareOptions, shards: list[dict], counts: Counter) -> lis
     out = []
     for shard, mask in zip(shards, keep):
         info = write_subset(os.path.join(source, shard["path"]), os.path.join(opts.output, shard["path"]), mask)
+        if "loss_mask" in shard:  # the same documents of the mask (its index over its own hard-linked .bin)
+            name = shard["loss_mask"]["path"]
+            sub = write_subset(os.path.join(source, name), os.path.join(opts.output, name), mask)
+            info["loss_mask"] = {**shard["loss_mask"], "supervised_tokens": sub["ones"]}
         counts["tokens"] -= shard["tokens"] - info["tokens"]
         out.append({**shard, **info})
     return out
@@ -290,7 +314,8 @@ def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSe
     progress, examples = _Progress(opts.progress), defaultdict(list)
     tokens_done = 0
     try:
-        for unit_index, (kind, n_records, outcomes, packed, probe, sigs) in enumerate(results, start=cursor):
+        for unit_index, result in enumerate(results, start=cursor):
+            kind, n_records, outcomes, packed, probe, sigs, loss_mask, truncated = result
             if probe is not None:
                 work.check_probe(hf, probe)
             if n_records != len(outcomes):
@@ -316,9 +341,12 @@ def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSe
                     continue
                 lengths.append(n)
                 hashes.append(h)
+            for where in truncated:  # kept, shortened: counted (and the first few named) like drops
+                _drop(counts, examples, "truncated_too_long", where, key="truncated:")
             if lengths:
                 shard_set.add(packed if keep.all() else packed[keep], lengths, hashes,
-                              sigs[first] if sigs is not None else None)
+                              sigs[first] if sigs is not None else None,
+                              None if loss_mask is None else loss_mask if keep.all() else loss_mask[keep])
             counts["kept"] += len(lengths)
             counts["tokens"] += sum(lengths)
             tokens_done += sum(lengths)
@@ -331,11 +359,11 @@ def _keep_or_drop(opts: PrepareOptions, results, cursor: int, shard_set: ShardSe
     return dict(examples)
 
 
-def _drop(counts: Counter, examples: dict, reason: str, where: str) -> None:
-    counts["dropped:" + reason] += 1
+def _drop(counts: Counter, examples: dict, reason: str, where: str, key: str = "dropped:") -> None:
+    counts[key + reason] += 1
     if len(examples[reason]) < DROP_EXAMPLES:
         examples[reason].append(where)
-        log.warning("dropped %s: %s%s", where, reason.replace("_", " "),
+        log.warning("%s %s: %s%s", key[:-1], where, reason.replace("_", " "),
                     " (further ones counted, not logged)" if len(examples[reason]) == DROP_EXAMPLES else "")
 
 
@@ -377,12 +405,13 @@ class _Progress:
 
 
 def _write_manifest(opts, shards: list[dict], counts: Counter, examples: dict, tokenizer_path, vocab, cfg,
-                    files, backend: str) -> dict:
+                    files, backend: str, template) -> dict:
     dropped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("dropped:")}
     read, kept = counts["processed"], counts["kept"]
     if kept == 0:
         raise EmptyOutput(f"no document kept: {read} read, dropped {dropped or 'none'}, {counts['empty_files']} empty "
-                          f"file(s); check --text-key and the filters (the drops logged above show where)")
+                          f"file(s); check --text-key and the filters (conversations: --format, --messages-key, "
+                          f"--max-tokens; the drops logged above show where)")
     man = {
         "format": manifest.FORMAT,
         "shards": shards,
@@ -391,10 +420,24 @@ def _write_manifest(opts, shards: list[dict], counts: Counter, examples: dict, t
         "options": {**opts.fingerprint([]), "filters": opts.filters.to_dict(), "tokenizer": None, "files": None},
         "inputs": files,
         "counts": {"documents_read": read, "documents_kept": kept, "tokens": counts["tokens"],
-                   "dropped": dropped, "empty_files": counts["empty_files"]},
+                   "dropped": dropped, "empty_files": counts["empty_files"],
+                   **({"truncated": counts["truncated:truncated_too_long"],
+                       "supervised_tokens": sum(s["loss_mask"]["supervised_tokens"] for s in shards)}
+                      if template else {})},
+        "data": data_section(opts.data_format, template),
         "drop_examples": {k: v for k, v in sorted(examples.items())},
         "rank": opts.rank,
         "world_size": opts.world_size,
     }
     manifest.write(opts.output, man, opts.rank, opts.world_size)
     return man
+
+
+def data_section(data_format: str, template) -> dict:
+    """The manifest's "data": what the documents are, and for conversations the chat template that rendered them
+    (its text travels with the data to training, --sample-prompt and the Hugging Face export)."""
+    if template is None:
+        return {"format": data_format}
+    return {"format": data_format, "loss_mask": True,
+            "chat_template": {"name": template.name, "sha256": template.sha256, "source": template.source,
+                              "end_of_turn": template.end_of_turn, "variables": template.variables}}

@@ -273,14 +273,16 @@ def read_text(path: str, per_block: bool, strict: bool) -> Iterator[Record]:
         yield Record(path, start, text="\n".join(block))
 
 
-def read_arrow_table_batches(path: str, text_key: str, strict: bool) -> Iterator[Record]:
-    """Parquet files, bare .arrow files and save_to_disk directories, one record batch at a time."""
+def read_arrow_table_batches(path: str, text_key: str, strict: bool, rows: bool = False) -> Iterator[Record]:
+    """Parquet files, bare .arrow files and save_to_disk directories, one record batch at a time. rows: each row
+    whole, as the raw JSON a JSON-lines reader gives (conversations: --format chat|instruction)."""
     import pyarrow.parquet as pq
 
     if path.endswith(".parquet"):
         pf = pq.ParquetFile(path)
         columns = pf.schema_arrow.names
-        batches = pf.iter_batches(batch_size=1024, columns=[text_key] if text_key in columns else columns[:1])
+        batches = pf.iter_batches(batch_size=1024, columns=None if rows else
+                                  [text_key] if text_key in columns else columns[:1])
     else:
         files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.arrow"),
                                                                      recursive=True))
@@ -288,6 +290,9 @@ def read_arrow_table_batches(path: str, text_key: str, strict: bool) -> Iterator
         first = next(batches, None)
         columns = first.schema.names if first is not None else [text_key]
         batches = _chain([first] if first is not None else [], batches)
+    if rows:
+        yield from _whole_rows(path, batches)
+        return
     if text_key not in columns:
         msg = (f"{path}: no column {text_key!r} (columns: {', '.join(columns)}); pass --text-key with the "
                f"column that holds the text")
@@ -311,6 +316,16 @@ def read_arrow_table_batches(path: str, text_key: str, strict: bool) -> Iterator
                 yield Record(path, row, drop="bad_text_field")
 
 
+def _whole_rows(path: str, batches) -> Iterator[Record]:
+    import orjson
+
+    row = 0
+    for batch in batches:
+        for value in batch.to_pylist():
+            row += 1
+            yield Record(path, row, raw=orjson.dumps(value))
+
+
 def _arrow_batches(files):
     import pyarrow as pa
 
@@ -331,9 +346,10 @@ def _chain(first, rest):
     yield from rest
 
 
-def read_file(path: str, text_key: str = "text", txt_mode: str = "file", strict: bool = False) -> Iterator[Record]:
+def read_file(path: str, text_key: str = "text", txt_mode: str = "file", strict: bool = False,
+              rows: bool = False) -> Iterator[Record]:
     if os.path.isdir(path) or path.endswith((".parquet", ".arrow")):
-        yield from read_arrow_table_batches(path, text_key, strict)
+        yield from read_arrow_table_batches(path, text_key, strict, rows)
     elif path.endswith(TEXT_SUFFIXES) or not path.endswith(JSONL_SUFFIXES):
         yield from read_text(path, per_block=txt_mode == "block", strict=strict)
     else:

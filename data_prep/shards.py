@@ -1,6 +1,8 @@
 """The shards of one rank and their commit/resume protocol.
 
-A shard is committed by writing, in this order: its .bin/.idx (atomically, by IndexedWriter), a .hashes.npy of
+A shard is committed by writing, in this order: its .bin/.idx (atomically, by IndexedWriter), with --format
+chat|instruction its loss mask (LOSS_MASK: an indexed dataset of uint8, one per token, the same documents with the
+same lengths, so the token index's document i is the mask's document i), a .hashes.npy of
 its documents' exact-dedup hashes (and .minhash.npy signatures with --dedup near), and last its .state.json,
 atomically, holding the input position (chunk count) and the running counts at that point. A rerun verifies
 every committed shard (document count and .bin sha256), restores the dedup state from them, and continues from
@@ -18,6 +20,11 @@ from common.files import file_sha256, save_npy, write_json
 from data_prep.indexed import IndexedWriter, read_index
 
 FINISHED = -1  # the input position a run's last commit records: nothing left to read
+LOSS_MASK = "-lossmask"  # a shard prefix + this: its loss mask's prefix (not a Megatron .bin of tokens)
+
+
+def mask_prefix(prefix: str) -> str:
+    return prefix + LOSS_MASK
 
 
 class ShardSet:
@@ -27,6 +34,7 @@ class ShardSet:
         self.dir, self.rank, self.dtype = directory, rank, dtype
         self.index = 0
         self.writer: IndexedWriter | None = None
+        self.mask_writer: IndexedWriter | None = None
         self.hashes: list[np.ndarray] = []  # per unit: numpy, not one Python int per document
         self.sigs: list[np.ndarray] = []
         self.committed: list[dict] = []
@@ -34,12 +42,17 @@ class ShardSet:
     def prefix(self, i: int) -> str:
         return os.path.join(self.dir, f"shard-r{self.rank:03d}-{i:05d}")
 
-    def add(self, flat: np.ndarray, lengths: list[int], hashes: list[int], sigs: np.ndarray | None) -> None:
-        """Documents (each already ending in EOD) back to back in `flat`, their exact hashes and (--dedup near)
-        their MinHash signatures."""
+    def add(self, flat: np.ndarray, lengths: list[int], hashes: list[int], sigs: np.ndarray | None,
+            loss_mask: np.ndarray | None = None) -> None:
+        """Documents (each already ending in EOD) back to back in `flat`, their exact hashes, (--dedup near)
+        their MinHash signatures and (chat/instruction) their loss mask, aligned with `flat`."""
         if self.writer is None:
             self.writer = IndexedWriter(self.prefix(self.index), self.dtype)
+            if loss_mask is not None:
+                self.mask_writer = IndexedWriter(mask_prefix(self.prefix(self.index)), np.uint8)
         self.writer.add_many(flat, lengths)
+        if self.mask_writer is not None:
+            self.mask_writer.add_many(loss_mask, lengths)
         self.hashes.append(np.asarray(hashes, dtype=np.uint64))
         if sigs is not None:
             self.sigs.append(sigs)
@@ -53,6 +66,10 @@ class ShardSet:
             return
         prefix = self.prefix(self.index)
         info = self.writer.close()
+        if self.mask_writer is not None:
+            mask = self.mask_writer.close()
+            info["loss_mask"] = {"path": os.path.basename(mask_prefix(prefix)), "bin_sha256": mask["bin_sha256"],
+                                 "supervised_tokens": int(self.mask_writer.ones)}
         save_npy(f"{prefix}.hashes.npy", np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.uint64))
         if self.sigs:
             save_npy(f"{prefix}.minhash.npy", np.concatenate(self.sigs))
@@ -60,13 +77,14 @@ class ShardSet:
         write_json(f"{prefix}.state.json", {"shard": shard, "cursor": cursor, "counts": counts})
         self.committed.append(shard)
         self.index += 1
-        self.writer, self.hashes, self.sigs = None, [], []
+        self.writer, self.mask_writer, self.hashes, self.sigs = None, None, [], []
 
     def abort(self) -> None:
         """Remove the open shard's temporary files (a failed or interrupted run)."""
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        for writer in (self.writer, self.mask_writer):
+            if writer is not None:
+                writer.abort()
+        self.writer = self.mask_writer = None
 
     def restore(self, fingerprint: dict, seen) -> tuple[int, dict]:
         """Verify committed shards of an earlier run with the same fingerprint; restore the exact-dedup state into
@@ -101,6 +119,12 @@ def verify_shard(prefix: str, shard: dict) -> None:
                          f"{shard['documents']}; delete the output directory and rerun")
     if file_sha256(f"{prefix}.bin") != shard["bin_sha256"]:
         raise ValueError(f"{prefix}.bin: checksum differs from its commit record; delete it and rerun")
+    if "loss_mask" in shard:
+        mask = os.path.join(os.path.dirname(prefix), shard["loss_mask"]["path"])
+        if not np.array_equal(read_index(mask)["lengths"], idx["lengths"]) or \
+                file_sha256(f"{mask}.bin") != shard["loss_mask"]["bin_sha256"]:
+            raise ValueError(f"{mask}: the loss mask differs from its commit record or from its shard's documents; "
+                             f"delete the output directory and rerun")
 
 
 def _difference(previous: dict, now: dict) -> str:

@@ -19,7 +19,7 @@ import xxhash
 
 from data_prep import readers, tokenizer as tok
 from data_prep.clean import FilterConfig, clean, parse_json_line
-from data_prep import minhash
+from data_prep import chat, minhash
 
 STRICT_REASONS = ("bad_json", "bad_text_field", "bad_utf8")
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -42,6 +42,11 @@ class WorkConfig:
     num_perm: int = 128
     strict: bool = False
     verify_every: int = 256  # check gigatoken against tokenizers on unit 0 and every n-th unit after (0: never)
+    format: str = "text"  # text | chat | instruction (data_prep/chat.py)
+    messages_key: str = "messages"
+    chat_template: str | None = None  # a built-in name or a .jinja path; None: the tokenizer's own
+    max_tokens: int | None = None  # chat/instruction: longest conversation kept, its end-of-document id included
+    too_long: str = "drop"  # drop | truncate
 
 
 _W: dict = {}
@@ -51,6 +56,8 @@ def init(cfg: WorkConfig) -> None:
     """Load what every unit needs once per worker process."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our processes are the parallelism
     _W.update(cfg=cfg, encoder=tok.Encoder(cfg.tokenizer, cfg.backend), baseline_mb=None)
+    if cfg.format != "text":
+        _W["template"] = chat.load_template(os.path.dirname(cfg.tokenizer), cfg.chat_template)
 
 
 CACHE_MB = 1024  # a worker's growth past its first units before its tokenizer (and its cache) is rebuilt
@@ -116,6 +123,8 @@ def process(job: tuple) -> tuple:
     if kind == "range":
         records = list(read_range(*records[1:]))
     cfg: WorkConfig = _W["cfg"]
+    if cfg.format != "text":
+        return _process_conversations(kind, records, cfg)
     outcomes, texts, where = [], [], []
     for source, line, raw, text, drop in records:
         reason = drop
@@ -142,7 +151,67 @@ def process(job: tuple) -> tuple:
     _bound_memory()
     counts = iter((lengths + 1).tolist())
     outcomes = [o if o[0] is not None else (*o, next(counts)) for o in outcomes]
-    return kind, len(records), outcomes, packed, probe, sigs
+    return kind, len(records), outcomes, packed, probe, sigs, None, []
+
+
+def _conversation(raw: bytes | None, cfg: WorkConfig) -> list[dict]:
+    """One row -> its validated messages (chat: the --messages-key list; instruction: {instruction, input?,
+    output} as a user and an assistant turn); BadConversation names what is wrong."""
+    import orjson
+
+    if raw is None:  # plain text (a .txt file) holds no conversation
+        raise chat.BadConversation("not_a_conversation", "a text document, not a JSON row")
+    try:
+        row = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise chat.BadConversation("bad_json", "not valid JSON") from None
+    if not isinstance(row, dict):
+        raise chat.BadConversation("bad_json", f"a JSON {type(row).__name__}, not an object")
+    if cfg.format == "instruction":
+        return chat.validate(chat.instruction_messages(row))
+    if cfg.messages_key not in row:
+        raise chat.BadConversation("empty", f"no {cfg.messages_key!r} field (--messages-key)")
+    return chat.validate(row[cfg.messages_key])
+
+
+def _process_conversations(kind: str, records: list, cfg: WorkConfig) -> tuple:
+    """process() for --format chat|instruction: each row rendered with the chat template and tokenized with its
+    loss mask (data_prep/chat.py; HF tokenizers, for the character offsets the mask needs), hashed on the rendered
+    text. Returns process()'s tuple plus the packed loss mask (aligned with the packed ids, 0 on each EOD) and the
+    places of truncated conversations (--too-long truncate)."""
+    hf, template = _W["encoder"].hf, _W["template"]
+    outcomes, ids_list, masks, truncated = [], [], [], []
+    for source, line, raw, _, drop in records:
+        where = f"{source}:{line}"
+        if drop is None:
+            try:
+                text, ids, mask = chat.render_and_encode(_conversation(raw, cfg), template, hf)
+                if cfg.max_tokens:
+                    ids, mask, cut = chat.fit_length(ids, mask, cfg.max_tokens, cfg.too_long)
+                    if cut:
+                        truncated.append(where)
+            except chat.BadConversation as e:
+                if cfg.strict and e.reason != "too_long":  # too long is an option's choice, not bad input
+                    raise readers.InputError(f"{where}: {e} (--strict)") from None
+                drop = e.reason
+        if drop is not None:
+            if cfg.strict and drop in STRICT_REASONS:
+                raise readers.InputError(f"{where}: {drop.replace('_', ' ')} (--strict)")
+            outcomes.append((drop, where))
+            continue
+        h = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) if cfg.dedup else 0
+        outcomes.append((None, h, len(ids) + 1))
+        ids_list.append(ids + [cfg.eod])
+        masks.append(mask + [0])
+    packed = np.fromiter((i for ids in ids_list for i in ids), dtype=cfg.dtype)
+    loss_mask = np.fromiter((m for mask in masks for m in mask), dtype=np.uint8, count=len(packed))
+    sigs = None
+    if cfg.near:
+        lengths = np.array([len(ids) - 1 for ids in ids_list], dtype=np.int64)
+        flat = np.fromiter((i for ids in ids_list for i in ids[:-1]), dtype=np.uint32)
+        sigs = minhash.signatures(flat, lengths, cfg.num_perm)
+    _bound_memory()
+    return kind, len(records), outcomes, packed, None, sigs, loss_mask, truncated
 
 
 def _probe(texts: list[str], where: list[str], flat: np.ndarray, lengths: np.ndarray):

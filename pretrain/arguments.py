@@ -47,7 +47,10 @@ def _model_args(p) -> None:
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer")
     g.add_argument("--objective", choices=list(OBJECTIVES),
                    help="clm (default): a decoder trained on the next token; mlm: an encoder (bidirectional "
-                        "attention) trained on masked tokens, exported as a Hugging Face EuroBERT (pretrain/mlm.py)")
+                        "attention) trained on masked tokens, exported as a Hugging Face EuroBERT (pretrain/mlm.py); "
+                        "sft: fine-tuning on conversations (data_prep --format chat|instruction), answer-only loss, "
+                        "whole conversations packed (pretrain/sft_data.py); start it with --init-from-checkpoint "
+                        "or --init-from-hf")
     g.add_argument("--mask-prob", type=float, help="mlm: share of ordinary tokens chosen per sample (default 0.15)")
     g.add_argument("--mask-replace-prob", type=float,
                    help="mlm: share of the chosen tokens replaced by the mask token (default 0.8)")

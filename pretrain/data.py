@@ -295,7 +295,10 @@ def _collate(samples: list[dict]) -> dict:
         samples[0]["tokens"], np.ndarray) else torch.stack([s["tokens"] for s in samples]).long()
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
     loss_mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float()
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+    if "document_ids" in samples[0]:  # --objective sft: which conversation each token belongs to
+        batch["document_ids"] = torch.stack([torch.as_tensor(s["document_ids"]) for s in samples]).int()
+    return batch
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -55,9 +55,29 @@ def export(load_dir: str, output_dir: str, dtype: str = "bfloat16", tokenizer: s
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if os.path.exists(os.path.join(tok_dir, name)):
                     shutil.copy(os.path.join(tok_dir, name), tmp)
+        _write_chat_template(tmp, reader.meta.get("run_config", {}).get("chat_template"))
         _write_json(os.path.join(tmp, MARKER), {"checkpoint": os.path.abspath(tag_dir),
                                                 "iteration": reader.meta["iteration"], "dtype": dtype})
     return output_dir
+
+
+def _write_chat_template(out_dir: str, template: dict | None) -> None:
+    """A fine-tuned model (--objective sft) carries the chat template its data was rendered with (the data
+    manifest's, recorded in the run's config): in tokenizer_config.json, where transformers' apply_chat_template
+    reads it, and its end-of-turn token as generation_config's eos, so `generate` stops at the end of an answer."""
+    if not template:
+        return
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    config = json.load(open(path)) if os.path.exists(path) else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    _write_json(path, {**config, "chat_template": template["source"]})
+    from tokenizers import Tokenizer
+
+    eot = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")).token_to_id(template["end_of_turn"])
+    gen_path = os.path.join(out_dir, "generation_config.json")
+    if eot is not None and os.path.exists(gen_path):
+        gen = json.load(open(gen_path))
+        config_eos = json.load(open(os.path.join(out_dir, "config.json"))).get("eos_token_id")
+        _write_json(gen_path, {**gen, "eos_token_id": [eot] + ([config_eos] if config_eos is not None else [])})
 
 
 def _write_json(path: str, obj) -> None:

@@ -8,7 +8,9 @@ from pretrain.compat import device
 
 @torch.no_grad()
 def generate(engine, tokenizer, prompt: str, max_new_tokens: int, cfg, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0) -> str:
+             seed: int = 0, chat_template: dict | None = None) -> str:
+    """chat_template (a fine-tune's, from its data manifest): the prompt is sent as a user turn through it, and
+    generation stops at its end-of-turn token; the answer alone is returned."""
     from megatron.core import tensor_parallel
 
     from pretrain.step import is_pipeline
@@ -16,7 +18,16 @@ def generate(engine, tokenizer, prompt: str, max_new_tokens: int, cfg, temperatu
     if is_pipeline(engine):
         return "(sampling is not implemented for pipeline-parallel runs)"
     gen = torch.Generator().manual_seed(seed)  # same draw on every rank, so all ranks agree on the tokens
+    stop = None
+    if chat_template:
+        from data_prep.chat import ChatTemplate
+
+        template = ChatTemplate(chat_template["source"], chat_template["end_of_turn"],
+                                chat_template.get("variables", {}), chat_template["name"])
+        prompt = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        stop = tokenizer.token_to_id(chat_template["end_of_turn"])
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [0]
+    start = len(ids)
     engine.eval()
     try:
         for _ in range(max_new_tokens):
@@ -27,9 +38,11 @@ def generate(engine, tokenizer, prompt: str, max_new_tokens: int, cfg, temperatu
             top = torch.topk(logits, min(top_k, logits.numel()))
             choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
             ids.append(int(top.indices[choice]))
+            if ids[-1] == stop:
+                break
     finally:
         engine.train()
-    return tokenizer.decode(ids)
+    return tokenizer.decode(ids[start:] if chat_template else ids)
 
 
 def hf_sample(hf_dir: str, prompt: str, max_new_tokens: int = 48, seed: int = 0) -> str:

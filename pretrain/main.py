@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
-from pretrain import checkpoint, downstream, early_stop, hf, spike_guard  # first: pretrain/__init__.py
+from pretrain import checkpoint, downstream, early_stop, hf, sft_data, spike_guard  # first: pretrain/__init__.py
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
 from pretrain.config import ModelConfig, preset
-from pretrain.data import DataConfig, DataError, build_datasets, micro_batches, parse_data_path
+from pretrain.data import DataConfig, DataError, micro_batches, parse_data_path
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
 from pretrain.hooks import TestHooks, dump_logits
 from pretrain.metrics import WANDB_PIN, MetricsWriter, StepLog, device_peak_tflops, new_wandb_id
@@ -128,9 +128,13 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         raise LayoutError(f"--tie-embeddings contradicts {origin}, whose embeddings are untied; drop the flag")
     if args.objective and args.objective != cfg.objective:
         if not (args.init_from_hf or init):  # a resumed run keeps its objective; a new run from
-            # weights may take either (the same layers: attention and loss are the objective's)
+            # weights may take another (the same layers: attention and loss are the objective's)
             raise LayoutError(f"--objective {args.objective} contradicts {origin}, trained as {cfg.objective}; "
                               f"drop the flag, or start a new run (--save elsewhere) from an export")
+        if cfg.objective not in objective(args.objective).from_objectives:
+            raise LayoutError(f"--objective {args.objective} cannot start from {origin}, trained as "
+                              f"{cfg.objective}: its attention is bidirectional, the fine-tune's causal; start "
+                              f"from a clm model's checkpoint or export")
         cfg.objective = args.objective
     if vocab_size > cfg.vocab_size:
         raise LayoutError(f"the tokenizer has {vocab_size} tokens but {origin} embeds {cfg.vocab_size}; use the "
@@ -179,11 +183,13 @@ def setup(args) -> Run:
     gbs, seq = layout.global_batch_size, cfg.seq_length
     train_iters = args.train_iters if args.train_iters is not None else math.ceil(args.train_tokens / (gbs * seq))
     datasets = _datasets(args, cfg, layout, train_iters, vocab, eod)
+    template = sft_data.chat_template(args.data_path)  # fine-tuning data's: for --sample-prompt and the export
     if transform:
         datasets = transform(datasets)
     state = RunState()
     run_config = {**vars(args), "model_config": cfg.__dict__, "world_size": world, "dp": layout.dp,
-                  "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active}
+                  "tokenizer_path": os.path.abspath(tok_path), "test_hooks": hooks.active,
+                  **({"chat_template": template} if template else {})}
     if resume_from:
         for flag in ("init_from_hf", "init_from_checkpoint"):
             if getattr(args, flag):
@@ -317,8 +323,17 @@ def _datasets(args, cfg: ModelConfig, layout: Layout, train_iters: int, vocab: i
     data_cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=cfg.seq_length, seed=args.seed,
                           cache_dir=args.data_cache_dir, num_workers=args.num_workers, vocab_size=vocab,
                           eod_id=eod, valid_data_path=args.valid_data_path, test_data_path=args.test_data_path)
-    return build_datasets(data_cfg, (max(train_iters, 1) * gbs, n_evals * args.eval_iters * gbs,
-                                     args.eval_iters * gbs))
+    obj = objective(cfg.objective)
+    try:
+        obj.check_data(sft_data.data_formats(args.data_path))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    datasets = obj.datasets(data_cfg, (max(train_iters, 1) * gbs, n_evals * args.eval_iters * gbs,
+                                       args.eval_iters * gbs), eod)
+    for name, dataset in zip(("train", "valid", "test"), datasets):
+        if hasattr(dataset, "describe"):
+            log(f"{name}: {dataset.describe()}")
+    return datasets
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -513,7 +528,7 @@ def finish(run: Run, exit_code: int) -> None:
             from pretrain.generate import generate
 
             text = generate(run.engine, run.tokenizer, args.sample_prompt, args.sample_tokens, run.cfg,
-                            seed=args.seed)
+                            seed=args.seed, chat_template=run.run_config.get("chat_template"))
             log(f"sample: {args.sample_prompt!r} -> {text!r}")
         if run.hooks.dump_logits_path:
             dump_logits(run.engine, run.datasets[1] or run.datasets[0], run.layout.micro_batch_size,

@@ -215,13 +215,18 @@ class Embedding(nn.Module):
         self.vocab_size, self.padded_vocab_size = cfg.vocab_size, cfg.padded_vocab_size  # for tied logits
         self.document_eod = document_eod
 
-    def forward(self, tokens):
+    def forward(self, tokens, doc=None):
+        # document ids given with the tokens (--objective sft: from the data's index, pretrain/sft_data.py; the
+        # pipeline engine passes both as one tuple) take the place of ids found from EOD tokens
+        tokens, doc = tokens if isinstance(tokens, tuple) else (tokens, doc)
         hidden = self.word_embeddings(tokens)
         if self.sequence_parallel:  # already [s/tp, b, h]; each TP rank holds other tokens: its own dropout
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 hidden = self.dropout(hidden)
         else:
             hidden = self.dropout(hidden.transpose(0, 1).contiguous())
+        if doc is not None:
+            return hidden, doc.to(torch.int32).contiguous()
         if self.document_eod is None:
             return hidden
         return hidden, document_ids(tokens, self.document_eod)
@@ -431,14 +436,14 @@ class GPT(nn.Module):
 
             deepspeed.zero.register_external_parameter(module, param)
 
-    def logits(self, tokens):
-        hidden = tokens
+    def logits(self, tokens, document_ids=None):
+        hidden = tokens if document_ids is None else (tokens, document_ids)
         for stage in self.children():  # (hidden, document ids) go in as two arguments: see Block.forward
             hidden = stage(*hidden) if isinstance(hidden, tuple) else stage(hidden)
         return hidden
 
-    def forward(self, tokens, labels=None, loss_mask=None, loss_tokens=None):
-        logits = self.logits(tokens)
+    def forward(self, tokens, labels=None, loss_mask=None, loss_tokens=None, document_ids=None):
+        logits = self.logits(tokens, document_ids)
         if labels is None:
             return logits
         if loss_mask is None:

@@ -10,10 +10,11 @@ What an objective owns:
   loss tokens    which tokens the loss and the accuracy count (logged), their share of a step's (the planner), and
                  how the loss is normalised over them (per micro-batch, or over the global batch)
   export         the Hugging Face family its models are written as (None: the decoder family they came from)
+  data format    which data_prep formats it trains on (text documents, or conversations with a loss mask) and how
+                 its samples are built (megatron's GPTDataset windows, or whole conversations packed)
 
 The name stays the checkpoint's record (meta.json model_config.objective) and the flag's value; ModelConfig keeps
-the string and `objective(cfg.objective)` gives the object. A third objective (supervised fine-tuning, issue 30)
-is one more subclass and one more entry in OBJECTIVES.
+the string and `objective(cfg.objective)` gives the object.
 """
 from __future__ import annotations
 
@@ -34,6 +35,23 @@ class Objective:
     # supervise very different numbers of tokens (answer-only fine-tuning), where the mean of means would depend
     # on the micro-batch size, and so on the layout.
     global_loss_tokens: bool = False
+    data_formats: tuple[str, ...] = ("text",)  # data_prep --format of the data it trains on
+    from_objectives: tuple[str, ...] = ("clm", "mlm", "sft")  # whose weights a new run of it may start from
+
+    def check_data(self, formats: set[str]) -> None:
+        """The data must be of this objective's format (conversations need sft, and sft needs conversations)."""
+        wrong = sorted(formats - set(self.data_formats))
+        if wrong:
+            fix = ("pass --objective sft" if set(wrong) <= {"chat", "instruction"} else
+                   "prepare the data with `python -m data_prep prepare --format chat|instruction`")
+            raise ValueError(f"--data-path holds {'/'.join(wrong)} data, which --objective {self.name} does not train "
+                             f"on ({self.name} trains on {'/'.join(self.data_formats)}); {fix}")
+
+    def datasets(self, data_cfg, num_samples: tuple[int, int, int], eod: int):
+        """-> (train, valid, test) datasets of this objective's samples."""
+        from pretrain.data import build_datasets
+
+        return build_datasets(data_cfg, num_samples)
 
     def data_transform(self, args, tokenizer, tok_path: str, vocab: int) -> Callable | None:
         """A function that wraps the train/valid/test datasets (None: samples go to the loss as they are)."""
@@ -94,13 +112,36 @@ class MaskedLM(Objective):
                 f"loss counts the masked ~{loss_tokens_per_step:,} tokens of each step")
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (CausalLM(), MaskedLM())}
+class SupervisedFineTuning(Objective):
+    """Answer-only loss on conversations (data_prep --format chat|instruction; pretrain/sft_data.py): whole
+    conversations packed into samples, attention and positions kept within each, the loss over the answer tokens of
+    the global batch. A causal decoder like clm (exported as its decoder family, the chat template with it);
+    started from a clm or sft model's weights, never an mlm encoder's (they learned bidirectional attention)."""
+    name, causal, generates, loss_tokens = "sft", True, True, "answer"
+    global_loss_tokens = True
+    data_formats = ("chat", "instruction")
+    from_objectives = ("clm", "sft")
+
+    def datasets(self, data_cfg, num_samples: tuple[int, int, int], eod: int):
+        from pretrain import sft_data
+
+        return sft_data.build_datasets(data_cfg, num_samples, pad_id=eod)
+
+    def loss_token_share(self, mask_prob: float) -> float:
+        return 1.0  # the answer share is the data's (its manifest's supervised_tokens / tokens), not the plan's
+
+    def plan_note(self, loss_tokens_per_step: int) -> str:
+        return ("objective sft: compute as clm; the loss counts only the answer tokens of each step (the data "
+                "manifest's supervised_tokens / tokens of the tokens above), divided over the global batch")
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (CausalLM(), MaskedLM(), SupervisedFineTuning())}
 
 
 def objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r}: use one of {', '.join(OBJECTIVES)} (clm: a decoder on the next "
-                         f"token; mlm: an encoder on masked tokens)")
+                         f"token; mlm: an encoder on masked tokens; sft: a decoder on the answers of conversations)")
     return OBJECTIVES[name]
 
 

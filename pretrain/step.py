@@ -82,7 +82,8 @@ def train_step(engine, micro_batches, global_tokens: bool = False) -> StepResult
     losses, grad_norm = [], None
     for m in range(engine.gradient_accumulation_steps()):
         batch = _to_device(next(micro_batches))
-        loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("loss_tokens"))
+        loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("loss_tokens"),
+                      batch.get("document_ids"))
         losses.append(loss.detach())
         engine.backward(loss)
         if m == engine.gradient_accumulation_steps() - 1 and engine.zero_optimization_stage() == 0:
@@ -143,10 +144,12 @@ def guard_plain_optimizer(engine) -> None:
 
 def _pipeline_feed(micro_batches):
     """DeepSpeed's pipeline engine takes (inputs, labels) pairs; our labels travel as (labels, loss_mask) and, with
-    global_loss_tokens, loss_tokens as a third."""
+    global_loss_tokens, loss_tokens as a third; inputs are the tokens, or (tokens, document ids) when the data gives
+    them (--objective sft)."""
     for b in micro_batches:
         extra = (b["loss_tokens"].reshape(1),) if "loss_tokens" in b else ()
-        yield b["tokens"], (b["labels"], b["loss_mask"], *extra)
+        inputs = (b["tokens"], b["document_ids"]) if "document_ids" in b else b["tokens"]
+        yield inputs, (b["labels"], b["loss_mask"], *extra)
 
 
 def _pipeline_step(engine, micro_batches) -> StepResult:
@@ -187,8 +190,8 @@ def _eval_loss(engine, micro_batches, num_micro_batches: int) -> float:
     losses = []
     for _ in range(num_micro_batches):
         batch = _to_device(next(micro_batches))
-        losses.append(engine(batch["tokens"], batch["labels"], batch["loss_mask"],
-                             batch.get("loss_tokens")).detach().float())
+        losses.append(engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("loss_tokens"),
+                             batch.get("document_ids")).detach().float())
     return _dp_mean(torch.stack(losses).mean())
 
 
@@ -200,7 +203,8 @@ def local_logits(engine, batch: dict):
     engine.eval()
     try:
         if not is_pipeline(engine):
-            return engine(batch["tokens"].to(device()))
+            doc = batch.get("document_ids")
+            return engine(batch["tokens"].to(device()), document_ids=None if doc is None else doc.to(device()))
         # megatron's vocab-parallel cross-entropy turns fp32 logits into probabilities in place, and the engine
         # hands back the tensor the loss saw: let the loss see a copy.
         loss_fn = engine.module.loss_fn

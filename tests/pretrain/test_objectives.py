@@ -18,7 +18,7 @@ def args(**kw):
 
 def test_every_objective_is_a_choice_of_the_flag_and_of_the_model_config():
     flag = next(a for a in build_parser()._actions if a.dest == "objective")
-    assert list(flag.choices) == list(OBJECTIVES) == ["clm", "mlm"]
+    assert list(flag.choices) == list(OBJECTIVES) == ["clm", "mlm", "sft"]
     for name in OBJECTIVES:
         cfg = preset("tiny", objective=name)
         assert cfg.causal == objective(name).causal
@@ -45,3 +45,16 @@ def test_export_family_loss_tokens_and_the_plan_come_from_the_objective():
                            seq_length=64))
         assert r["speed"]["loss_tokens_per_step"] == round(r["speed"]["tokens_per_step"] * share)
         assert ("objective mlm" in format_plan(r)) == (name == "mlm")
+
+
+def test_data_format_and_objective_must_match_naming_the_fix():
+    for name in ("clm", "mlm"):
+        with pytest.raises(ValueError, match="holds chat data, which --objective .* pass --objective sft"):
+            objective(name).check_data({"text", "chat"})
+        objective(name).check_data({"text"})
+    with pytest.raises(ValueError, match="holds text data.*prepare --format chat\\|instruction"):
+        objective("sft").check_data({"chat", "text"})
+    objective("sft").check_data({"chat", "instruction"})
+    sft = objective("sft")
+    assert sft.causal and sft.generates and sft.global_loss_tokens and sft.hf_family is None
+    assert "mlm" not in sft.from_objectives and "clm" in sft.from_objectives
