@@ -163,6 +163,57 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory):
+    """A tiny tokenizer with ChatML's special tokens and template (train-tokenizer --chat-template chatml)."""
+    import random
+
+    from data_prep.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    out = tmp_path_factory.mktemp("chat-tokenizer")
+    train_bpe((make_doc(rng) for _ in range(300)), vocab_size=400, output_dir=str(out), chat_template="chatml")
+    return str(out)
+
+
+def make_conversation(rng, turns: int = 1, answer_words: int = 20) -> list[dict]:
+    """A conversation of `turns` user/assistant exchanges (answers of about answer_words words), sometimes with a
+    system turn first."""
+    messages = [{"role": "system", "content": make_doc(rng, 6)}] if rng.random() < 0.3 else []
+    for _ in range(turns):
+        messages += [{"role": "user", "content": make_doc(rng, rng.randint(4, 12))},
+                     {"role": "assistant", "content": make_doc(rng, max(1, answer_words + rng.randint(-3, 3)))}]
+    return messages
+
+
+def prepare_conversations(out_dir, tokenizer_dir, conversations, **kw):
+    """data_prep --format chat of `conversations` -> the output directory."""
+    from data_prep.pipeline import PrepareOptions, prepare
+
+    raw = Path(out_dir) / "raw.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with open(raw, "w") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    prepare(PrepareOptions(inputs=[str(raw)], tokenizer=str(tokenizer_dir), output=str(out_dir), data_format="chat",
+                           chunk_docs=64, progress=False, **kw))
+    raw.unlink()
+    return str(out_dir)
+
+
+def read_conversations(out) -> list[tuple[list[int], list[int]]]:
+    """Every (ids, loss mask) document of a conversation directory, the ids through megatron-core's reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    docs = []
+    for shard in man["shards"]:
+        ids, mask = (IndexedDataset(os.path.join(out, p)) for p in (shard["path"], shard["loss_mask"]["path"]))
+        assert len(ids) == len(mask)
+        docs += [(ids[i].tolist(), mask[i].tolist()) for i in range(len(ids))]
+    return docs
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tiny_tokenizer):
     """A data_prep output directory (about 100k tokens, several shards) for training tests."""
     return prepare_corpus(tmp_path_factory.mktemp("data"), tiny_tokenizer, n_docs=1200, seed=11)
