@@ -128,7 +128,7 @@ class PackedConversations(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ building
-def _shards(path: str) -> list[tuple[str, str]]:
+def conversation_shards(path: str) -> list[tuple[str, str]]:
     """A conversation directory -> [(token prefix, loss-mask prefix)], refused unless data_prep wrote a mask."""
     directory = manifest.data_dir(path)
     try:
@@ -167,10 +167,10 @@ def _paths(data_path: list[str]) -> list[str]:
 
 def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], pad_id: int):
     """-> (train, valid, test) PackedConversations (None where no samples are asked for or the part is empty)."""
-    shards = [s for p in _paths(cfg.data_path) for s in _shards(p)]
+    shards = [s for p in _paths(cfg.data_path) for s in conversation_shards(p)]
     if cfg.valid_data_path or cfg.test_data_path:
-        sources = [(shards, None)] + [([s for p in _paths(extra) for s in _shards(p)], None) if extra else None
-                                      for extra in (cfg.valid_data_path, cfg.test_data_path)]
+        sources = [(shards, None)] + [([s for p in _paths(extra) for s in conversation_shards(p)], None)
+                                      if extra else None for extra in (cfg.valid_data_path, cfg.test_data_path)]
     else:
         sources = [(shards, part) for part in _split_parts(shards, cfg.split)]
     out = []

@@ -175,12 +175,13 @@ def chat_tokenizer(tmp_path_factory):
     return str(out)
 
 
-def make_conversation(rng, turns: int = 1, answer_words: int = 20) -> list[dict]:
-    """A conversation of `turns` user/assistant exchanges (answers of about answer_words words), sometimes with a
-    system turn first."""
-    messages = [{"role": "system", "content": make_doc(rng, 6)}] if rng.random() < 0.3 else []
+def make_conversation(rng, turns: int = 1, answer_words: int = 20, prompt_words=(4, 12),
+                      system: float = 0.3) -> list[dict]:
+    """A conversation of `turns` user/assistant exchanges (answers of about answer_words words), with a system turn
+    first at probability `system`."""
+    messages = [{"role": "system", "content": make_doc(rng, 6)}] if rng.random() < system else []
     for _ in range(turns):
-        messages += [{"role": "user", "content": make_doc(rng, rng.randint(4, 12))},
+        messages += [{"role": "user", "content": make_doc(rng, rng.randint(*prompt_words))},
                      {"role": "assistant", "content": make_doc(rng, max(1, answer_words + rng.randint(-3, 3)))}]
     return messages
 
@@ -198,6 +199,19 @@ def prepare_conversations(out_dir, tokenizer_dir, conversations, **kw):
                            chunk_docs=64, progress=False, **kw))
     raw.unlink()
     return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory, chat_tokenizer):
+    """Conversations of very different lengths (1-2 turns, answers of 1 to ~16 words; cut to 65 tokens, the tiny
+    model's seq_length + 1), as data_prep --format chat writes them: a fine-tuning data directory."""
+    import random
+
+    rng = random.Random(21)
+    convs = [make_conversation(rng, turns=rng.choice([1, 1, 1, 2]), answer_words=rng.choice([1, 2, 6, 16]),
+                               prompt_words=(1, 5), system=0.1) for _ in range(240)]
+    return prepare_conversations(tmp_path_factory.mktemp("sft-data"), chat_tokenizer, convs, max_tokens=65,
+                                 too_long="truncate", shard_tokens=6000)
 
 
 def read_conversations(out) -> list[tuple[list[int], list[int]]]:

@@ -48,6 +48,8 @@ def parse():
     p.add_argument("--global-loss-tokens", action="store_true",
                    help="divide by the global batch's loss tokens (pretrain.step.global_loss_tokens), not a mean "
                         "of micro-batch means")
+    p.add_argument("--sft-data", help="a data_prep --format chat directory: micro-batches are its packed conversations "
+                                      "(pretrain/sft_data.py, with document ids and answer masks) in sample order")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="train until this global step")
@@ -110,7 +112,18 @@ EOD = None  # --document-eod
 VARIED_MASK = False  # --varied-loss-mask
 
 
+SFT = None  # --sft-data: a PackedConversations
+
+
 def micro_batches(cfg, layout, step, dp_rank):
+    if SFT is not None:  # global sample k of step s is (s * global batch + k), as pretrain.data's sampler orders them
+        from pretrain.data import _collate
+
+        b, base = layout.micro_batch_size, step * layout.global_batch_size
+        for m in range(layout.grad_accum_steps):
+            first = base + (m * layout.dp + dp_rank) * b
+            yield _collate([SFT[i % len(SFT)] for i in range(first, first + b)])
+        return
     seqs, b = global_batch(cfg, layout, step), layout.micro_batch_size
     for m in range(layout.grad_accum_steps):
         first = (m * layout.dp + dp_rank) * b
@@ -129,7 +142,7 @@ def varied_mask(cfg, first_index, b):
 
 def sample_batch(cfg, seqs, first_index):
     """clm: next-token pairs; mlm: the first seq_length tokens masked by pretrain.mlm, seeded by sample index."""
-    if cfg.objective == "clm":
+    if cfg.objective != "mlm":
         return {"tokens": seqs[:, :-1], "labels": seqs[:, 1:], "loss_mask": torch.ones(len(seqs), cfg.seq_length)}
     masked = [mask_sample(s[:-1].numpy(), MASKING, first_index + i) for i, s in enumerate(seqs)]
     return {k: torch.from_numpy(np.stack([m[k] for m in masked])) for k in ("tokens", "labels", "loss_mask")}
@@ -157,6 +170,8 @@ def owns_loss(layout) -> bool:
 def dump(engine, cfg, layout, path, owner):
     """Full-vocabulary logits of a fixed micro-batch (one no step ever trains on)."""
     batch = sample_batch(cfg, global_batch(cfg, layout, 10**6)[: layout.micro_batch_size], 10**6)
+    if SFT is not None:  # conversations with their document ids (the pipeline's activations carry them)
+        batch = next(micro_batches(cfg, layout, 10**6, 0))
     logits = full_logits(engine, batch)
     if owner:
         torch.save({"tokens": batch["tokens"], "logits": logits}, path)
@@ -213,10 +228,15 @@ def zero3_window_meter(engine, report) -> dict:
 
 
 def main():
-    global EOD, VARIED_MASK
+    global EOD, VARIED_MASK, SFT
     a = parse()
     EOD, VARIED_MASK = a.document_eod, a.varied_loss_mask
     cfg, layout, engine = build(a)
+    if a.sft_data:
+        from pretrain import sft_data
+
+        conversations = sft_data.Conversations(sft_data.conversation_shards(a.sft_data))
+        SFT = sft_data.PackedConversations(conversations, cfg.seq_length, seed=3, num_samples=0, pad_id=0)
     from megatron.core import parallel_state as ps
 
     start = 0
