@@ -11,17 +11,21 @@ WORK=${QUICKSTART_DIR:-runs/quickstart}
 STEPS=${QUICKSTART_STEPS:-300}
 STDLIB=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 CORPUS=(--input "$STDLIB" --text-suffix .py --include '*.py' --exclude '*/site-packages/*' --keep-indent)
+# ChatML's special tokens and template go into the tokenizer now, so that launch/finetune.sh fine-tunes this
+# model on conversations without resizing its embedding (the tokens exist, untrained, from the start).
+TOKENIZER=(--vocab-size 4096 --chat-template chatml)
 mkdir -p "$WORK"
-# A tokenizer and shards made with other corpus options (an earlier version of this script) are rebuilt, not
-# reused: prepare refuses an output directory written with different options, and the tokenizer would not match.
-if [ "$(cat "$WORK/corpus.args" 2>/dev/null)" != "${CORPUS[*]}" ]; then
+# A tokenizer and shards made with other corpus or tokenizer options (an earlier version of this script) are
+# rebuilt, not reused: prepare refuses an output directory written with different options, and the tokenizer would
+# not match.
+if [ "$(cat "$WORK/corpus.args" 2>/dev/null)" != "${CORPUS[*]} ${TOKENIZER[*]}" ]; then
   rm -rf "$WORK/tokenizer" "$WORK/data"
-  printf '%s' "${CORPUS[*]}" > "$WORK/corpus.args"
+  printf '%s' "${CORPUS[*]} ${TOKENIZER[*]}" > "$WORK/corpus.args"
 fi
 
-echo "== 1/4 tokenizer: byte-level BPE, 4096 tokens, on $STDLIB"
+echo "== 1/4 tokenizer: byte-level BPE, 4096 tokens (with ChatML's special tokens), on $STDLIB"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
-  $PY -m data_prep train-tokenizer "${CORPUS[@]}" --vocab-size 4096 --output "$WORK/tokenizer"
+  $PY -m data_prep train-tokenizer "${CORPUS[@]}" "${TOKENIZER[@]}" --output "$WORK/tokenizer"
 fi
 
 echo "== 2/4 data: clean, dedup, tokenize, pack into Megatron .bin/.idx shards"

@@ -169,6 +169,7 @@ def test_a_killed_fine_tune_from_a_checkpoint_resumes_bit_identically(tiny_data,
     out = launch(2, MAIN, *sft_args(sft_data, ref, *args, "--save", ref / "ck", "--sample-prompt", "Why?",
                                     "--sample-tokens", "6")).stdout
     assert "initialised from" in out and "conversations packed into" in out and "val answer accuracy" in out, out
+    assert "sample: 'Why?' -> " in out, out
     run = tmp_path / "run"
     procs = spawn_ranks(2, sft_args(sft_data, run, *args, "--save", run / "ck"))
     wait_for_step(run, 5, procs)
@@ -197,10 +198,33 @@ def test_a_killed_fine_tune_from_a_checkpoint_resumes_bit_identically(tiny_data,
 
 
 @pytest.mark.slow
-def test_data_and_objective_must_match_and_sft_never_starts_from_an_encoder(tiny_data, sft_data, tmp_path):
+def test_the_trainer_refuses_data_of_another_objective_naming_the_fix(tiny_data, sft_data, tmp_path):
     out = launch(1, MAIN, *sft_args(tiny_data, tmp_path, "--train-iters", "1"), check=False)
     assert out.returncode == 2 and "holds text data, which --objective sft does not train on" in out.stderr
     out = launch(1, MAIN, "--deepspeed_config", "ds_configs/zero3.json", *common(sft_data, tmp_path),
                  "--train-iters", "1", check=False)
     assert out.returncode == 2 and "holds chat data, which --objective clm does not train on" in out.stderr
     assert "pass --objective sft" in out.stderr
+
+
+def test_sft_starts_from_a_decoder_never_from_an_encoder(tmp_path):
+    """clm -> sft is allowed (the same causal layers); mlm -> sft is refused: the encoder learned bidirectional
+    attention."""
+    from pretrain import checkpoint
+    from pretrain.arguments import parse_args
+    from pretrain.main import model_config
+    from pretrain.parallel import LayoutError
+
+    for source in ("clm", "mlm"):
+        tag = tmp_path / source / "iter_0000001"
+        tag.mkdir(parents=True)
+        (tag / checkpoint.META).write_text(json.dumps({
+            "format": checkpoint.FORMAT, "iteration": 1, "consumed_samples": 4, "layout": {}, "files": {},
+            "model_config": preset("tiny", objective=source).__dict__}))
+        args = parse_args(["--deepspeed_config", "ds_configs/zero3.json", "--data-path", "d", "--train-iters", "1",
+                           "--objective", "sft", "--init-from-checkpoint", str(tag)])
+        if source == "clm":
+            assert model_config(args, 400).objective == "sft"
+        else:
+            with pytest.raises(LayoutError, match="cannot start from .* trained as mlm: its attention is bidirect"):
+                model_config(args, 400)
