@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import MAIN, ROOT, common, launch, metrics, prepare_corpus, spawn_ranks, train_losses
+from conftest import (MAIN, ROOT, common, launch, make_conversation, metrics, prepare_conversations, prepare_corpus,
+                      spawn_ranks, train_losses)
 from pretrain import checkpoint, early_stop
 from pretrain.early_stop import EarlyStopError, EarlyStopping
 
@@ -237,3 +238,23 @@ def test_a_task_metric_where_higher_is_better(tiny_data, task_dir, tmp_path):
     stop, _ = expected_stop(accuracy, 1, 0.0, "max")
     assert stop is not None and max(train_losses(metrics(tmp_path))) == stop, accuracy
     assert f"early stop at iteration {stop}: val_tiny_mc_acc_norm" in out
+
+
+@pytest.fixture(scope="module")
+def few_conversations(chat_tokenizer, tmp_path_factory):
+    """Four conversations to overfit (fine-tuning, --objective sft)."""
+    import random
+
+    rng = random.Random(8)
+    convs = [make_conversation(rng, answer_words=8, prompt_words=(1, 4), system=0) for _ in range(4)]
+    return prepare_conversations(tmp_path_factory.mktemp("few"), chat_tokenizer, convs, max_tokens=65)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_stops_on_its_answer_loss(few_conversations, sft_data, tmp_path):
+    """--objective sft: the validation loss over held-out answers decides the stop, as for clm."""
+    out = launch(2, MAIN, *es_args(few_conversations, sft_data, tmp_path, "--objective", "sft", "--seq-length",
+                                   "64")).stdout
+    stop, best = expected_stop(evaluations(tmp_path), PATIENCE, MIN_DELTA, "min")
+    assert stop is not None and max(train_losses(metrics(tmp_path))) == stop, evaluations(tmp_path)
+    assert f"early stop at iteration {stop}: val_loss" in out and (tmp_path / "ck" / "best").read_text() == tag(best)
