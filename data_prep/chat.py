@@ -186,6 +186,8 @@ def instruction_messages(row: dict) -> list[dict]:
     for key in ("instruction", "output"):
         if not isinstance(row.get(key), str):
             raise BadConversation("bad_instruction", f"{key} missing or not a string")
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        raise BadConversation("bad_instruction", f"input not a string ({type(row['input']).__name__})")
     prompt = row["instruction"] + (f"\n\n{row['input']}" if isinstance(row.get("input"), str) and row["input"]
                                    else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]

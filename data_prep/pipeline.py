@@ -75,18 +75,48 @@ class PrepareOptions:
     max_tokens: int | None = None  # chat/instruction: longer conversations are dropped or truncated (too_long)
     too_long: str = "drop"  # drop | truncate (keeps the prompt, cuts the end)
 
+    def row_columns(self) -> tuple[str, ...] | None:
+        """The columns a Parquet/Arrow row is read with, for conversations (None: the --text-key column)."""
+        return {"chat": (self.messages_key,), "instruction": ("instruction", "input", "output")}.get(self.data_format)
+
     def fingerprint(self, files: list[str]) -> dict:
         """What determines the output (the worker count, the backend and the checking do not), and the input
-        files as they are now."""
+        files as they are now. A text run's is what it was before conversations existed (a run interrupted then
+        resumes, and merges with ranks of that version)."""
         d = asdict(self)
         for k in ("workers", "progress", "output", "tokenizer_backend", "verify_every"):
             d.pop(k)
+        if self.data_format == "text":
+            for k in CONVERSATION_OPTIONS:
+                d.pop(k)
         d["format"] = FORMAT_VERSION
         if self.data_format != "text":  # the template's text, not only its name or path, decides the ids
             d["chat_template_sha256"] = chat.load_template(os.path.dirname(tok.resolve(self.tokenizer)),
                                                            self.chat_template).sha256
         d["files"] = [[f, *_stat(f)] for f in files]
         return json.loads(json.dumps(d))  # as it reads back from disk (tuples become lists)
+
+
+CONVERSATION_OPTIONS = ("data_format", "messages_key", "chat_template", "max_tokens", "too_long")
+
+
+def check_options(opts: PrepareOptions) -> None:
+    """Refuse, naming the option, what the run would otherwise ignore or misread."""
+    if opts.dedup not in ("none", "exact", "near"):
+        raise ValueError(f"--dedup must be none, exact or near, got {opts.dedup!r}")
+    if opts.data_format not in ("text", "chat", "instruction"):
+        raise ValueError(f"--format must be text, chat or instruction, got {opts.data_format!r}")
+    if opts.too_long not in ("drop", "truncate"):
+        raise ValueError(f"--too-long must be drop or truncate, got {opts.too_long!r}")
+    if opts.max_tokens is not None and opts.max_tokens < 2:
+        raise ValueError(f"--max-tokens {opts.max_tokens}: give at least 2 (a token and the end-of-document id)")
+    if opts.data_format == "text":
+        given = [f"--{k.replace('_', '-')}" for k, default in (("chat_template", None), ("max_tokens", None),
+                                                                ("too_long", "drop"), ("messages_key", "messages"))
+                 if getattr(opts, k) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to conversations only; pass --format chat or instruction "
+                             f"(or drop them: --format text documents are cut by --max-chars)")
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -128,7 +158,7 @@ class _Reading:
                 continue
             n = 0
             for rec in readers.read_file(path, self.opts.text_key, self.opts.txt_mode, self.opts.strict,
-                                         rows=self.opts.data_format != "text"):
+                                         rows=self.opts.row_columns()):
                 n += 1
                 self.records += 1
                 pending.append((rec.source, rec.line, rec.raw, rec.text, rec.drop))
@@ -193,12 +223,7 @@ class _Reading:
 
 # ------------------------------------------------------------------------------------------ run
 def prepare(opts: PrepareOptions) -> dict:
-    if opts.dedup not in ("none", "exact", "near"):
-        raise ValueError(f"--dedup must be none, exact or near, got {opts.dedup!r}")
-    if opts.data_format not in ("text", "chat", "instruction"):
-        raise ValueError(f"--format must be text, chat or instruction, got {opts.data_format!r}")
-    if opts.too_long not in ("drop", "truncate"):
-        raise ValueError(f"--too-long must be drop or truncate, got {opts.too_long!r}")
+    check_options(opts)
     ctx = _worker_context() if opts.workers > 1 else None
     files = files_for_rank(readers.expand_inputs(opts.inputs, tuple(opts.text_suffixes), tuple(opts.exclude),
                                                  tuple(opts.include)), opts.rank, opts.world_size)

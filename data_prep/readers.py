@@ -273,16 +273,19 @@ def read_text(path: str, per_block: bool, strict: bool) -> Iterator[Record]:
         yield Record(path, start, text="\n".join(block))
 
 
-def read_arrow_table_batches(path: str, text_key: str, strict: bool, rows: bool = False) -> Iterator[Record]:
-    """Parquet files, bare .arrow files and save_to_disk directories, one record batch at a time. rows: each row
-    whole, as the raw JSON a JSON-lines reader gives (conversations: --format chat|instruction)."""
+def read_arrow_table_batches(path: str, text_key: str, strict: bool,
+                             rows: tuple[str, ...] | None = None) -> Iterator[Record]:
+    """Parquet files, bare .arrow files and save_to_disk directories, one record batch at a time. rows: these
+    columns of each row (those present), as the raw JSON a JSON-lines reader gives (conversations: --format
+    chat|instruction)."""
     import pyarrow.parquet as pq
 
     if path.endswith(".parquet"):
         pf = pq.ParquetFile(path)
         columns = pf.schema_arrow.names
-        batches = pf.iter_batches(batch_size=1024, columns=None if rows else
-                                  [text_key] if text_key in columns else columns[:1])
+        wanted = [c for c in rows if c in columns] if rows else \
+            [text_key] if text_key in columns else columns[:1]
+        batches = pf.iter_batches(batch_size=1024, columns=wanted or columns[:1])
     else:
         files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.arrow"),
                                                                      recursive=True))
@@ -291,7 +294,7 @@ def read_arrow_table_batches(path: str, text_key: str, strict: bool, rows: bool 
         columns = first.schema.names if first is not None else [text_key]
         batches = _chain([first] if first is not None else [], batches)
     if rows:
-        yield from _whole_rows(path, batches)
+        yield from _whole_rows(path, batches, rows)
         return
     if text_key not in columns:
         msg = (f"{path}: no column {text_key!r} (columns: {', '.join(columns)}); pass --text-key with the "
@@ -316,14 +319,18 @@ def read_arrow_table_batches(path: str, text_key: str, strict: bool, rows: bool 
                 yield Record(path, row, drop="bad_text_field")
 
 
-def _whole_rows(path: str, batches) -> Iterator[Record]:
+def _whole_rows(path: str, batches, columns: tuple[str, ...]) -> Iterator[Record]:
+    """Each row's `columns` as JSON; a value JSON cannot hold (bytes, a decimal) is a bad row, counted."""
     import orjson
 
     row = 0
     for batch in batches:
         for value in batch.to_pylist():
             row += 1
-            yield Record(path, row, raw=orjson.dumps(value))
+            try:
+                yield Record(path, row, raw=orjson.dumps({k: v for k, v in value.items() if k in columns}))
+            except TypeError:  # orjson.JSONEncodeError
+                yield Record(path, row, drop="bad_json")
 
 
 def _arrow_batches(files):
@@ -347,7 +354,7 @@ def _chain(first, rest):
 
 
 def read_file(path: str, text_key: str = "text", txt_mode: str = "file", strict: bool = False,
-              rows: bool = False) -> Iterator[Record]:
+              rows: tuple[str, ...] | None = None) -> Iterator[Record]:
     if os.path.isdir(path) or path.endswith((".parquet", ".arrow")):
         yield from read_arrow_table_batches(path, text_key, strict, rows)
     elif path.endswith(TEXT_SUFFIXES) or not path.endswith(JSONL_SUFFIXES):

@@ -185,7 +185,12 @@ def _process_conversations(kind: str, records: list, cfg: WorkConfig) -> tuple:
         where = f"{source}:{line}"
         if drop is None:
             try:
-                text, ids, mask = chat.render_and_encode(_conversation(raw, cfg), template, hf)
+                try:
+                    text, ids, mask = chat.render_and_encode(_conversation(raw, cfg), template, hf)
+                except chat.BadConversation:
+                    raise
+                except ValueError as e:  # the template cannot locate this row's answers: the run's problem
+                    raise ValueError(f"{where}: {e}") from None
                 if cfg.max_tokens:
                     ids, mask, cut = chat.fit_length(ids, mask, cfg.max_tokens, cfg.too_long)
                     if cut:

@@ -127,6 +127,14 @@ class SupervisedFineTuning(Objective):
 
         return sft_data.build_datasets(data_cfg, num_samples, pad_id=eod)
 
+    def check_options(self, args) -> None:
+        super().check_options(args)
+        if (getattr(args, "pp", 1) or 1) > 1 and getattr(args, "eval_tasks", None):
+            # the pipeline's inputs are (tokens, document ids) for every sft batch; lm-eval's requests carry no
+            # document ids, and a pipeline fed two structures waits forever (docs/FINDINGS.md)
+            raise ValueError("--eval-tasks with --pp > 1 is not supported for --objective sft yet; evaluate the "
+                             "export with lm-eval, or drop --pp")
+
     def loss_token_share(self, mask_prob: float) -> float:
         return 1.0  # the answer share is the data's (its manifest's supervised_tokens / tokens), not the plan's
 

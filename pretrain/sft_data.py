@@ -143,17 +143,18 @@ def conversation_shards(path: str) -> list[tuple[str, str]]:
             for s in man["shards"]]
 
 
-def _split_parts(shards: list[tuple[str, str]], split: str) -> list[list[tuple[int, int]]]:
+def _split_parts(shards: list[tuple[str, str]], split: str) -> list[list[tuple[int, int]] | None]:
     """Megatron's split of each shard's documents into contiguous train/valid/test parts."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    parts = [[], [], []]
+    parts = [[] if bounds is not None else None for bounds in matrix]  # None: a part of share 0, never asked for
     for prefix, _ in shards:
         n = len(read_index(prefix)["lengths"])
         for k, bounds in enumerate(matrix):
-            parts[k].append((0, 0) if bounds is None else tuple(int(round(b * float(n))) for b in bounds))
+            if bounds is not None:
+                parts[k].append(tuple(int(round(b * float(n))) for b in bounds))
     return parts
 
 
@@ -172,28 +173,38 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], pad_id: i
         sources = [(shards, None)] + [([s for p in _paths(extra) for s in conversation_shards(p)], None)
                                       if extra else None for extra in (cfg.valid_data_path, cfg.test_data_path)]
     else:
-        sources = [(shards, part) for part in _split_parts(shards, cfg.split)]
+        sources = [(shards, part) if part is not None else None for part in _split_parts(shards, cfg.split)]
     out = []
     for name, source, n in zip(("train", "valid", "test"), sources, num_samples):
         conversations = Conversations(*source) if source and n else None
-        if conversations is None or len(conversations) == 0:
-            if name == "train":
-                raise DataError(f"--data-path {' '.join(cfg.data_path)}: no conversation in the training part of "
-                                f"--split {cfg.split}")
+        if conversations is None:  # not asked for (no samples), or no --valid/--test-data-path of its own
             out.append(None)
             continue
+        if len(conversations) == 0:  # asked for and empty: refused, as the text path refuses it (pretrain/data.py)
+            raise DataError(f"--data-path {' '.join(cfg.data_path)}: no conversation falls in the {name} part of "
+                            f"--split {cfg.split}; use a larger {name} share, bigger shards or "
+                            f"--valid-data-path/--test-data-path")
         out.append(PackedConversations(conversations, cfg.seq_length, cfg.seed + len(out), n, pad_id, name))
     return tuple(out)
 
 
 def chat_template(data_path: list[str]) -> dict | None:
-    """The chat template data_prep rendered the first conversation directory with (manifest "data"), or None."""
+    """The chat template data_prep rendered the conversation directories with (manifest "data"), or None (text, or
+    a bare prefix without a manifest). Directories rendered with different templates are refused: the export and
+    --sample-prompt can carry one."""
+    found = {}
     for _, path in parse_data_path(data_path):
-        man = manifest.read(manifest.data_dir(path))
-        template = man.get("data", {}).get("chat_template")
+        directory = manifest.data_dir(path)
+        if not os.path.exists(os.path.join(directory, manifest.MANIFEST)):
+            continue
+        template = manifest.read(directory).get("data", {}).get("chat_template")
         if template:
-            return template
-    return None
+            found.setdefault(template["sha256"], (path, template))
+    if len(found) > 1:
+        names = ", ".join(f"{p} ({t['name']})" for p, t in found.values())
+        raise DataError(f"--data-path mixes conversations rendered with different chat templates: {names}; "
+                        f"prepare them all with one (--chat-template)")
+    return next(iter(found.values()))[1] if found else None
 
 
 def data_formats(data_path: list[str]) -> set[str]:

@@ -64,11 +64,24 @@ def test_instruction_rows_from_parquet(tmp_path, chat_tokenizer):
 
     rows = [{"instruction": f"Say {w}.", "input": "" if i % 2 else f"context {i}", "output": f"{w} {w}."}
             for i, w in enumerate(["model", "data", "token", "layer"])]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "i.parquet")
+    table = pa.Table.from_pylist(rows).append_column("image", pa.array([b"\x89PNG"] * 4))  # not JSON: never read
+    pq.write_table(table, tmp_path / "i.parquet")
     man = run_prepare([tmp_path / "i.parquet"], chat_tokenizer, tmp_path / "out", data_format="instruction")
     assert man["counts"]["documents_kept"] == 4 and man["data"]["format"] == "instruction"
     for row, got in zip(rows, read_conversations(tmp_path / "out")):
         assert got == expected(chat_tokenizer, chat.instruction_messages(row))
+    write_rows(tmp_path / "bad.jsonl", [rows[0], {**rows[1], "input": 3}, {"instruction": "x"}])
+    man = run_prepare([tmp_path / "bad.jsonl"], chat_tokenizer, tmp_path / "bad", data_format="instruction")
+    assert man["counts"]["dropped"] == {"bad_instruction": 2}  # an input that is not a string is not left out
+
+
+def test_text_runs_keep_their_fingerprint_and_refuse_conversation_options(tmp_path, tiny_tokenizer):
+    write_rows(tmp_path / "t.jsonl", [{"text": "a document of words"}])
+    man = run_prepare([tmp_path / "t.jsonl"], tiny_tokenizer, tmp_path / "out")
+    assert not {"data_format", "messages_key", "chat_template", "max_tokens", "too_long"} & set(man["options"])
+    assert man["data"] == {"format": "text"}
+    with pytest.raises(ValueError, match="--max-tokens apply to conversations only; pass --format chat"):
+        run_prepare([tmp_path / "t.jsonl"], tiny_tokenizer, tmp_path / "x", max_tokens=100)
 
 
 BAD = {

@@ -228,3 +228,21 @@ def test_sft_starts_from_a_decoder_never_from_an_encoder(tmp_path):
         else:
             with pytest.raises(LayoutError, match="cannot start from .* trained as mlm: its attention is bidirect"):
                 model_config(args, 400)
+
+
+def test_an_empty_validation_part_and_mixed_templates_are_refused(sft_data, tmp_path):
+    from pretrain.data import DataConfig
+
+    cfg = DataConfig(data_path=[sft_data], split="99.9,0.1,0", seq_length=64)
+    with pytest.raises(sft.DataError, match="no conversation falls in the valid part of --split 99.9,0.1,0"):
+        sft.build_datasets(cfg, (10, 10, 0), pad_id=0)
+    assert sft.build_datasets(DataConfig(data_path=[sft_data], split="100,0,0", seq_length=64), (10, 10, 0), 0)[1] \
+        is None  # a part of share 0 is not asked for
+    other = tmp_path / "other"
+    other.mkdir()
+    man = json.loads(open(f"{sft_data}/manifest.json").read())
+    man["data"]["chat_template"] = {**man["data"]["chat_template"], "sha256": "0" * 64, "name": "other.jinja"}
+    (other / "manifest.json").write_text(json.dumps(man))
+    assert sft.chat_template([sft_data])["sha256"] != "0" * 64
+    with pytest.raises(sft.DataError, match="mixes conversations rendered with different chat templates"):
+        sft.chat_template([sft_data, str(other)])
