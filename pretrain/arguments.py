@@ -127,6 +127,10 @@ def _run_args(p) -> None:
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--save-interval", type=int, default=1000)
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--async-save", action="store_true",
+                   help="interval and keep-best saves copy each rank's state to host memory and write it in the "
+                        "background while training goes on (pretrain/async_save.py); the end, a preemption and an "
+                        "early stop wait for it and save synchronously")
     g.add_argument("--load", help="resume from here (default: --save, if it holds a checkpoint)")
     g.add_argument("--no-load-optim", action="store_true", help="load weights only")
     g.add_argument("--early-stop-patience", type=int, metavar="N",

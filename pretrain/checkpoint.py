@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,49 +68,87 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, layout: L
          run_config: dict, keep_last: int, trainer_state: dict | None = None, best: bool = False) -> str:
     """Every rank writes its file; rank 0 then writes meta.json, `complete`, `latest` (and `best` when `best`).
     A failure on any rank (a full disk, say) fails the save on every rank, and the partial tag is removed.
-    trainer_state: what the loop keeps beside the engine (early stopping's counters), back from load()."""
-    tag = tag_name(iteration)
-    tag_dir = os.path.join(save_dir, tag)
+    trainer_state: what the loop keeps beside the engine (early stopping's counters), back from load().
+    The same steps as an asynchronous save (pretrain/async_save.py), in this thread and on the training group."""
+    tag_dir = prepare_tag(save_dir, iteration)
+    meta = meta_fields(engine, iteration, consumed_samples, layout, model_config, run_config, trainer_state)
+    entry, error = {}, None
+    try:
+        entry = write_snapshot(tag_dir, snapshot(engine))
+    except Exception as e:  # reported to every rank in commit(), so nobody waits for a file that will not come
+        error = describe_failure(e, tag_dir)
+    return commit(save_dir, tag_dir, (entry, error), meta, keep_last, best)
+
+
+def prepare_tag(save_dir: str, iteration: int, group=None) -> str:
+    """Rank 0 makes the tag's directory (removing a partial one of a run that died); every rank waits for it."""
+    tag_dir = os.path.join(save_dir, tag_name(iteration))
     if is_rank0():
         os.makedirs(save_dir, exist_ok=True)
         if os.path.isdir(tag_dir) and not os.path.exists(os.path.join(tag_dir, COMPLETE)):
             shutil.rmtree(tag_dir)  # a partial save of ours from a run that died; it is rewritten now
         os.makedirs(tag_dir, exist_ok=True)
-    barrier()
-    entry, error = {}, None
-    try:
-        entry = _write_rank_file(engine, tag_dir, layout)
-    except Exception as e:  # reported to every rank below, so nobody waits for a file that will not come
-        error = f"rank {rank()}: {e}"
-        if is_no_space(e):
-            error = f"rank {rank()}: {NoSpaceError(tag_dir)}"
-    entries = _gather((entry, error))
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    return tag_dir
+
+
+def meta_fields(engine, iteration: int, consumed_samples: int, layout: Layout, model_config: dict,
+                run_config: dict, trainer_state: dict | None) -> dict:
+    """meta.json's content but the files and the save time, read from the engine at the save step."""
+    return {"format": FORMAT, "version": VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+            "adam_step": zero_state.adam_step(engine), "layout": layout_meta(layout), "model_config": model_config,
+            "run_config": run_config, "trainer_state": trainer_state or {}}
+
+
+def describe_failure(e: Exception, tag_dir: str) -> str:
+    if is_no_space(e):
+        return f"rank {rank()}: {NoSpaceError(tag_dir)}"
+    return f"rank {rank()}: {e}"
+
+
+def commit(save_dir: str, tag_dir: str, mine: tuple[dict, str | None], meta: dict, keep_last: int, best: bool,
+           group=None) -> str:
+    """Every rank's (file entry, error) gathered; any error fails the save on every rank (the partial tag removed),
+    else rank 0 writes meta.json, `complete`, `latest`, `best` and prunes, and every rank waits for it."""
+    entries = _gather(mine, group)
     errors = [err for _, err in entries if err]
     if errors:
         if is_rank0():
             shutil.rmtree(tag_dir, ignore_errors=True)
-        barrier()
+        if dist.is_initialized():
+            dist.barrier(group=group)
         raise SaveError(f"saving {tag_dir} failed; the partial checkpoint was removed: " + "; ".join(errors))
-    adam_step = zero_state.adam_step(engine)
     if is_rank0():
         files = {k: v for e, _ in entries for k, v in e.items()}
-        write_json(os.path.join(tag_dir, META), {
-            "format": FORMAT, "version": VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-            "adam_step": adam_step, "layout": layout_meta(layout), "model_config": model_config,
-            "run_config": run_config, "trainer_state": trainer_state or {}, "files": files,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        write_text(os.path.join(tag_dir, COMPLETE), str(iteration))
-        write_text(os.path.join(save_dir, LATEST), tag)
+        write_json(os.path.join(tag_dir, META), {**meta, "files": files,
+                                                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_text(os.path.join(tag_dir, COMPLETE), str(meta["iteration"]))
+        write_text(os.path.join(save_dir, LATEST), os.path.basename(tag_dir))
         if best:
-            write_text(os.path.join(save_dir, BEST), tag)
-        _prune(save_dir, keep_last, keep=tag)
-    barrier()
+            write_text(os.path.join(save_dir, BEST), os.path.basename(tag_dir))
+        _prune(save_dir, keep_last, keep=os.path.basename(tag_dir))
+    if dist.is_initialized():
+        dist.barrier(group=group)
     return tag_dir
 
 
-def _write_rank_file(engine, tag_dir: str, layout: Layout) -> dict:
+@dataclass
+class Snapshot:
+    """One rank's share of a checkpoint, copied out of the engine: what its file will hold."""
+    name: str  # rankNNNNN.safetensors
+    tensors: dict
+    metadata: dict
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def snapshot(engine, pin: bool = False) -> Snapshot:
+    """This rank's fp32 masters, Adam moments (the slots it owns) and RNG states as host tensors of their own (the
+    training step may change the engine's at once). pin: page-locked host memory (GPU: a faster copy)."""
     from megatron.core import parallel_state
-    from safetensors.torch import save_file
 
     tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
     tensors = {}
@@ -118,22 +157,31 @@ def _write_rank_file(engine, tag_dir: str, layout: Layout) -> dict:
             continue
         for state in zero_state.STATES:
             key = f"{state}/{tp_rank}/{slot.start}/{slot.name}"
-            tensors[key] = zero_state.read(engine, slot, state).detach().float().cpu().contiguous().clone()
+            value = zero_state.read(engine, slot, state).detach().float()
+            host = torch.empty(value.shape, dtype=torch.float32, pin_memory=pin)
+            tensors[key] = host.copy_(value)
     rng_tensors, rng_meta = _rng_state()
-    tensors.update(rng_tensors)
-    name = f"rank{rank():05d}.safetensors"
-    path = os.path.join(tag_dir, name)
+    tensors.update({k: v.clone() for k, v in rng_tensors.items()})  # (a tracker's state may be the live tensor)
+    # One metadata key: safetensors writes its metadata map in a per-process random order (a Rust HashMap), so
+    # two keys made the same state give files of other bytes (and hashes); the TP rank is in every tensor's name.
+    return Snapshot(f"rank{rank():05d}.safetensors", tensors, {"rng": json.dumps(rng_meta)})
+
+
+def write_snapshot(tag_dir: str, snap: Snapshot) -> dict:
+    """The rank's file, written atomically -> its meta.json entry (size and xxh3-128)."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(tag_dir, snap.name)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"rng": json.dumps(rng_meta), "tp_rank": str(tp_rank),
-                                          "dp_rank": str(dp_rank)})
-    return {name: {"bytes": os.path.getsize(path), "xxh3_128": file_xxh3(path)}}
+        save_file(snap.tensors, tmp, metadata=snap.metadata)
+    return {snap.name: {"bytes": os.path.getsize(path), "xxh3_128": file_xxh3(path)}}
 
 
-def _gather(obj) -> list:
+def _gather(obj, group=None) -> list:
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -11,6 +11,8 @@ PRETRAIN_SLOW_RANK=1:0.3         global rank 1 sleeps 0.3 s in every training fo
 PRETRAIN_STALL_AT=1:4:20         global rank 1 sleeps 20 s in the first forward pass of step 4 (a stall)
 PRETRAIN_SLOW_SAVE=3:30          a checkpoint save at iteration 3 or later sleeps 30 s on every rank after writing
                                  its file, before the tag is complete (a save longer than the grace before SIGKILL)
+PRETRAIN_SAVE_MBPS=200           writing a checkpoint file takes at least its size / 200 MB/s (a slow filesystem:
+                                 bench/async_save.py)
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pretrain.spike_guard import NanGradient
 
 VARIABLES = ("PRETRAIN_INJECT_NAN_AT", "PRETRAIN_INJECT_NAN_GRAD_AT", "PRETRAIN_INJECT_SPIKE_AT",
              "PRETRAIN_INJECT_RANK", "PRETRAIN_DUMP_LOGITS", "PRETRAIN_SLOW_RANK", "PRETRAIN_STALL_AT",
-             "PRETRAIN_SLOW_SAVE")
+             "PRETRAIN_SLOW_SAVE", "PRETRAIN_SAVE_MBPS")
 
 
 def _steps(value: str) -> set[int]:
@@ -49,6 +51,7 @@ class TestHooks:
         self.stall = (int(stall[0]), int(stall[1]), float(stall[2])) if len(stall) == 3 else None
         slow_save = env.get("PRETRAIN_SLOW_SAVE", "").split(":")
         self.slow_save = (int(slow_save[0]), float(slow_save[1])) if len(slow_save) == 2 else None
+        self.save_mbps = float(env["PRETRAIN_SAVE_MBPS"]) if env.get("PRETRAIN_SAVE_MBPS") else None
         self.step = 0  # the step being taken (1-based); set by the loop
 
     def announce(self) -> None:
@@ -59,6 +62,8 @@ class TestHooks:
     def install(self, engine) -> None:
         if self.slow_save:
             _slow_down_saves(*self.slow_save)
+        if self.save_mbps:
+            _throttle_saves(self.save_mbps)
         if self.slow or self.stall:
             engine.module.register_forward_pre_hook(self._sleep)
         if self.nan_steps or self.nan_grad_steps or self.spike_steps:
@@ -84,15 +89,30 @@ def _slow_down_saves(from_iteration: int, seconds: float) -> None:
     `latest` (checkpoint.save's commit)."""
     from pretrain import checkpoint
 
-    write = checkpoint._write_rank_file
+    write = checkpoint.write_snapshot
 
-    def slow_write(engine, tag_dir, layout):
-        entry = write(engine, tag_dir, layout)
+    def slow_write(tag_dir, snap):
+        entry = write(tag_dir, snap)
         if int(os.path.basename(tag_dir).split("_")[1]) >= from_iteration:
             time.sleep(seconds)
         return entry
 
-    checkpoint._write_rank_file = slow_write
+    checkpoint.write_snapshot = slow_write
+
+
+def _throttle_saves(mbps: float) -> None:
+    """PRETRAIN_SAVE_MBPS: a rank's file takes at least its size at this bandwidth to write."""
+    from pretrain import checkpoint
+
+    write = checkpoint.write_snapshot
+
+    def throttled(tag_dir, snap):
+        t0 = time.time()
+        entry = write(tag_dir, snap)
+        time.sleep(max(0.0, snap.bytes / (mbps * 1e6) - (time.time() - t0)))
+        return entry
+
+    checkpoint.write_snapshot = throttled
 
 
 def _stall_here(seconds: float) -> None:

@@ -32,6 +32,7 @@ from data_prep import manifest, tokenizer as tokenizers
 from launch import op_builds
 from pretrain import checkpoint, downstream, early_stop, hf, sft_data, spike_guard  # first: pretrain/__init__.py
 from pretrain.arguments import MODEL_OVERRIDES, parse_args
+from pretrain.async_save import AsyncSaver
 from pretrain.config import ModelConfig, preset
 from pretrain.data import DataConfig, DataError, micro_batches, parse_data_path
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning, zero_stage_of
@@ -91,6 +92,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     task_lm: object = None  # --eval-tasks: pretrain.downstream's lm-eval model, built on first use
     early: early_stop.EarlyStopping | None = None  # --early-stop-patience / --keep-best
+    saver: AsyncSaver | None = None  # --async-save
     spike: spike_guard.SpikeGuard | None = None  # --spike-sigma
 
 
@@ -223,7 +225,8 @@ def setup(args) -> Run:
                step_log=StepLog(gbs * seq, cfg.flops_per_token(seq), world, peak),
                skips=SkipCounter(args.max_skipped_steps), stop=stop, hooks=hooks, run_config=run_config,
                **monitors(args, tracker, train_iter), state=state,
-               early=early_stop.EarlyStopping.from_args(args, saved_state.get("early_stop")), spike=spike)
+               early=early_stop.EarlyStopping.from_args(args, saved_state.get("early_stop")), spike=spike,
+               saver=AsyncSaver() if args.async_save and args.save else None)
 
 
 def monitors(args, tracker: CollectiveTracker, train_iter: TimedIterator) -> dict:
@@ -358,6 +361,8 @@ def fit(run: Run) -> int:
         return 0
     while state.iteration < run.train_iters:
         train_one_step(run)
+        if run.saver:  # a background save that ended: committed (or its failure, raised on every rank)
+            state.last_checkpoint = run.saver.poll() or state.last_checkpoint
         if run.skips.exhausted:
             first_bad = state.consumed_samples - run.skips.in_a_row * run.layout.global_batch_size
             log(f"error: {run.skips.in_a_row} consecutive skipped steps, non-finite or loss spikes "
@@ -497,19 +502,33 @@ def save(run: Run, reason: str, best: bool = False) -> str | None:
     state = run.state
     if not run.args.save:
         return None
+    background = run.saver is not None and (reason in BACKGROUND_SAVES or reason.startswith("new best"))
+    if run.saver and not background:  # the end, a preemption, an early stop: the save in flight first
+        state.last_checkpoint = run.saver.wait(reason) or state.last_checkpoint
     if state.saved_iteration == state.iteration:
         if best:
+            if run.saver:  # `best` names only a committed tag
+                state.last_checkpoint = run.saver.wait("best names it") or state.last_checkpoint
             checkpoint.mark_best(run.args.save, checkpoint.tag_name(state.iteration))
         return None
     state.saved_iteration = state.iteration
     trainer_state = {"early_stop": run.early.state_dict()} if run.early else {}
     if run.spike:
         trainer_state["spike_window"] = run.spike.state()
-    path = checkpoint.save(run.engine, run.args.save, state.iteration, state.consumed_samples, run.layout,
-                           run.cfg.__dict__, run.run_config, run.args.keep_last, trainer_state, best)
-    log(f"saved checkpoint {path} ({reason}{'; best names it' if best else ''})")
-    state.last_checkpoint = path
+    saving = (run.saver.save if background else checkpoint.save)
+    t0 = time.time()
+    path = saving(run.engine, run.args.save, state.iteration, state.consumed_samples, run.layout, run.cfg.__dict__,
+                  run.run_config, run.args.keep_last, trainer_state, best)
+    # how long the loop was held (a background save: its copy to host memory, and any wait for the one before)
+    run.metrics.write({"step": state.iteration, "consumed_samples": state.consumed_samples,
+                       "save_blocked_s": time.time() - t0, "save_background": background})
+    if not background:
+        log(f"saved checkpoint {path} ({reason}{'; best names it' if best else ''})")
+        state.last_checkpoint = path
     return path
+
+
+BACKGROUND_SAVES = ("interval",)  # and new bests (reason "new best ..."): --async-save writes them behind the loop
 
 
 # ------------------------------------------------------------------------------------------------ finish

@@ -93,7 +93,9 @@ class CollectiveTracker:
     def _wrap(self, name, fn, grouped=True):
         @functools.wraps(fn)
         def tracked(*args, **kwargs):
-            if self.current is not None:  # nested (e.g. barrier -> all_reduce): the outer one is timed
+            # nested (e.g. barrier -> all_reduce): the outer one is timed; another thread's (the background
+            # checkpoint writer's, pretrain/async_save.py) are not the step's
+            if self.current is not None or threading.current_thread() is not threading.main_thread():
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
             if self.count and grouped:
@@ -116,7 +118,8 @@ class CollectiveTracker:
     def _wrap_bytes(self, name, fn):
         @functools.wraps(fn)
         def tracked(*args, **kwargs):
-            self.bytes[BYTE_KINDS[name], _group_size(args, kwargs)] += _tensor_bytes(name, args, kwargs)
+            if threading.current_thread() is threading.main_thread():
+                self.bytes[BYTE_KINDS[name], _group_size(args, kwargs)] += _tensor_bytes(name, args, kwargs)
             return fn(*args, **kwargs)
 
         tracked._tracked = True

@@ -6,10 +6,12 @@ pipeline. So megatron's TP/DP groups and DeepSpeed's PipeModelDataParallelTopolo
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pretrain.compat import apply_cpu_compat
@@ -117,6 +119,10 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float 
 
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # Python's and numpy's global generators too, as Megatron's _set_random_seed does: nothing of ours draws from
+    # them, but a library might, and checkpoints hold their states (two runs of one command save the same bytes)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def shutdown_distributed() -> None:

@@ -100,6 +100,7 @@ class PlanInput:
     inter_link: str = "ib-ndr400"
     link_overrides: dict | None = None  # {"inter.bus_gbs": 25.0, ...}
     mask_prob: float = 0.15  # --objective mlm (model.objective): the share of tokens the loss counts
+    async_save: bool = False  # --async-save: one host snapshot of each GPU's checkpoint share in flight
 
 
 def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
@@ -233,7 +234,13 @@ def plan(p: PlanInput) -> dict:
                        "output_and_loss": gib(head), "model_states": gib(states),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
                        "with_reserve": gib(need), "device": gpu.memory_gib,
-                       "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5)},
+                       "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5),
+                       # --async-save: a rank's snapshot is its checkpoint file's tensors, fp32 master + Adam's two
+                       # moments of the elements it owns (pretrain/async_save.py), in host memory until written
+                       "async_save_host_per_gpu": gib(12 * counts["per_gpu"] / layout.dp) if p.async_save else 0.0,
+                       "async_save_host_per_node": gib(12 * counts["per_gpu"] / layout.dp * p.gpus_per_node)
+                       if p.async_save else 0.0},
+        "checkpoint_bytes_per_gpu": int(12 * counts["per_gpu"] / layout.dp),
         "model_states_bytes": int(states),
         "fits": need <= gpu.memory_gib * GiB,
         "speed": {"mfu": round(st["mfu"], 4), "tokens_per_s_per_gpu": round(tokens_per_s / world),
@@ -267,6 +274,9 @@ def format_plan(r: dict) -> str:
             f"  {'needed (+5% fragmentation, +2.5 reserved)':<40} {m['with_reserve']:>8.2f}  of {m['device']}"]
     if m["cpu_offload_per_node"]:
         out.append(f"  CPU memory per node for offload (x1.5 buffer): {m['cpu_offload_per_node']:.1f} GiB")
+    if m["async_save_host_per_gpu"]:
+        out.append(f"  host memory for --async-save (one snapshot in flight): {m['async_save_host_per_gpu']:.2f} GiB "
+                   f"per GPU, {m['async_save_host_per_node']:.1f} GiB per node")
     out.append("fits: YES" if r["fits"] else "fits: NO (lower the micro-batch, recompute more, raise ZeRO stage or "
                                               "TP/PP, or offload)")
     b = s["breakdown_s"]
@@ -357,6 +367,8 @@ def main(argv=None) -> int:
                          "tokens/s, for --global-batch-size")
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="clm", help="as the trainer's --objective")
     ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
+    ap.add_argument("--async-save", action="store_true",
+                    help="report the host memory --async-save's snapshot takes (one per GPU while a save is written)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     model = preset(a.model, objective=a.objective, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
@@ -375,6 +387,7 @@ def main(argv=None) -> int:
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
                            prefetch_bucket_size=a.prefetch_bucket_size, mask_prob=a.mask_prob,
+                           async_save=a.async_save,
                            intra_link=a.intra_link, inter_link=a.inter_link,
                            link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None))
     except LayoutError as e:

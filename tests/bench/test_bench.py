@@ -26,6 +26,16 @@ def test_gpu_throughput_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
     assert result["ours_over_baseline"] > 0
 
 
+def test_async_save_benchmark_runs_at_tiny_size(tmp_path):
+    res = subprocess.run([sys.executable, "bench/async_save.py", "--hidden", "64", "--layers", "2", "--steps", "5",
+                          "--save-interval", "2", "--json", str(tmp_path / "r.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["sync", "async", "sync-200", "async-200"]
+    assert all(r["blocked_s"] > 0 for r in rows) and "issue 33's bar" in res.stdout
+
+
 def test_loader_benchmark_runs_at_tiny_size(tmp_path):
     res = subprocess.run([sys.executable, "bench/loader_throughput.py", "--tokens", "3e5", "--shards", "1",
                           "--seq-length", "128",
