@@ -403,6 +403,22 @@ def spawn_ranks(n: int, args: list, env: dict | None = None) -> list[subprocess.
     return procs
 
 
+def full_disk_run(data, tmp_path, *extra):
+    """A 2-rank ZeRO-3 run saving every 2 steps into a 600 KB tmpfs (its first save cannot fit) ->
+    (exit codes, rank 0's output, the checkpoint directory's entries, its .tmp files). Needs root (mount)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], check=True)
+    try:
+        procs = spawn_ranks(2, ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", "6", "--save",
+                                disk / "ck", "--save-interval", "2", "--hidden-size", "128", "--ffn-hidden-size",
+                                "256", *common(data, tmp_path), *map(str, extra)])
+        codes = [p.wait(timeout=300) for p in procs]
+        return codes, procs[0].stdout.read(), [p.name for p in (disk / "ck").iterdir()], list(disk.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def wait_for_step(tmp_path, step: int, procs, timeout=240):
     path = tmp_path / "logs" / "metrics.jsonl"
     deadline = time.time() + timeout

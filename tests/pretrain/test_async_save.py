@@ -3,12 +3,11 @@ while the writer runs leaves `latest` on the previous tag; SIGTERM during a back
 disk in the background stops the run with the synchronous save's exit code, nothing partial left complete."""
 import os
 import signal
-import subprocess
 
 import pytest
 from safetensors import safe_open
 
-from conftest import MAIN, common, launch, metrics, spawn_ranks, train_losses, wait_for_step
+from conftest import MAIN, common, full_disk_run, launch, metrics, spawn_ranks, train_losses, wait_for_step
 from pretrain import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -72,61 +71,55 @@ def test_an_async_save_writes_the_synchronous_files_and_resumes_bit_identically(
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
 
 
+def interrupted(data, tmp_path, flags, slow_save: str, at_step: int, sig) -> tuple:
+    """A reference run, then the same run with PRETRAIN_SLOW_SAVE=slow_save sent `sig` on every rank once it has
+    logged `at_step` -> (reference dir, run dir, the run's processes)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch(2, MAIN, *args(data, ref, *flags))
+    procs = spawn_ranks(2, args(data, run, *flags), env={"PRETRAIN_SLOW_SAVE": slow_save})
+    wait_for_step(run, at_step, procs)
+    for p in procs:
+        p.send_signal(sig)
+    return ref, run, procs
+
+
+def assert_rerun_continues(data, ref, run, flags, start: int, end: int) -> str:
+    """Rerun `run`: it resumes and from `start` + 1 on its losses are the reference's, bit for bit."""
+    out = launch(2, MAIN, *args(data, run, *flags)).stdout
+    want, got = train_losses(metrics(ref)), train_losses(metrics(run))
+    assert [got[s] for s in range(start + 1, end + 1)] == [want[s] for s in range(start + 1, end + 1)]
+    return out
+
+
 def test_a_rank_killed_while_the_writer_runs_leaves_latest_on_the_previous_tag(tiny_data, tmp_path):
     """The save of 4 writes its files, then (PRETRAIN_SLOW_SAVE) holds its commit 60 s while training goes on to
     step 6, whose save waits for it: SIGKILL there, and the rerun resumes from 2 with the reference's losses."""
     flags = ["--train-iters", 8, "--save-interval", 2, "--async-save"]
-    ref = tmp_path / "ref"
-    launch(2, MAIN, *args(tiny_data, ref, *flags))
-    run = tmp_path / "run"
-    procs = spawn_ranks(2, args(tiny_data, run, *flags), env={"PRETRAIN_SLOW_SAVE": "4:60"})
-    wait_for_step(run, 6, procs)
+    ref, run, procs = interrupted(tiny_data, tmp_path, flags, "4:60", 6, signal.SIGKILL)
     for p in procs:
-        p.send_signal(signal.SIGKILL)
         p.wait()
     ck = run / "ck"
     assert (ck / "latest").read_text() == "iter_0000002"
     assert not (ck / "iter_0000004" / checkpoint.COMPLETE).exists()  # its files may be there; never complete
-    out = launch(2, MAIN, *args(tiny_data, run, *flags)).stdout
+    out = assert_rerun_continues(tiny_data, ref, run, flags, 2, 8)
     assert "at iteration 2" in out, out[-2000:]
-    want, got = train_losses(metrics(ref)), train_losses(metrics(run))
-    assert [got[s] for s in range(3, 9)] == [want[s] for s in range(3, 9)]
 
 
 def test_sigterm_during_a_background_save_waits_for_it_then_saves_and_exits_3(tiny_data, tmp_path):
     flags = ["--train-iters", 10, "--save-interval", 4, "--async-save"]
-    ref = tmp_path / "ref"
-    launch(2, MAIN, *args(tiny_data, ref, *flags))
-    run = tmp_path / "run"
-    procs = spawn_ranks(2, args(tiny_data, run, *flags), env={"PRETRAIN_SLOW_SAVE": "4:6"})
-    wait_for_step(run, 5, procs)
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
+    ref, run, procs = interrupted(tiny_data, tmp_path, flags, "4:6", 5, signal.SIGTERM)
     codes = [p.wait(timeout=240) for p in procs]
     out = procs[0].stdout.read()
     assert codes == [3, 3], out[-3000:]
     assert "for the background save of" in out and "(preemption)" in out, out[-3000:]
     stopped = int((run / "ck" / "latest").read_text().split("_")[1])
     assert stopped >= 5 and (run / "ck" / "iter_0000004" / checkpoint.COMPLETE).exists()
-    launch(2, MAIN, *args(tiny_data, run, *flags))
-    want, got = train_losses(metrics(ref)), train_losses(metrics(run))
-    assert [got[s] for s in range(stopped + 1, 11)] == [want[s] for s in range(stopped + 1, 11)]
+    assert_rerun_continues(tiny_data, ref, run, flags, stopped, 10)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
 def test_a_full_disk_during_a_background_save_exits_5_with_nothing_partial(tiny_data, tmp_path):
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], check=True)
-    try:
-        procs = spawn_ranks(2, ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", "6", "--save",
-                                disk / "ck", "--save-interval", "2", "--async-save", "--hidden-size", "128",
-                                "--ffn-hidden-size", "256", *common(tiny_data, tmp_path)])
-        codes = [p.wait(timeout=300) for p in procs]
-        out = procs[0].stdout.read()
-        assert codes == [5, 5], out[-3000:]
-        assert "in the background" in out and "no space left on the filesystem of" in out, out[-3000:]
-        assert not any(p.name.startswith("iter_") for p in (disk / "ck").iterdir())
-        assert not list((disk / "ck").rglob("*.tmp"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    codes, out, entries, tmp_files = full_disk_run(tiny_data, tmp_path, "--async-save")
+    assert codes == [5, 5], out[-3000:]
+    assert "in the background" in out and "no space left on the filesystem of" in out, out[-3000:]
+    assert not any(name.startswith("iter_") for name in entries) and not tmp_files

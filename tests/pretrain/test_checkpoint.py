@@ -9,11 +9,10 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 
 import pytest
 
-from conftest import MAIN, WORKERS, common, launch, spawn_ranks
+from conftest import MAIN, WORKERS, common, full_disk_run, launch
 
 pytestmark = pytest.mark.slow
 
@@ -134,18 +133,7 @@ def test_partial_tags_are_never_loaded_and_old_tags_are_pruned(tiny_data, tmp_pa
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
 def test_full_disk_fails_the_save_naming_it_and_keeps_nothing_partial(tiny_data, tmp_path):
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], check=True)
-    try:
-        procs = spawn_ranks(2, ["--deepspeed_config", "ds_configs/zero3.json", "--train-iters", "4", "--save",
-                                disk / "ck", "--save-interval", "2", "--hidden-size", "128", "--ffn-hidden-size",
-                                "256", *common(tiny_data, tmp_path)])
-        codes = [p.wait(timeout=300) for p in procs]
-        out = procs[0].stdout.read()
-        assert codes == [5, 5], out[-3000:]
-        assert "error: saving" in out and "no space left on the filesystem of" in out
-        assert not any(p.name.startswith("iter_") for p in (disk / "ck").iterdir())
-        assert not list((disk / "ck").rglob("*.tmp"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    codes, out, entries, tmp_files = full_disk_run(tiny_data, tmp_path)
+    assert codes == [5, 5], out[-3000:]
+    assert "error: saving" in out and "no space left on the filesystem of" in out
+    assert not any(name.startswith("iter_") for name in entries) and not tmp_files
