@@ -49,6 +49,27 @@ def test_tracker_times_collectives_and_knows_the_one_in_progress(meta_model_buil
         dist.barrier = original
 
 
+def test_another_threads_collectives_are_not_the_steps(meta_model_builder):
+    """The background checkpoint writer (pretrain/async_save.py) runs collectives on its own group from its own
+    thread: the tracker (straggler report, stall watchdog, collective counts) sees only the main thread's."""
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo")
+    tracker = CollectiveTracker(count=True).install()
+    try:
+        writer = threading.Thread(target=lambda: [dist.all_reduce(torch.ones(8), group=group) for _ in range(3)])
+        writer.start()
+        writer.join()
+        assert tracker.counts == {} and tracker.bytes == {} and tracker.blocked_s == 0
+        dist.all_reduce(torch.ones(8))
+        assert tracker.counts == {("all_reduce", 1): 1}
+    finally:
+        tracker.uninstall()
+
+
 def _sleeping_in_a_step(seconds):
     time.sleep(seconds)
 
