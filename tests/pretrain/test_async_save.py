@@ -71,18 +71,6 @@ def test_an_async_save_writes_the_synchronous_files_and_resumes_bit_identically(
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
 
 
-def interrupted(data, tmp_path, flags, slow_save: str, at_step: int, sig) -> tuple:
-    """A reference run, then the same run with PRETRAIN_SLOW_SAVE=slow_save sent `sig` on every rank once it has
-    logged `at_step` -> (reference dir, run dir, the run's processes)."""
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    launch(2, MAIN, *args(data, ref, *flags))
-    procs = spawn_ranks(2, args(data, run, *flags), env={"PRETRAIN_SLOW_SAVE": slow_save})
-    wait_for_step(run, at_step, procs)
-    for p in procs:
-        p.send_signal(sig)
-    return ref, run, procs
-
-
 def assert_rerun_continues(data, ref, run, flags, start: int, end: int) -> str:
     """Rerun `run`: it resumes and from `start` + 1 on its losses are the reference's, bit for bit."""
     out = launch(2, MAIN, *args(data, run, *flags)).stdout
@@ -91,13 +79,27 @@ def assert_rerun_continues(data, ref, run, flags, start: int, end: int) -> str:
     return out
 
 
+def interrupted(data, tmp_path, flags, slow_save: str, at_step: int, sig, ranks=(0, 1)) -> tuple:
+    """A reference run, then the same run with PRETRAIN_SLOW_SAVE=slow_save sent `sig` on `ranks` once it has
+    logged `at_step` -> (reference dir, run dir, the run's processes)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch(2, MAIN, *args(data, ref, *flags))
+    procs = spawn_ranks(2, args(data, run, *flags), env={"PRETRAIN_SLOW_SAVE": slow_save})
+    wait_for_step(run, at_step, procs)
+    for r in ranks:
+        procs[r].send_signal(sig)
+    return ref, run, procs
+
+
 def test_a_rank_killed_while_the_writer_runs_leaves_latest_on_the_previous_tag(tiny_data, tmp_path):
-    """The save of 4 writes its files, then (PRETRAIN_SLOW_SAVE) holds its commit 60 s while training goes on to
-    step 6, whose save waits for it: SIGKILL there, and the rerun resumes from 2 with the reference's losses."""
-    flags = ["--train-iters", 8, "--save-interval", 2, "--async-save"]
-    ref, run, procs = interrupted(tiny_data, tmp_path, flags, "4:60", 6, signal.SIGKILL)
-    for p in procs:
-        p.wait()
+    """The save of 4 writes its files, then (PRETRAIN_SLOW_SAVE) holds its commit 10 s while training goes on to
+    step 6, whose save waits for it: SIGKILL rank 1 there. Rank 0's writer finds its peer gone, the save fails
+    without a commit, and rank 0 stops as a lost peer stops it (exit 6); the rerun resumes from 2 with the
+    reference's losses."""
+    flags = ["--train-iters", 8, "--save-interval", 2, "--async-save", "--dist-timeout-minutes", 0.25]
+    ref, run, procs = interrupted(tiny_data, tmp_path, flags, "4:10", 6, signal.SIGKILL, ranks=(1,))
+    assert procs[0].wait(timeout=120) == 6, procs[0].stdout.read()[-3000:]
+    procs[1].wait()
     ck = run / "ck"
     assert (ck / "latest").read_text() == "iter_0000002"
     assert not (ck / "iter_0000004" / checkpoint.COMPLETE).exists()  # its files may be there; never complete
