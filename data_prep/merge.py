@@ -15,8 +15,8 @@ import numpy as np
 
 from data_prep import manifest as manifest_file, minhash
 from data_prep.hashset import HashSet
-from data_prep.indexed import IndexedWriter, read_index, write_subset
-from data_prep.shards import LOSS_MASK
+from data_prep.indexed import IndexedWriter, read_index
+from data_prep.shards import LOSS_MASK, write_shard_subset
 
 
 def _kept(prefix: str, keep: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -122,12 +122,8 @@ def _write(directory: str, shards: list[dict], keep: list[np.ndarray], into: str
             info = shard
             out.append(shard)
         else:
-            info = write_subset(prefix, prefix + "-global", mask)
-            if masked:
-                sub = write_subset(loss_mask, prefix + "-global" + LOSS_MASK, mask)
-                info["loss_mask"] = {"path": shard["path"] + "-global" + LOSS_MASK,
-                                     "bin_sha256": shard["loss_mask"]["bin_sha256"], "supervised_tokens": sub["ones"]}
-            out.append({"path": shard["path"] + "-global", "bin_sha256": shard["bin_sha256"], **info})
+            info = write_shard_subset(directory, shard, directory, shard["path"] + "-global", mask)
+            out.append(info)
         counts["documents_kept"] += info["documents"]
         counts["tokens"] += info["tokens"]
     if writer is None:

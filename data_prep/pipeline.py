@@ -30,8 +30,8 @@ from common.files import file_sha256
 from data_prep import chat, manifest, minhash, readers, tokenizer as tok, work
 from data_prep.clean import FilterConfig
 from data_prep.hashset import HashSet
-from data_prep.indexed import token_dtype, write_subset
-from data_prep.shards import FINISHED, ShardSet
+from data_prep.indexed import token_dtype
+from data_prep.shards import FINISHED, ShardSet, write_shard_subset
 
 log = logging.getLogger("data_prep")
 FORMAT_VERSION = 2  # 2: xxh3-64 exact-dedup hashes, input files fingerprinted
@@ -323,13 +323,9 @@ def _near_pass(opts: PrepareOptions, shards: list[dict], counts: Counter) -> lis
         counts["kept"] -= dropped
     out = []
     for shard, mask in zip(shards, keep):
-        info = write_subset(os.path.join(source, shard["path"]), os.path.join(opts.output, shard["path"]), mask)
-        if "loss_mask" in shard:  # the same documents of the mask (its index over its own hard-linked .bin)
-            name = shard["loss_mask"]["path"]
-            sub = write_subset(os.path.join(source, name), os.path.join(opts.output, name), mask)
-            info["loss_mask"] = {**shard["loss_mask"], "supervised_tokens": sub["ones"]}
-        counts["tokens"] -= shard["tokens"] - info["tokens"]
-        out.append({**shard, **info})
+        entry = write_shard_subset(source, shard, opts.output, shard["path"], mask)
+        counts["tokens"] -= shard["tokens"] - entry["tokens"]
+        out.append(entry)
     return out
 
 

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from common.files import file_sha256, save_npy, write_json
-from data_prep.indexed import IndexedWriter, read_index
+from data_prep.indexed import IndexedWriter, read_index, write_subset
 
 FINISHED = -1  # the input position a run's last commit records: nothing left to read
 LOSS_MASK = "-lossmask"  # a shard prefix + this: its loss mask's prefix (not a Megatron .bin of tokens)
@@ -25,6 +25,18 @@ LOSS_MASK = "-lossmask"  # a shard prefix + this: its loss mask's prefix (not a 
 
 def mask_prefix(prefix: str) -> str:
     return prefix + LOSS_MASK
+
+
+def write_shard_subset(src_dir: str, shard: dict, dst_dir: str, dst_path: str, keep: np.ndarray) -> dict:
+    """The documents of `shard` (in src_dir) that `keep` marks, as shard `dst_path` in dst_dir: new indexes over the
+    same .bin files, its loss mask's too (data_prep.indexed.write_subset) -> the new shard's manifest entry."""
+    info = write_subset(os.path.join(src_dir, shard["path"]), os.path.join(dst_dir, dst_path), keep)
+    entry = {**shard, "path": dst_path, **info}
+    if "loss_mask" in shard:  # the same documents of the mask
+        name = mask_prefix(dst_path)
+        sub = write_subset(os.path.join(src_dir, shard["loss_mask"]["path"]), os.path.join(dst_dir, name), keep)
+        entry["loss_mask"] = {**shard["loss_mask"], "path": name, "supervised_tokens": sub["ones"]}
+    return entry
 
 
 class ShardSet:
