@@ -88,8 +88,7 @@ def prepare_tag(save_dir: str, iteration: int, group=None) -> str:
         if os.path.isdir(tag_dir) and not os.path.exists(os.path.join(tag_dir, COMPLETE)):
             shutil.rmtree(tag_dir)  # a partial save of ours from a run that died; it is rewritten now
         os.makedirs(tag_dir, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier(group=group)
+    barrier(group)
     return tag_dir
 
 
@@ -116,8 +115,7 @@ def commit(save_dir: str, tag_dir: str, mine: tuple[dict, str | None], meta: dic
     if errors:
         if is_rank0():
             shutil.rmtree(tag_dir, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier(group=group)
+        barrier(group)
         raise SaveError(f"saving {tag_dir} failed; the partial checkpoint was removed: " + "; ".join(errors))
     if is_rank0():
         files = {k: v for e, _ in entries for k, v in e.items()}
@@ -128,8 +126,7 @@ def commit(save_dir: str, tag_dir: str, mine: tuple[dict, str | None], meta: dic
         if best:
             write_text(os.path.join(save_dir, BEST), os.path.basename(tag_dir))
         _prune(save_dir, keep_last, keep=os.path.basename(tag_dir))
-    if dist.is_initialized():
-        dist.barrier(group=group)
+    barrier(group)
     return tag_dir
 
 

@@ -376,7 +376,7 @@ def fit(run: Run) -> int:
             if run.early and watch(run, values):
                 return 0
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-            save(run, "interval")
+            save(run, "interval", background=True)
         stop = run.stop.agreed()
         if stop:
             # The step a signal arrives in is finished, not abandoned: from the first backward on, ZeRO has
@@ -487,7 +487,7 @@ def watch(run: Run, values: dict) -> bool:
     """Early stopping and --keep-best after an evaluation (pretrain/early_stop.py); -> True when the run stops."""
     verdict = run.early.update(values, run.state.iteration)
     if verdict.improved and run.args.keep_best:
-        save(run, f"new best {run.early.metric} {verdict.value:.6g}", best=True)
+        save(run, f"new best {run.early.metric} {verdict.value:.6g}", best=True, background=True)
     if not verdict.stop:
         return False
     log(f"early stop at iteration {run.state.iteration}: {run.early.why()}")
@@ -496,13 +496,14 @@ def watch(run: Run, values: dict) -> bool:
     return True
 
 
-def save(run: Run, reason: str, best: bool = False) -> str | None:
+def save(run: Run, reason: str, best: bool = False, background: bool = False) -> str | None:
     """A checkpoint of the current state (at most one per iteration); -> its path, or None. best: <save>/best
-    names it (--keep-best), also when this iteration was already saved."""
+    names it (--keep-best), also when this iteration was already saved. background: written behind the loop with
+    --async-save (interval and new-best saves); any other save first waits for the one in flight."""
     state = run.state
     if not run.args.save:
         return None
-    background = run.saver is not None and (reason in BACKGROUND_SAVES or reason.startswith("new best"))
+    background = background and run.saver is not None
     if run.saver and not background:  # the end, a preemption, an early stop: the save in flight first
         state.last_checkpoint = run.saver.wait(reason) or state.last_checkpoint
     if state.saved_iteration == state.iteration:
@@ -527,8 +528,6 @@ def save(run: Run, reason: str, best: bool = False) -> str | None:
         state.last_checkpoint = path
     return path
 
-
-BACKGROUND_SAVES = ("interval",)  # and new bests (reason "new best ..."): --async-save writes them behind the loop
 
 
 # ------------------------------------------------------------------------------------------------ finish

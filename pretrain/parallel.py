@@ -153,9 +153,9 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 _HEARTBEAT, _FAILED = "dsllm/heartbeat/", "dsllm/failed/"
