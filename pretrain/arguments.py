@@ -107,6 +107,11 @@ def _parallel_args(p) -> None:
     g.add_argument("--sequence-parallel", action="store_true",
                    help="megatron's sequence parallelism with --tp > 1: norms, dropout and residuals on 1/TP of the "
                         "sequence each (activation memory outside attention and the MLP divided by TP)")
+    g.add_argument("--loss-chunks", default="1", metavar="K|auto",
+                   help="compute the output layer and the loss over K pieces of the sequence, each chunk's logits "
+                        "recomputed in the backward, so only one chunk's logits are alive (long context, large "
+                        "vocabularies; same loss and gradients). auto: the fewest that keep the logits within one "
+                        "layer's activations (pretrain.plan.auto_loss_chunks)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer layer (GPU speed; ZeRO 0-2; first steps are slower)")
     g.add_argument("--fused-swiglu", action="store_true",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch
 import torch.distributed as dist
 
 from data_prep import manifest, tokenizer as tokenizers
@@ -144,6 +145,26 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     return cfg
 
 
+def loss_chunks(value: str, cfg: ModelConfig, layout: Layout, recompute: str, sequence_parallel: bool) -> int:
+    """--loss-chunks K|auto -> K, checked against the sequence (pretrain/chunked_loss.py)."""
+    if value == "auto":
+        from pretrain.plan import auto_loss_chunks
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        chunks = auto_loss_chunks(cfg, layout.tp, cfg.seq_length, layout.micro_batch_size, recompute, device_type,
+                                  sequence_parallel)
+        log(f"--loss-chunks auto: {chunks} (the loss's logits within one layer's activations)")
+        return chunks
+    try:
+        chunks = int(value)
+    except ValueError:
+        chunks = 0
+    if not 1 <= chunks <= cfg.seq_length:
+        raise LayoutError(f"--loss-chunks {value!r}: give a whole number from 1 (the plain loss) to the sequence "
+                          f"length {cfg.seq_length}, or auto")
+    return chunks
+
+
 def tokenizer_path(args) -> str:
     """--tokenizer, else --init-from-hf's, else the data manifest's; it must be the one the data was made with."""
     paths = [path for _, path in parse_data_path(args.data_path)]
@@ -168,6 +189,7 @@ def setup(args) -> Run:
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute, args.compile,
                              args.sequence_parallel)
+    chunks = loss_chunks(args.loss_chunks, cfg, layout, args.recompute, args.sequence_parallel)
     stop, hooks = StopSignal(), TestHooks()
     init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes)
     hooks.announce()
@@ -178,7 +200,8 @@ def setup(args) -> Run:
                       eps=args.adam_eps, clip_grad=args.clip_grad)
     eod = tokenizers.eod_id(tokenizer, tok_path)
     options = ModelOptions(recompute=args.recompute, sequence_parallel=args.sequence_parallel,
-                           document_eod=eod if args.document_mask else None)
+                           document_eod=eod if args.document_mask else None,
+                           loss_chunks=chunks)
     engine = build_engine(cfg, layout, ds_config, opt, options, args.seed, args.compile, args.fused_swiglu)
     hooks.install(engine)
 

@@ -37,6 +37,30 @@ class SavedActivations:
             yield self
 
 
+def peak_allocated_bytes(fn) -> int:
+    """The most bytes allocated at once while fn() runs, above what was allocated before it. On GPU the CUDA
+    allocator's own peak; on CPU, which keeps no allocator statistics, the profiler's allocation and free events
+    (profile_memory) summed in time order: every tensor allocation counts, whether saved for backward or not."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
 # ------------------------------------------------------------------------------ per-layer activation model
 # The planner's activation estimate is a linear model in the layer's dimensions, with coefficients measured
 # (not derived on paper) from this code base's own Block and head, because what autograd keeps depends on the
@@ -89,6 +113,21 @@ def head_saved_bytes(h, v, s, b, device, dtype=torch.bfloat16) -> int:
     with meter.measure():
         lm_loss(out(norm(x)), labels, torch.ones(b, s, device=device))
     return meter.bytes
+
+
+def head_peak_bytes(cfg, chunks: int, dtype=torch.float32, device=None) -> int:
+    """Peak bytes allocated by the output layer and loss (forward and backward) of one [seq, 1, hidden] sample,
+    plain (chunks 1) or chunked (pretrain/chunked_loss.py). Needs torch.distributed and megatron's parallel state
+    (TP 1) set up."""
+    from pretrain.model import OutputLayer, head_loss, transformer_config
+
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    head = OutputLayer(cfg, transformer_config(cfg, 1), loss_chunks=chunks).to(device=device, dtype=dtype)
+    torch.nn.init.normal_(head.output_layer.weight, std=0.02)
+    hidden = torch.randn(cfg.seq_length, 1, cfg.hidden_size, dtype=dtype, device=device, requires_grad=True)
+    labels = torch.randint(0, cfg.vocab_size, (1, cfg.seq_length), device=device)
+    mask = torch.ones(1, cfg.seq_length, device=device)
+    return peak_allocated_bytes(lambda: head_loss(head, hidden, labels, mask, None, chunks).backward())
 
 
 def _lstsq(rows, cols) -> dict:

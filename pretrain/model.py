@@ -49,6 +49,9 @@ class ModelOptions:
     # --document-mask: each token attends only within its own document (EOD-separated) and positions restart at
     # every document start. The EOD id, or None for plain causal attention across the packed sample.
     document_eod: int | None = None
+    # --loss-chunks: the output layer and the loss run over this many pieces of the sequence, each chunk's
+    # logits recomputed in the backward (pretrain/chunked_loss.py); 1 = the plain head
+    loss_chunks: int = 1
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, options: ModelOptions = ModelOptions()) -> TransformerConfig:
@@ -304,19 +307,38 @@ class FinalNorm(nn.Module):
 
 class OutputLayer(nn.Module):
     """hidden [s, b, h] -> this TP rank's slice of the logits [s, b, vocab/tp]. Under sequence parallelism the
-    column-parallel projection all-gathers the sequence first (megatron's layer does it from the config)."""
+    column-parallel projection all-gathers the sequence first (megatron's layer does it from the config).
 
-    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, tied_embedding: Embedding | None = None):
+    With --loss-chunks K > 1 GPT hands it the labels too and it returns the loss, computed chunk by chunk
+    (pretrain/chunked_loss.py) inside this module's forward, so that ZeRO-3 gathers the weight once for all
+    chunks. In a pipeline (which cannot pass labels to a layer) it hands the hidden states on and PipelineLoss
+    projects them."""
+
+    def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, tied_embedding: Embedding | None = None,
+                 loss_chunks: int = 1, in_pipeline: bool = False):
         super().__init__()
         self.output_layer = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, cfg.padded_vocab_size, config=tconfig, init_method=tconfig.init_method,
             bias=False, gather_output=False, skip_weight_param_allocation=tied_embedding is not None)
         # A plain attribute, not a submodule: the tied weight is registered once, under the embedding.
         self._tied = [tied_embedding] if tied_embedding is not None else []
-
+        self.sequence_parallel = tconfig.sequence_parallel
         self.vocab_size, self.padded_vocab_size = cfg.vocab_size, cfg.padded_vocab_size
+        self.loss_chunks, self.in_pipeline = loss_chunks, in_pipeline
 
-    def forward(self, hidden):
+    @property
+    def projection_weight(self):
+        """This TP rank's [v/tp, h] rows of the output weight (the embedding's when tied)."""
+        return self._tied[0].word_embeddings.weight if self._tied else self.output_layer.weight
+
+    def forward(self, hidden, labels=None, loss_mask=None, loss_tokens=None):
+        if labels is not None:
+            return head_loss(self, hidden, labels, loss_mask, loss_tokens, self.loss_chunks)
+        if self.loss_chunks > 1 and self.in_pipeline:
+            return hidden  # projected by the pipeline's loss_fn (PipelineLoss)
+        return self.logits(hidden)
+
+    def logits(self, hidden):
         weight = self._tied[0].word_embeddings.weight if self._tied else None
         return mask_vocab_padding(self.output_layer(hidden, weight=weight)[0], self.vocab_size,
                                   self.padded_vocab_size)
@@ -408,9 +430,39 @@ def lm_loss(logits, labels, loss_mask, loss_tokens=None):
     return (losses * loss_mask).sum() / divisor
 
 
-def pipeline_loss(logits, labels_and_mask):
-    """DeepSpeed PipelineModule's loss_fn: labels travel as (labels, loss_mask[, loss_tokens])."""
-    return lm_loss(logits, *labels_and_mask)
+def head_loss(head, hidden, labels, loss_mask, loss_tokens=None, chunks: int = 1):
+    """The loss of the final hidden states [s, b, h] through `head`'s output weight: an OutputLayer, or in a
+    pipeline with tied embeddings the last stage's copy of the Embedding. chunks > 1: pretrain/chunked_loss.py."""
+    if chunks == 1:
+        return lm_loss(head_logits(head, hidden), labels, loss_mask, loss_tokens)
+    from pretrain.chunked_loss import chunked_lm_loss
+
+    weight = head.projection_weight if isinstance(head, OutputLayer) else head.word_embeddings.weight
+    return chunked_lm_loss(hidden, weight, labels, loss_mask, loss_tokens, chunks, head.vocab_size,
+                           head.padded_vocab_size, head.sequence_parallel,
+                           on_logits=ACCURACY.add if ACCURACY.counts is not None else None)
+
+
+def head_logits(head, hidden):
+    return head.logits(hidden) if isinstance(head, OutputLayer) else _tied_logits(head, hidden)
+
+
+class PipelineLoss:
+    """DeepSpeed PipelineModule's loss_fn: labels travel as (labels, loss_mask[, loss_tokens]). With --loss-chunks
+    the last stage hands over the final hidden states instead of logits and the loss projects them chunk by chunk
+    through `head`, the module on the last stage that owns the output weight (set by build_pipeline)."""
+
+    def __init__(self, chunks: int = 1):
+        self.chunks, self.head = chunks, None
+
+    def __call__(self, outputs, labels_and_mask):
+        if self.chunks == 1:
+            return lm_loss(outputs, *labels_and_mask)
+        return head_loss(self.head, outputs, *labels_and_mask, chunks=self.chunks)
+
+    def logits(self, outputs):
+        """The logits of what the last stage returned (evaluation's return_logits, sampling)."""
+        return outputs if self.chunks == 1 else head_logits(self.head, outputs)
 
 
 class GPT(nn.Module):
@@ -423,32 +475,42 @@ class GPT(nn.Module):
         embedding = Embedding(cfg, tconfig, options.document_eod)
         stages = [embedding]
         stages += [Block(cfg, tconfig, i + 1, options.recompute) for i in range(cfg.num_layers)]
-        stages += [FinalNorm(cfg, tconfig), OutputLayer(cfg, tconfig, embedding if cfg.tie_embeddings else None)]
+        head = OutputLayer(cfg, tconfig, embedding if cfg.tie_embeddings else None, options.loss_chunks)
+        stages += [FinalNorm(cfg, tconfig), head]
         for i, stage in enumerate(stages):
             self.add_module(str(i), stage)
+        # Under ZeRO-3 a module's forward gathers only its own parameters: the output layer also uses the tied
+        # embedding weight, and the chunked loss its child linear's weight without calling the child.
         if cfg.tie_embeddings:
-            self._register_tied_weight_for_zero3(stages[-1], embedding.word_embeddings.weight)
+            self._register_external_for_zero3(head, embedding.word_embeddings.weight)
+        elif options.loss_chunks > 1:
+            self._register_external_for_zero3(head, head.output_layer.weight)
 
     @staticmethod
-    def _register_tied_weight_for_zero3(module, param):
+    def _register_external_for_zero3(module, param):
         if hasattr(param, "ds_id"):  # built under deepspeed.zero.Init
             import deepspeed
 
             deepspeed.zero.register_external_parameter(module, param)
 
-    def logits(self, tokens, document_ids=None):
+    def _run(self, stages, tokens, document_ids=None):
         hidden = tokens if document_ids is None else (tokens, document_ids)
-        for stage in self.children():  # (hidden, document ids) go in as two arguments: see Block.forward
+        for stage in stages:  # (hidden, document ids) go in as two arguments: see Block.forward
             hidden = stage(*hidden) if isinstance(hidden, tuple) else stage(hidden)
         return hidden
 
+    def logits(self, tokens, document_ids=None):
+        return self._run(self.children(), tokens, document_ids)
+
     def forward(self, tokens, labels=None, loss_mask=None, loss_tokens=None, document_ids=None):
-        logits = self.logits(tokens, document_ids)
         if labels is None:
-            return logits
+            return self.logits(tokens, document_ids)
         if loss_mask is None:
             loss_mask = torch.ones_like(labels)
-        return lm_loss(logits, labels, loss_mask, loss_tokens)
+        *body, head = self.children()
+        if head.loss_chunks > 1:  # the head computes the loss (chunked) inside its own forward
+            return head(self._run(body, tokens, document_ids), labels, loss_mask, loss_tokens)
+        return lm_loss(head(self._run(body, tokens, document_ids)), labels, loss_mask, loss_tokens)
 
 
 def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, options: ModelOptions = ModelOptions(),
@@ -457,19 +519,28 @@ def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, options: ModelOp
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    tconfig, eod = transformer_config(cfg, tp, options), options.document_eod
+    tconfig, eod, chunks = transformer_config(cfg, tp, options), options.document_eod, options.loss_chunks
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", Embedding, cfg, tconfig, eod, tied_weight_attr="word_embeddings.weight")
-        last = TiedLayerSpec("embed", Embedding, cfg, tconfig, eod, forward_fn=_tied_logits,
-                             tied_weight_attr="word_embeddings.weight")
+        last = TiedLayerSpec("embed", Embedding, cfg, tconfig, eod, tied_weight_attr="word_embeddings.weight",
+                             forward_fn=_tied_logits if chunks == 1 else _hand_on_hidden)
     else:
         first = LayerSpec(Embedding, cfg, tconfig, eod)
-        last = LayerSpec(OutputLayer, cfg, tconfig)
+        last = LayerSpec(OutputLayer, cfg, tconfig, None, chunks, True)
     specs = [first] + [LayerSpec(Block, cfg, tconfig, i + 1, options.recompute) for i in range(cfg.num_layers)]
     specs += [LayerSpec(FinalNorm, cfg, tconfig), last]
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    return PipelineModule(layers=specs, loss_fn=pipeline_loss, topology=topology, partition_method="type:Block",
+    loss = PipelineLoss(chunks)
+    pipe = PipelineModule(layers=specs, loss_fn=loss, topology=topology, partition_method="type:Block",
                           activation_checkpoint_interval=0, seed_layers=False, base_seed=seed)
+    if pipe.stage_id == pp - 1:  # the module that owns the output weight on the last stage
+        loss.head = pipe.tied_modules["embed"] if cfg.tie_embeddings else pipe.forward_funcs[-1]
+    return pipe
+
+
+def _hand_on_hidden(embedding: Embedding, hidden):
+    """The tied last stage under --loss-chunks: PipelineLoss projects the hidden states."""
+    return hidden
 
 
 def _tied_logits(embedding: Embedding, hidden):

@@ -101,6 +101,7 @@ class PlanInput:
     link_overrides: dict | None = None  # {"inter.bus_gbs": 25.0, ...}
     mask_prob: float = 0.15  # --objective mlm (model.objective): the share of tokens the loss counts
     async_save: bool = False  # --async-save: one host snapshot of each GPU's checkpoint share in flight
+    loss_chunks: int = 1  # --loss-chunks: the output layer and loss over this many pieces of the sequence
 
 
 def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
@@ -176,14 +177,40 @@ def _activations(p: PlanInput, cfg: ModelConfig, grad_accum_steps: int) -> tuple
     acts = cfg.num_layers // p.pp * layer(p.recompute) * in_flight
     if p.recompute == "full":  # backward re-runs one layer at a time with everything kept
         acts += layer("none")
-    tokens = p.seq_length * p.micro_batch_size
-    ch = ACTIVATION_COEFFICIENTS[p.device_type]["head"]
-    v = cfg.padded_vocab_size / p.tp
-    head = tokens * (ch["token_h"] * cfg.hidden_size + ch["token_v"] * v + ch["token_one"])
-    # not saved but alive: the bf16 logits while their fp32 copy is made (forward), the bf16 logits gradient
-    # (backward; the fp32 one reuses the saved softmax). Calibrated to H100 peaks: bench/RESULTS.md.
-    logits = tokens * v * ch.get("logits_alive", 2)
-    return acts, head + logits
+    return acts, loss_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, p.loss_chunks, p.device_type)
+
+
+def loss_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, chunks: int, device_type: str = "cuda") -> float:
+    """Bytes of the final norm, output layer and loss at their peak on one rank: what is kept for backward (the
+    norm's input and output, per token) plus the logits (loss_logits_bytes)."""
+    ch = ACTIVATION_COEFFICIENTS[device_type]["head"]
+    kept = seq * mb * (ch["token_h"] * cfg.hidden_size + ch["token_one"] + (8 if chunks > 1 else 0))
+    return kept + loss_logits_bytes(cfg, tp, seq, mb, chunks, device_type)
+
+
+def loss_logits_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, chunks: int, device_type: str = "cuda") -> float:
+    """The loss's logits at their peak. Plain head: the fp32 softmax kept for backward, and alive beside it the
+    bf16 logits while their fp32 copy is made (forward) or the bf16 logits gradient (backward): calibrated to H100
+    peaks (bench/RESULTS.md). With chunks (pretrain/chunked_loss.py) one chunk's worth, alive only while that chunk
+    is computed (the chunked loss also keeps 8 bytes per token: the max and sum of exponentials). Checked against
+    the allocator's peak at vocabulary 32k, seq 2048 (tests/pretrain/test_plan.py)."""
+    ch = ACTIVATION_COEFFICIENTS[device_type]["head"]
+    return -(-seq * mb // chunks) * cfg.padded_vocab_size / tp * (ch["token_v"] + ch.get("logits_alive", 2))
+
+
+def auto_loss_chunks(cfg: ModelConfig, tp: int, seq: int, mb: int, recompute: str, device_type: str = "cuda",
+                     sequence_parallel: bool = False) -> int:
+    """--loss-chunks auto: the fewest chunks (a power of two, at most one per position) that keep the loss's logits
+    within one transformer layer's activations at this recompute mode (but never below a quarter of those without
+    recompute, so that full recompute does not ask for hundreds of chunks): the head then never sets the peak
+    alone, and more chunks only add kernel launches. 1 when the plain head already fits (short sequences, small
+    vocabularies)."""
+    layer = max(layer_activation_bytes(cfg, tp, seq, mb, recompute, device_type, sequence_parallel),
+                layer_activation_bytes(cfg, tp, seq, mb, "none", device_type, sequence_parallel) / 4)
+    chunks = 1
+    while chunks < seq and loss_logits_bytes(cfg, tp, seq, mb, chunks, device_type) > layer:
+        chunks *= 2
+    return min(chunks, seq)
 
 
 def plan(p: PlanInput) -> dict:
@@ -231,7 +258,7 @@ def plan(p: PlanInput) -> dict:
                        "optimizer_states": gib(m["optim"]), "zero3_gathered": gib(m["gathered"]),
                        "zero3_live_at_forward_end": gib(gathered_at_forward),
                        "communication_buckets": gib(m["buckets"]), "activations": gib(acts),
-                       "output_and_loss": gib(head), "model_states": gib(states),
+                       "output_and_loss": gib(head), "loss_chunks": p.loss_chunks, "model_states": gib(states),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
                        "with_reserve": gib(need), "device": gpu.memory_gib,
                        "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5),
@@ -369,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
     ap.add_argument("--async-save", action="store_true",
                     help="report the host memory --async-save's snapshot takes (one per GPU while a save is written)")
+    ap.add_argument("--loss-chunks", type=int, default=1,
+                    help="as the trainer's: the output layer and loss over this many pieces of the sequence")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     model = preset(a.model, objective=a.objective, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
@@ -387,7 +416,7 @@ def main(argv=None) -> int:
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
                            prefetch_bucket_size=a.prefetch_bucket_size, mask_prob=a.mask_prob,
-                           async_save=a.async_save,
+                           async_save=a.async_save, loss_chunks=a.loss_chunks,
                            intra_link=a.intra_link, inter_link=a.inter_link,
                            link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None))
     except LayoutError as e:

@@ -206,15 +206,16 @@ def local_logits(engine, batch: dict):
             doc = batch.get("document_ids")
             return engine(batch["tokens"].to(device()), document_ids=None if doc is None else doc.to(device()))
         # megatron's vocab-parallel cross-entropy turns fp32 logits into probabilities in place, and the engine
-        # hands back the tensor the loss saw: let the loss see a copy.
+        # hands back the tensor the loss saw: let the loss see a copy. (With --loss-chunks the last stage returns
+        # the hidden states, which PipelineLoss.logits projects.)
         loss_fn = engine.module.loss_fn
         engine.module.loss_fn = lambda logits, labels: loss_fn(logits.clone(), labels)
         try:
-            _, logits = engine.eval_batch(data_iter=_pipeline_feed(iter([batch])), return_logits=True,
-                                          num_micro_batches=1)
+            _, outputs = engine.eval_batch(data_iter=_pipeline_feed(iter([batch])), return_logits=True,
+                                           num_micro_batches=1)
         finally:
             engine.module.loss_fn = loss_fn
-        return logits if engine.is_last_stage() else None
+        return loss_fn.logits(outputs) if engine.is_last_stage() else None
     finally:
         engine.train()
 

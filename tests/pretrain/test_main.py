@@ -28,15 +28,17 @@ def zero3_run(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
     proc = launch(2, MAIN, "--deepspeed_config", "ds_configs/zero3.json", "--train-iters", "8", "--peak-tflops", "1.0",
                   "--save", tmp / "ckpt", "--save-interval", "4", "--plot", "--sample-prompt", "the model",
-                  "--sample-tokens", "5", *common(tiny_data, tmp))
+                  "--sample-tokens", "5", "--loss-chunks", "4", *common(tiny_data, tmp))
     return tmp, proc.stdout
 
 
 @pytest.mark.parametrize("config, extra", [("zero2.json", []), ("zero3_offload.json", []),
-                                           ("zero1_pp.json", ["--pp", "2"])])
+                                           ("zero1_pp.json", ["--pp", "2", "--loss-chunks", "auto"])])
 def test_short_run_per_ds_config(tiny_data, tmp_path, config, extra):
-    launch(2, MAIN, "--deepspeed_config", f"ds_configs/{config}", "--train-iters", "4", "--save", tmp_path / "ck",
-           *extra, *common(tiny_data, tmp_path))
+    proc = launch(2, MAIN, "--deepspeed_config", f"ds_configs/{config}", "--train-iters", "4", "--save",
+                  tmp_path / "ck", *extra, *common(tiny_data, tmp_path))
+    if "auto" in extra:
+        assert "--loss-chunks auto: " in proc.stdout
     losses = train_losses(metrics(tmp_path))
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"

@@ -172,3 +172,23 @@ def test_zero3_gathered_at_the_forward_end_is_within_the_plans_bound(train_layou
     assert measured <= predicted <= 1.5 * measured
     if max_live == 1e9:
         assert measured > 4 * rank_params(cfg, 1, 1)["largest_module"]
+
+
+@pytest.mark.slow
+def test_loss_memory_with_and_without_chunks_matches_the_allocator_peak(meta_model_builder):
+    """The planner's output-layer-and-loss bytes (pretrain.plan.loss_bytes, bf16 as trained) against the peak the
+    allocator sees during the head's forward and backward (pretrain.memory.peak_allocated_bytes) at vocabulary
+    32k, seq 2048: plain and 4 chunks within 15%, so the plan's saving from --loss-chunks is the real one."""
+    import torch
+
+    from pretrain.config import ModelConfig
+    from pretrain.memory import head_peak_bytes
+    from pretrain.plan import loss_bytes
+
+    meta_model_builder  # noqa: B018  (initialises torch.distributed and megatron's parallel state)
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=32000, seq_length=2048)
+    for chunks in (1, 4):
+        measured = head_peak_bytes(cfg, chunks, torch.bfloat16)
+        planned = loss_bytes(cfg, 1, cfg.seq_length, 1, chunks, "cpu")
+        print(f"loss chunks {chunks}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+        assert abs(planned - measured) <= 0.15 * measured

@@ -50,6 +50,8 @@ def parse():
                         "of micro-batch means")
     p.add_argument("--sft-data", help="a data_prep --format chat directory: micro-batches are its packed conversations "
                                       "(pretrain/sft_data.py, with document ids and answer masks) in sample order")
+    p.add_argument("--loss-chunks", type=int, default=1,
+                   help="the chunked output layer and loss (pretrain/chunked_loss.py)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="train until this global step")
@@ -92,7 +94,8 @@ def build(a):
             auto["stage3_max_reuse_distance"] = a.zero3_reuse_distance
         ds = load_ds_config({"zero_optimization": {"stage": zero, **auto}, "bf16": {"enabled": a.bf16}}, layout,
                             clip_grad=1.0, hidden_size=cfg.hidden_size, sequence_parallel=a.sequence_parallel)
-    options = ModelOptions(recompute=a.recompute, sequence_parallel=a.sequence_parallel, document_eod=a.document_eod)
+    options = ModelOptions(recompute=a.recompute, sequence_parallel=a.sequence_parallel, document_eod=a.document_eod,
+                           loss_chunks=a.loss_chunks)
     engine = build_engine(cfg, layout, ds, OptimConfig(lr=a.lr, weight_decay=0.1), options, seed=7)
     return cfg, layout, engine
 
