@@ -62,14 +62,15 @@ def _timed(step, steps: int, warmup: int) -> float:
 
 
 def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fuse_swiglu=False, gas=1,
-             document_mask=False):
+             document_mask=False, cp=1, loss_chunks=1):
+    """One process, or with --cp N the N context-parallel ranks of one sample (launched by torchrun)."""
     from pretrain.engine import OptimConfig, build_engine
     from pretrain.parallel import init_distributed, validate_layout
     from pretrain.step import train_step
 
-    init_distributed(1, 1)
-    layout = validate_layout(cfg, 1, 1, 1, zero, b, b * gas, recompute)
-    ds = {"train_batch_size": b * gas, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": gas,
+    init_distributed(1, 1, cp=cp)
+    layout = validate_layout(cfg, int(os.environ["WORLD_SIZE"]), 1, 1, zero, b, b * gas, recompute, cp=cp)
+    ds = {"train_batch_size": b * gas * cp, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": gas,
           "bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
           "steps_per_print": 10**9,
           "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
@@ -77,7 +78,7 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
                                 "stage3_param_persistence_threshold": 1e6}}
     from pretrain.model import ModelOptions
 
-    options = ModelOptions(recompute, document_eod=EOD if document_mask else None)
+    options = ModelOptions(recompute, document_eod=EOD if document_mask else None, loss_chunks=loss_chunks)
     engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-4), options, compile_layers=compile_layers,
                           fused_swiglu=fuse_swiglu)
     from pretrain.compat import device
@@ -85,6 +86,10 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
     data = _batches(cfg, b, s, device(), documents=document_mask)
     losses = []
     sec = _timed(lambda: losses.append(train_step(engine, data).loss), steps, warmup)
+    if not torch.cuda.is_available():  # CPU: the allocator's peak over one more step (the profiler's events)
+        from pretrain.memory import peak_allocated_bytes
+
+        MEASURED["peak_mem_gb"] = round(peak_allocated_bytes(lambda: train_step(engine, data)) / 2**30, 3)
     _model_states()
     if os.environ.get("BENCH_PROFILE"):
         _profile(lambda: train_step(engine, data))
@@ -165,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--fuse-swiglu", action="store_true", help="ours: megatron's fused SwiGLU")
     p.add_argument("--document-mask", action="store_true",
                    help=f"ours: --document-mask over documents of ~{DOC_TOKENS} tokens (the baseline packs without it)")
+    p.add_argument("--cp", type=int, default=1, help="ours: context parallel over the WORLD_SIZE ranks of torchrun "
+                                                     "(bench/context_sweep.py launches it)")
+    p.add_argument("--loss-chunks", type=int, default=1, help="ours: the chunked output layer and loss")
     a = p.parse_args(argv)
     single_rank_env(29611)
     cfg = preset(a.model, seq_length=a.seq_length)
@@ -176,7 +184,8 @@ def main(argv=None) -> int:
     result = {"model": a.model, "params_M": round(cfg.num_params() / 1e6, 1), "seq": a.seq_length,
               "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute,
               "device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile,
-              "fuse_swiglu": a.fuse_swiglu, "document_mask": a.document_mask, "separate_processes": True}
+              "fuse_swiglu": a.fuse_swiglu, "document_mask": a.document_mask, "separate_processes": True,
+              "cp": a.cp, "loss_chunks": a.loss_chunks}
     if a.which == "both":  # each side in a fresh process of its own (see the module docstring)
         for which in ("ours", "baseline"):
             result[which] = _side_in_subprocess(argv if argv is not None else sys.argv[1:], which)
@@ -184,6 +193,8 @@ def main(argv=None) -> int:
         result[a.which] = _measure(a, cfg, flops, tokens, peak)
     if isinstance(result.get("ours"), dict) and isinstance(result.get("baseline"), dict):
         result["ours_over_baseline"] = round(result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
+    if int(os.environ.get("RANK", 0)):  # the other ranks of a --cp run: rank 0 reports
+        return 0
     return emit(result, a.json)
 
 
@@ -191,7 +202,8 @@ def _measure(a, cfg, flops: float, tokens: int, peak: float):
     """One side in this process: -> its figures, or "out of memory"."""
     if a.which == "ours":
         run = lambda: run_ours(cfg, a.micro_batch_size, a.seq_length, a.zero, a.recompute, a.steps,  # noqa: E731
-                               a.warmup, a.compile, a.fuse_swiglu, a.grad_accum, a.document_mask)
+                               a.warmup, a.compile, a.fuse_swiglu, a.grad_accum, a.document_mask, a.cp,
+                               a.loss_chunks)
     else:
         run = lambda: run_baseline(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup,  # noqa: E731
                                    a.grad_accum, a.recompute, a.compile)
@@ -203,7 +215,7 @@ def _measure(a, cfg, flops: float, tokens: int, peak: float):
     return {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 1),
             "mfu": round(tflops / peak, 3) if peak else None, "loss": round(loss, 3),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
-            else None, **MEASURED}
+            else None, **MEASURED}  # (per rank; tokens are the sample's, whatever --cp splits them into)
 
 
 def _side_in_subprocess(argv: list[str], which: str):

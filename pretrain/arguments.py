@@ -102,6 +102,10 @@ def _parallel_args(p) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (needs ZeRO 0/1)")
+    g.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size: each sample's sequence split across this many ranks (all-to-all "
+                        "attention, document mask kept; gradients and ZeRO partitions span DP x CP; "
+                        "pretrain/context_parallel.py). Must divide the attention heads per TP rank")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                    help="activation checkpointing")
     g.add_argument("--sequence-parallel", action="store_true",

@@ -59,7 +59,7 @@ def tag_name(iteration: int) -> str:
 
 
 def layout_meta(layout: Layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage,
+    return {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp, "zero_stage": layout.zero_stage,
             "world_size": layout.world_size}
 
 
@@ -147,7 +147,9 @@ def snapshot(engine, pin: bool = False) -> Snapshot:
     training step may change the engine's at once). pin: page-locked host memory (GPU: a faster copy)."""
     from megatron.core import parallel_state
 
-    tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    # the rank within ZeRO's group (DP x CP): one of them writes a replicated slot
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     tensors = {}
     for slot in zero_state.slots(engine):
         if slot.replicated and dp_rank != 0:
@@ -435,7 +437,7 @@ def load(engine, tag_dir: str, layout: Layout, model_shapes: dict, load_optimize
     reader = CheckpointReader(tag_dir, meta)
     load_states(engine, reader, layout, model_shapes, load_optimizer and reader.has_state("exp_avg"))
     engine.global_steps, engine.global_samples = meta["iteration"], meta["consumed_samples"]
-    same_layout = meta["layout"] == layout_meta(layout)
+    same_layout = {"cp": 1, **meta["layout"]} == layout_meta(layout)  # (saved before --cp existed: CP 1)
     if same_layout:
         tensors, rng_meta = reader.rank_rng(rank())
         _set_rng_state(tensors, rng_meta)

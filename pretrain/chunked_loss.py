@@ -25,6 +25,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from pretrain import context_parallel
+
 
 def chunk_bounds(seq: int, chunks: int) -> list[slice]:
     """`chunks` slices of range(seq), as equal as can be (the first ones one longer)."""
@@ -111,7 +113,8 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
 def chunked_lm_loss(hidden, weight, labels, loss_mask, loss_tokens, chunks: int, vocab_size: int,
                     padded_vocab_size: int, sequence_parallel: bool, on_logits=None):
     """pretrain.model.lm_loss(OutputLayer(hidden), labels, loss_mask, loss_tokens) over `chunks` pieces of the
-    sequence. hidden [s, b, h] (under sequence parallelism this rank's [s/tp, b, h]), weight this TP rank's
+    sequence. hidden [s, b, h] (under sequence parallelism this rank's [s/tp, b, h]; under context parallelism
+    of its chunk, labels and loss_mask staying whole: pretrain/context_parallel.py), weight this TP rank's
     [v/tp, h] rows of the output (or tied embedding) weight, labels and loss_mask [b, s]. on_logits(logits [c, b,
     v/tp], labels [b, c], loss_mask [b, c]) sees each chunk's logits before the loss (evaluation's accuracy)."""
     # What ColumnParallelLinear does to its input: all-gather the sequence under sequence parallelism (backward:
@@ -120,8 +123,8 @@ def chunked_lm_loss(hidden, weight, labels, loss_mask, loss_tokens, chunks: int,
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
     else:
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    labels, loss_mask, divisor = context_parallel.loss_targets(labels, loss_mask, loss_tokens)
     labels_t, mask_t = labels.t().contiguous(), loss_mask.float().t().contiguous()
     total = _ChunkedVocabParallelCrossEntropy.apply(hidden, weight, labels_t, mask_t, chunks, vocab_size,
                                                     padded_vocab_size, on_logits)
-    divisor = mask_t.sum().clamp(min=1.0) if loss_tokens is None else loss_tokens.float().reshape(())
     return total / divisor

@@ -26,7 +26,8 @@ _BATCH_KEYS = {
     "train_micro_batch_size_per_gpu": ("--micro-batch-size", lambda lay: lay.micro_batch_size),
     "gradient_accumulation_steps": ("--global-batch-size / (micro-batch-size x DP)",
                                     lambda lay: lay.grad_accum_steps),
-    "train_batch_size": ("--global-batch-size", lambda lay: lay.global_batch_size),
+    # DeepSpeed counts every rank of its data-parallel group, DP x CP (pretrain/parallel.py), as a replica
+    "train_batch_size": ("--global-batch-size (x --cp)", lambda lay: lay.global_batch_size * lay.cp),
 }
 
 
@@ -147,12 +148,12 @@ def build_model(cfg: ModelConfig, layout: Layout, ds_config: dict, options, seed
     from pretrain.model import GPT, build_pipeline, init_parameters
 
     if layout.pp > 1:
-        model = build_pipeline(cfg, layout.tp, layout.pp, layout.dp, options, seed)
+        model = build_pipeline(cfg, layout.tp, layout.pp, layout.dp, options, seed)  # (x CP: the model's topology)
     elif layout.zero_stage == 3:
         # Partition over the data-parallel group only: the default (whole world) would split TP shards
         # across TP ranks and silently compute a wrong loss (docs/FINDINGS.md, "ZeRO-3 together with tensor
         # parallelism").
-        with deepspeed.zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(),
+        with deepspeed.zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
                                  config_dict_or_path=ds_config, mpu=MegatronMpu()):
             model = GPT(cfg, layout.tp, options)
         # One ZeRO-3 fetch unit per transformer layer: DeepSpeed hooks every submodule (about 17 per layer: norms,

@@ -153,12 +153,14 @@ def full_logits(engine, batch: dict):
     -inf, are dropped), on the ranks that hold the output layer (the last pipeline stage); None elsewhere."""
     from megatron.core import tensor_parallel
 
+    from pretrain import context_parallel
     from pretrain.step import local_logits
 
     logits = local_logits(engine, batch)
     if logits is None:
         return None
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float().contiguous())
+    logits = context_parallel.gather(logits, 0)  # every CP rank's chunk of the sequence
     vocab = next(m.vocab_size for m in engine.module.modules() if hasattr(m, "padded_vocab_size"))
     return logits.transpose(0, 1)[..., :vocab].cpu()
 
@@ -173,5 +175,5 @@ def dump_logits(engine, dataset, micro_batch_size: int, path: str) -> None:
     batch = next(micro_batches(dataset, 0, micro_batch_size, 0, 1, num_workers=0))
     logits = full_logits(engine, batch)
     if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and \
-            parallel_state.get_data_parallel_rank() == 0:
+            parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
         torch.save({"tokens": batch["tokens"], "logits": logits}, path)

@@ -145,6 +145,17 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     return cfg
 
 
+def check_context_parallel_options(args) -> None:
+    """--cp splits every forward's sequence into equal chunks: prompts of any length (sampling, lm-eval's
+    log-likelihoods) do not split, so those run without it."""
+    if args.cp > 1:
+        for flag, value in (("--sample-prompt", args.sample_prompt), ("--eval-tasks", args.eval_tasks)):
+            if value:
+                raise LayoutError(f"{flag} cannot run with --cp {args.cp}: context parallelism splits each sequence "
+                                  f"into {args.cp} equal chunks and a prompt has its own length; drop {flag} (score "
+                                  f"the checkpoint afterwards with python -m pretrain.export and lm-eval) or --cp")
+
+
 def loss_chunks(value: str, cfg: ModelConfig, layout: Layout, recompute: str, sequence_parallel: bool) -> int:
     """--loss-chunks K|auto -> K, checked against the sequence (pretrain/chunked_loss.py)."""
     if value == "auto":
@@ -188,10 +199,11 @@ def setup(args) -> Run:
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute, args.compile,
-                             args.sequence_parallel)
+                             args.sequence_parallel, args.cp)
+    check_context_parallel_options(args)
     chunks = loss_chunks(args.loss_chunks, cfg, layout, args.recompute, args.sequence_parallel)
     stop, hooks = StopSignal(), TestHooks()
-    init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes)
+    init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes, args.cp)
     hooks.announce()
     ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, args.fp32, cfg.hidden_size,
                                args.sequence_parallel)
@@ -339,7 +351,8 @@ def resume_source(args) -> str | None:
 
 def _layout_text(layout: dict) -> str:
     zero = "" if layout.get("zero_stage") is None else f" ZeRO-{layout['zero_stage']}"
-    return f"TP={layout['tp']} PP={layout['pp']} DP={layout.get('dp')}{zero}"
+    cp = f" CP={layout['cp']}" if layout.get("cp", 1) > 1 else ""
+    return f"TP={layout['tp']} PP={layout['pp']}{cp} DP={layout.get('dp')}{zero}"
 
 
 def _datasets(args, cfg: ModelConfig, layout: Layout, train_iters: int, vocab: int, eod: int):

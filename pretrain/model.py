@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.compat import apply_cpu_compat
 from pretrain.config import ModelConfig
-from pretrain import sharding
+from pretrain import context_parallel, sharding
 
 apply_cpu_compat()
 
@@ -85,6 +85,9 @@ class SDPAttention(MegatronModule):
     [b, s] document ids (pretrain.model.document_ids): on GPU FlexAttention computes the masked attention from a
     block mask built from them (no s x s mask in memory; blocks of other documents are skipped), elsewhere SDPA
     takes the equivalent dense boolean mask (CPU tests; FlexAttention on CPU is checked against it).
+
+    Under context parallelism (--cp) each rank holds a chunk of the sequence; an all-to-all gives it the whole
+    sequence of some heads for the same computation (pretrain/context_parallel.py).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
@@ -93,9 +96,17 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.causal = attn_mask_type == AttnMaskType.causal
+        self.context_parallel = context_parallel.UlyssesAttention(self._attend) if context_parallel.size() > 1 \
+            else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        attend = self.context_parallel or self._attend
+        out = attend(query, key, value, attention_mask)
+        return out.reshape(out.size(0), out.size(1), -1)
+
+    def _attend(self, query, key, value, attention_mask=None):
+        """[s, b, heads, d] queries, keys and values of the whole sequence -> [s, b, heads, d]."""
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
@@ -112,8 +123,7 @@ class SDPAttention(MegatronModule):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(attention_mask, self.causal),
                                                      dropout_p=dropout_p, scale=self.softmax_scale,
                                                      enable_gqa=gqa)
-        s, b = query.size(0), query.size(1)
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return out.permute(2, 0, 1, 3)
 
 
 # ------------------------------------------------------------------------------------------ document masking
@@ -202,9 +212,10 @@ def layer_spec(causal: bool = True):
 
 
 class Embedding(nn.Module):
-    """Token ids [b, s] -> hidden [s, b, h] (under sequence parallelism this rank's [s/tp, b, h]); the vocabulary is
-    split across TP ranks. With document masking the output is (hidden, document ids [b, s]): every later stage
-    needs the ids, and they travel with the activations (between pipeline stages too)."""
+    """Token ids [b, s] -> hidden [s, b, h] (under sequence parallelism this rank's [s/tp, b, h]; under context
+    parallelism of its sequence chunk); the vocabulary is split across TP ranks. With document masking the output
+    is (hidden, document ids [b, s] of the whole sequence): every later stage needs the ids, and they travel with
+    the activations (between pipeline stages too)."""
 
     def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, document_eod: int | None = None):
         super().__init__()
@@ -222,17 +233,15 @@ class Embedding(nn.Module):
         # document ids given with the tokens (--objective sft: from the data's index, pretrain/sft_data.py; the
         # pipeline engine passes both as one tuple) take the place of ids found from EOD tokens
         tokens, doc = tokens if isinstance(tokens, tuple) else (tokens, doc)
-        hidden = self.word_embeddings(tokens)
+        if doc is None and self.document_eod is not None:
+            doc = document_ids(tokens, self.document_eod)  # from the whole sequence, before a CP rank's chunk
+        hidden = self.word_embeddings(context_parallel.local(tokens, 1))
         if self.sequence_parallel:  # already [s/tp, b, h]; each TP rank holds other tokens: its own dropout
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 hidden = self.dropout(hidden)
         else:
             hidden = self.dropout(hidden.transpose(0, 1).contiguous())
-        if doc is not None:
-            return hidden, doc.to(torch.int32).contiguous()
-        if self.document_eod is None:
-            return hidden
-        return hidden, document_ids(tokens, self.document_eod)
+        return hidden if doc is None else (hidden, doc.to(torch.int32).contiguous())
 
 
 class Block(nn.Module):
@@ -269,10 +278,13 @@ class Block(nn.Module):
         # one tuple it found none, fired before the layer's backward instead of after it, and the recomputed
         # backward then met released parameters (issue 32; TP 2 x DP 2, full recompute, document mask).
         hidden, doc = x if isinstance(x, tuple) else (x, doc)
-        seq = hidden.size(0) * self.seq_factor
-        rotary_pos_emb = self.rotary(seq)  # [s, 1, 1, d]
+        seq = hidden.size(0) * self.seq_factor * context_parallel.size()  # the whole sequence
+        # the whole sequence's table: megatron would cut its own zig-zag CP share, and CP ranks here hold contiguous
+        # chunks (and document positions need every row); the chunk is taken below
+        rotary_pos_emb = self.rotary(seq, packed_seq=True)  # [s, 1, 1, d]
         if doc is not None:  # per-token positions: [s, b, 1, d]
             rotary_pos_emb = rotary_pos_emb[:, 0, 0][document_positions(doc).t()].unsqueeze(2)
+        rotary_pos_emb = context_parallel.local(rotary_pos_emb, 0)  # a CP rank's chunk: its global positions
         if self.recompute == "full" and self.training:
             # megatron's checkpoint replays its RNG tracker, so dropout is identical in the recompute.
             out = tensor_parallel.checkpoint(self._layer, False, hidden, rotary_pos_emb, doc)
@@ -422,12 +434,11 @@ def lm_loss(logits, labels, loss_mask, loss_tokens=None):
     (pretrain.step.global_loss_tokens). Logits are vocab-parallel [s, b, v/tp], labels [b, s].
     megatron's vocab_parallel_cross_entropy works in place: fp32 logits are overwritten (bf16 ones are copied by
     .float() first), so a caller that needs the logits afterwards must not compute the loss on them."""
+    labels, loss_mask, divisor = context_parallel.loss_targets(labels, loss_mask, loss_tokens)
     if ACCURACY.counts is not None:
         ACCURACY.add(logits, labels, loss_mask)
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
-    loss_mask = loss_mask.float()
-    divisor = loss_mask.sum().clamp(min=1.0) if loss_tokens is None else loss_tokens.float().reshape(())
-    return (losses * loss_mask).sum() / divisor
+    return (losses * loss_mask.float()).sum() / divisor
 
 
 def head_loss(head, hidden, labels, loss_mask, loss_tokens=None, chunks: int = 1):
@@ -529,7 +540,8 @@ def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, options: ModelOp
         last = LayerSpec(OutputLayer, cfg, tconfig, None, chunks, True)
     specs = [first] + [LayerSpec(Block, cfg, tconfig, i + 1, options.recompute) for i in range(cfg.num_layers)]
     specs += [LayerSpec(FinalNorm, cfg, tconfig), last]
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    # DeepSpeed's "data" axis is DP x CP: its rank order (model fastest, then data) is megatron's tp-cp-dp
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp * context_parallel.size())
     loss = PipelineLoss(chunks)
     pipe = PipelineModule(layers=specs, loss_fn=loss, topology=topology, partition_method="type:Block",
                           activation_checkpoint_interval=0, seed_layers=False, base_seed=seed)

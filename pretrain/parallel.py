@@ -1,7 +1,13 @@
 """Parallel layout: validate it, start torch.distributed, build megatron-core's groups, adapt them for DeepSpeed.
 
-Rank order is megatron's and DeepSpeed's pipeline topology's alike: tensor-parallel fastest, then data, then
-pipeline. So megatron's TP/DP groups and DeepSpeed's PipeModelDataParallelTopology agree rank for rank.
+Rank order is megatron's and DeepSpeed's pipeline topology's alike: tensor-parallel fastest, then context, then
+data, then pipeline. So megatron's TP/CP/DP groups and DeepSpeed's PipeModelDataParallelTopology (whose "data"
+axis is DP x CP: pretrain.model.build_pipeline) agree rank for rank.
+
+Context parallelism (--cp) splits each sample's sequence across CP ranks. As in Megatron, the CP ranks of one data-
+parallel replica read the same samples (the data loader sees DP only), while gradient reduction and ZeRO
+partitioning span DP x CP: DeepSpeed is handed the DP x CP group as its data-parallel group (MegatronMpu) and each
+CP rank's loss is scaled by CP (pretrain.context_parallel).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class Layout:
     zero_stage: int
     micro_batch_size: int
     global_batch_size: int
+    cp: int = 1  # context parallel: each sample's sequence split across this many ranks
 
     @property
     def grad_accum_steps(self) -> int:
@@ -42,15 +49,17 @@ class Layout:
 def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 1, zero_stage: int = 0,
                     micro_batch_size: int = 1, global_batch_size: int | None = None,
                     recompute: str = "none", compile_layers: bool = False,
-                    sequence_parallel: bool = False) -> Layout:
+                    sequence_parallel: bool = False, cp: int = 1) -> Layout:
     """Check a layout before anything is built; the trainer and the planner both call this."""
-    if tp < 1 or pp < 1:
-        raise LayoutError(f"--tp ({tp}) and --pp ({pp}) must be >= 1")
-    if world_size % (tp * pp):
+    if tp < 1 or pp < 1 or cp < 1:
+        raise LayoutError(f"--tp ({tp}), --pp ({pp}) and --cp ({cp}) must be >= 1")
+    if world_size % (tp * pp * cp):
         raise LayoutError(
-            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}; world size must equal "
-            f"TP x PP x DP, so pick TP and PP whose product divides the number of GPUs")
-    dp = world_size // (tp * pp)
+            f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; world size must equal "
+            f"TP x PP x CP x DP, so pick TP, PP and CP whose product divides the number of GPUs")
+    dp = world_size // (tp * pp * cp)
+    if cp > 1:
+        _check_context_parallel(model, tp, cp, sequence_parallel)
     if model.num_attention_heads % tp:
         raise LayoutError(f"num_attention_heads={model.num_attention_heads} is not divisible by --tp {tp}")
     if model.num_query_groups % tp:
@@ -87,10 +96,26 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
         raise LayoutError(
             f"--global-batch-size {global_batch_size} is not divisible by micro-batch-size x data-parallel "
             f"size = {micro_batch_size} x {dp}; choose a multiple of {micro_batch_size * dp}")
-    return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size)
+    return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size, cp)
 
 
-def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float = 10) -> None:
+def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_parallel: bool) -> None:
+    """What context parallelism's all-to-all attention (pretrain/context_parallel.py) needs of the shapes."""
+    heads = model.num_attention_heads // max(tp, 1)
+    if heads % cp:
+        raise LayoutError(
+            f"--cp {cp}: attention exchanges whole heads across the CP ranks (all-to-all), and a TP rank's "
+            f"{heads} attention heads (num_attention_heads={model.num_attention_heads} / --tp {tp}) do not divide "
+            f"into {cp}; choose --cp dividing {heads}")
+    per_rank = model.seq_length // cp
+    if model.seq_length % cp or (sequence_parallel and per_rank % tp):
+        raise LayoutError(
+            f"--cp {cp}: the sequence length {model.seq_length} must split into {cp} equal chunks"
+            + (f" each divisible by --tp {tp} (--sequence-parallel splits them further)" if sequence_parallel
+               else "") + "; change --seq-length or --cp")
+
+
+def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float = 10, cp: int = 1) -> None:
     """Start torch.distributed through DeepSpeed (env://, Slurm or MPI) and build megatron-core's groups.
 
     Every process group gets the bounded timeout, so that a dead or stuck peer makes the others fail instead of
@@ -112,6 +137,7 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float 
                                    or "PMI_SIZE" in os.environ)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 context_parallel_size=cp,
                                                  distributed_timeout_minutes=timeout_minutes)
     # Same default stream on every rank (data order, sampling); megatron's tracker adds a per-TP-rank stream
     # for dropout inside tensor-parallel regions.
@@ -230,6 +256,16 @@ class MegatronMpu:
 
     def get_model_parallel_rank(self):
         return self._ps.get_tensor_model_parallel_rank()
+
+    # ZeRO partitioning and gradient averaging span data x context parallel (module docstring)
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_model_parallel_world_size(self):
         return self._ps.get_tensor_model_parallel_world_size()

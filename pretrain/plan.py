@@ -102,6 +102,7 @@ class PlanInput:
     mask_prob: float = 0.15  # --objective mlm (model.objective): the share of tokens the loss counts
     async_save: bool = False  # --async-save: one host snapshot of each GPU's checkpoint share in flight
     loss_chunks: int = 1  # --loss-chunks: the output layer and loss over this many pieces of the sequence
+    cp: int = 1  # --cp: each sample's sequence split across this many ranks
 
 
 def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
@@ -172,12 +173,27 @@ def _activations(p: PlanInput, cfg: ModelConfig, grad_accum_steps: int) -> tuple
     """(bytes kept by the layers of the busiest stage, bytes of the output layer and loss) per GPU."""
     # 1F1B keeps up to pp micro-batches in flight on stage 0
     in_flight = min(p.pp, grad_accum_steps) if p.pp > 1 else 1
-    layer = lambda mode: layer_activation_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, mode,  # noqa: E731
+    seq = p.seq_length // p.cp  # a CP rank's chunk: every per-token activation (attention's are per head-chunk)
+    layer = lambda mode: layer_activation_bytes(cfg, p.tp, seq, p.micro_batch_size, mode,  # noqa: E731
                                                 p.device_type, p.sequence_parallel)
     acts = cfg.num_layers // p.pp * layer(p.recompute) * in_flight
     if p.recompute == "full":  # backward re-runs one layer at a time with everything kept
         acts += layer("none")
-    return acts, loss_bytes(cfg, p.tp, p.seq_length, p.micro_batch_size, p.loss_chunks, p.device_type)
+    return acts, loss_bytes(cfg, p.tp, seq, p.micro_batch_size, p.loss_chunks, p.device_type)
+
+
+def cp_all_to_all_bytes(cfg: ModelConfig, tp: int, cp: int, seq: int, mb: int, dtype_bytes: int = 2) -> float:
+    """Bytes one rank hands to all-to-all per transformer layer and micro-batch for context parallelism's attention
+    (pretrain/context_parallel.py), forward and backward: q, k, v and the output, a rank's [seq/cp, mb, heads/tp,
+    d] each, once per direction ((cp - 1) / cp of it leaves the rank; full recompute adds a forward's worth). Key/
+    value groups that do not split into cp travel repeated up to one per query head. Checked against the bytes a
+    CP 2 run moves (tests/pretrain/test_context_parallel.py)."""
+    if cp == 1:
+        return 0.0
+    heads, groups = cfg.num_attention_heads // tp, cfg.num_query_groups // tp
+    kv = groups if groups % cp == 0 else heads
+    per_head = seq // cp * mb * cfg.head_dim * dtype_bytes
+    return 2 * per_head * (2 * heads + 2 * kv)
 
 
 def loss_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, chunks: int, device_type: str = "cuda") -> float:
@@ -217,7 +233,7 @@ def plan(p: PlanInput) -> dict:
     cfg = p.model.replace(seq_length=p.seq_length)
     world = p.nodes * p.gpus_per_node
     layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute,
-                             sequence_parallel=p.sequence_parallel)
+                             sequence_parallel=p.sequence_parallel, cp=p.cp)
     if p.gpu not in GPUS:
         raise LayoutError(f"--gpu {p.gpu!r} is not known; choose one of {', '.join(GPUS)}")
     if p.offload_params and p.zero != 3:
@@ -226,12 +242,13 @@ def plan(p: PlanInput) -> dict:
         raise LayoutError("--offload-optimizer needs ZeRO stage 1, 2 or 3")
     gpu = GPUS[p.gpu]
     counts = rank_params(cfg, p.tp, p.pp)
-    m = _model_states(p, counts["per_gpu"], counts["largest_module"], layout.dp)
+    zero_ranks = layout.dp * layout.cp  # ZeRO partitions over DP x CP (pretrain/parallel.py)
+    m = _model_states(p, counts["per_gpu"], counts["largest_module"], zero_ranks)
     acts, head = _activations(p, cfg, layout.grad_accum_steps)
     # ZeRO-3 on DP > 1 holds more than DeepSpeed's 4 x largest module gathered at the forward's end (measured:
     # zero3_live_parameters); it is all released by the optimizer step.
     live = 2 * zero3_live_parameters(cfg, p.tp, p.zero3_max_live_parameters, p.zero3_max_reuse_distance) \
-        if p.zero == 3 and layout.dp > 1 else 0
+        if p.zero == 3 and zero_ranks > 1 else 0
     gathered_at_forward = max(m["gathered"], live)
     forward_peak = m["params"] + m["optim"] + (m["grads32"] if p.zero == 3 else 0) + gathered_at_forward + acts + head
     states = m["params"] + m["grads16"] + m["grads32"] + m["optim"] + m["gathered"]
@@ -247,6 +264,11 @@ def plan(p: PlanInput) -> dict:
         gpus_per_node=p.gpus_per_node, device=steptime.DEVICE_OF_GPU[p.gpu], intra=p.intra_link,
         inter=p.inter_link, overrides=p.link_overrides or {}))
     tokens_per_s = st["tokens_per_s"]
+    if p.cp > 1:
+        st["warnings"].append(f"--cp {p.cp}: the step time is CP 1's per-rank work (each rank computes 1/{p.cp} of "
+                              f"a sample: about {p.cp}x too slow) without the attention all-to-alls "
+                              f"({cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length, p.micro_batch_size) / 2**20:.1f}"
+                              f" MiB per layer per GPU); only the memory above models CP")
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     return {
         "model": {"parameters": cfg.num_params(), "parameters_per_gpu": counts["per_gpu"],
@@ -259,15 +281,17 @@ def plan(p: PlanInput) -> dict:
                        "zero3_live_at_forward_end": gib(gathered_at_forward),
                        "communication_buckets": gib(m["buckets"]), "activations": gib(acts),
                        "output_and_loss": gib(head), "loss_chunks": p.loss_chunks, "model_states": gib(states),
+                       "cp_all_to_all_per_layer": gib(cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length,
+                                                                          p.micro_batch_size)),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
                        "with_reserve": gib(need), "device": gpu.memory_gib,
                        "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5),
                        # --async-save: a rank's snapshot is its checkpoint file's tensors, fp32 master + Adam's two
                        # moments of the elements it owns (pretrain/async_save.py), in host memory until written
-                       "async_save_host_per_gpu": gib(12 * counts["per_gpu"] / layout.dp) if p.async_save else 0.0,
-                       "async_save_host_per_node": gib(12 * counts["per_gpu"] / layout.dp * p.gpus_per_node)
+                       "async_save_host_per_gpu": gib(12 * counts["per_gpu"] / zero_ranks) if p.async_save else 0.0,
+                       "async_save_host_per_node": gib(12 * counts["per_gpu"] / zero_ranks * p.gpus_per_node)
                        if p.async_save else 0.0},
-        "checkpoint_bytes_per_gpu": int(12 * counts["per_gpu"] / layout.dp),
+        "checkpoint_bytes_per_gpu": int(12 * counts["per_gpu"] / zero_ranks),
         "model_states_bytes": int(states),
         "fits": need <= gpu.memory_gib * GiB,
         "speed": {"mfu": round(st["mfu"], 4), "tokens_per_s_per_gpu": round(tokens_per_s / world),
@@ -291,7 +315,8 @@ def format_plan(r: dict) -> str:
             (f"activations (recompute {lay['recompute']})", m["activations"]),
             ("output layer + loss", m["output_and_loss"])]
     out = [f"model: {r['model']['parameters'] / 1e9:.2f}B parameters, {r['model']['parameters_per_gpu'] / 1e9:.3f}B "
-           f"on the busiest GPU; layout TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} ZeRO-{lay['zero_stage']} on "
+           f"on the busiest GPU; layout TP={lay['tp']} PP={lay['pp']}"
+           + (f" CP={lay['cp']}" if lay.get("cp", 1) > 1 else "") + f" DP={lay['dp']} ZeRO-{lay['zero_stage']} on "
            f"{lay['world_size']} x {lay['gpu']}, micro-batch {lay['micro_batch_size']}, global batch "
            f"{lay['global_batch_size']} ({lay['grad_accum_steps']} accumulation steps)",
            "memory per GPU (GiB):"]
@@ -373,6 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel size (as the trainer's --cp)")
     ap.add_argument("--zero", type=int, default=3)
     ap.add_argument("--micro-batch-size", type=int, default=1)
     ap.add_argument("--global-batch-size", type=int)
@@ -416,7 +442,7 @@ def main(argv=None) -> int:
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
                            prefetch_bucket_size=a.prefetch_bucket_size, mask_prob=a.mask_prob,
-                           async_save=a.async_save, loss_chunks=a.loss_chunks,
+                           async_save=a.async_save, loss_chunks=a.loss_chunks, cp=a.cp,
                            intra_link=a.intra_link, inter_link=a.inter_link,
                            link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None))
     except LayoutError as e:

@@ -37,8 +37,8 @@ def _dp_mean(value: torch.Tensor) -> float:
     from megatron.core import parallel_state
 
     value = value.detach().float().reshape(1).to(device())
-    if dist.is_initialized():
-        group = parallel_state.get_data_parallel_group()
+    if dist.is_initialized():  # context-parallel ranks each hold a share of the loss (pretrain/context_parallel.py)
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         dist.all_reduce(value, group=group)
         value /= dist.get_world_size(group)
     return value.item()

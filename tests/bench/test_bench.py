@@ -73,13 +73,14 @@ def test_all_benchmarks_in_one_command_print_one_table(tmp_path):
 
 def test_context_sweep_runs_at_tiny_size(tmp_path):
     res = subprocess.run([sys.executable, "bench/context_sweep.py", "--model", "tiny", "--tokens", "64", "--seqs",
-                          "32", "64", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.jsonl")],
+                          "32", "64", "--cp", "1", "2", "--loss-chunks", "2", "--zero", "0", "--steps", "2",
+                          "--warmup", "1", "--json", str(tmp_path / "r.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = json.loads((tmp_path / "r.jsonl").read_text())["sweep"]
-    assert [r["seq"] for r in sweep] == [32, 64]
-    assert all(r[k]["tokens_per_s"] > 0 for r in sweep for k in ("plain", "document_mask"))
+    assert [(r["seq"], r["cp"]) for r in sweep] == [(32, 1), (32, 2), (64, 1), (64, 2)]
+    assert all(r[k]["tokens_per_s"] > 0 and r[k]["peak_mem_gb"] > 0 for r in sweep for k in ("plain", "document_mask"))
 
 
 def test_the_plans_cpu_step_times_hold_their_printed_bound_with_the_shipped_constants(tmp_path):

@@ -14,7 +14,7 @@ from conftest import LAYOUT_SAVE_AT, LAYOUT_STEPS, WORKERS, launch
 
 pytestmark = pytest.mark.slow
 
-# (ranks, flags); ranks = TP x PP x DP
+# (ranks, flags); ranks = TP x PP x CP x DP
 FP32_LAYOUTS = [(tp * dp, dict(zero=z, tp=tp)) for z in (0, 1, 2, 3) for tp in (1, 2) for dp in (1, 2)] + \
     [(2, dict(zero=z, pp=2)) for z in (0, 1)]
 BF16_LAYOUTS = [(2, dict(ds_config="ds_configs/zero3.json", bf16=True)), (2, dict(zero=1, pp=2, bf16=True)),
@@ -23,7 +23,7 @@ BF16_LAYOUTS = [(2, dict(ds_config="ds_configs/zero3.json", bf16=True)), (2, dic
 
 def _id(layout) -> str:
     n, flags = layout
-    dp = n // (flags.get("tp", 1) * flags.get("pp", 1))
+    dp = n // (flags.get("tp", 1) * flags.get("pp", 1) * flags.get("cp", 1))
     return "-".join([f"dp{dp}"] + [f"{k}{v}" for k, v in sorted(flags.items())]).replace("ds_configs/", "")
 
 
@@ -79,6 +79,8 @@ RESUMES = [  # (saved under, resumed under)
     ((2, dict(zero=3)), (2, dict(zero=1))),
     ((1, dict(zero=1)), (2, dict(zero=2))),  # growing data parallelism, ZeRO-1 -> ZeRO-2
     ((2, dict(zero=0, tp=2)), (2, dict(zero=1, pp=2))),
+    ((4, dict(zero=3, cp=2)), (2, dict(zero=1))),  # context parallel (ZeRO-3 over DP 2 x CP 2) -> none
+    ((2, dict(zero=3)), (4, dict(zero=3, cp=2))),  # and back: the partitions now span 4 ranks
 ]
 
 

@@ -33,7 +33,8 @@ def zero3_run(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("config, extra", [("zero2.json", []), ("zero3_offload.json", []),
-                                           ("zero1_pp.json", ["--pp", "2", "--loss-chunks", "auto"])])
+                                           ("zero1_pp.json", ["--pp", "2", "--loss-chunks", "auto"]),
+                                           ("zero3.json", ["--cp", "2", "--document-mask"])])
 def test_short_run_per_ds_config(tiny_data, tmp_path, config, extra):
     proc = launch(2, MAIN, "--deepspeed_config", f"ds_configs/{config}", "--train-iters", "4", "--save",
                   tmp_path / "ck", *extra, *common(tiny_data, tmp_path))

@@ -192,3 +192,20 @@ def test_loss_memory_with_and_without_chunks_matches_the_allocator_peak(meta_mod
         planned = loss_bytes(cfg, 1, cfg.seq_length, 1, chunks, "cpu")
         print(f"loss chunks {chunks}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
         assert abs(planned - measured) <= 0.15 * measured
+
+
+def test_context_parallel_divides_activations_and_loss_and_keeps_zero_over_dp_x_cp():
+    """--cp 2 on the same 8 GPUs: a rank keeps half the activations and the loss's logits (its half of the
+    sequence), the same model states (ZeRO partitions over DP x CP = 8 either way), and reports the attention's
+    all-to-all bytes; the chunked loss divides the logits again."""
+    base = dict(model=preset("1b"), seq_length=8192, zero=3, recompute="selective")
+    one, two = plan(PlanInput(**base)), plan(PlanInput(**base, cp=2))
+    m1, m2 = one["memory_gib"], two["memory_gib"]
+    assert two["layout"]["dp"] == 4 and two["layout"]["cp"] == 2
+    assert m2["activations"] == pytest.approx(m1["activations"] / 2, rel=0.02)
+    assert m2["output_and_loss"] == pytest.approx(m1["output_and_loss"] / 2, rel=0.02)
+    assert m2["optimizer_states"] == m1["optimizer_states"] and m1["cp_all_to_all_per_layer"] == 0
+    assert m2["cp_all_to_all_per_layer"] > 0
+    chunked = plan(PlanInput(**base, cp=2, loss_chunks=8))["memory_gib"]["output_and_loss"]
+    assert chunked < m2["output_and_loss"] / 4
+    assert any("--cp 2" in w for w in two["speed"]["warnings"])

@@ -131,7 +131,9 @@ SFT_REF = dict(lr=1e-2, zero=0)
 
 @pytest.mark.slow
 def test_every_layout_takes_one_processs_step_on_packed_conversations(train_layout, sft_data):
-    """DP 2, TP 2, PP 2, ZeRO-3 (partitioned) and gradient accumulation 4 equal one process (fp32, 1e-5) on packed
+    """DP 2, TP 2, PP 2, CP 2 (alone and x DP 2 under ZeRO-3: conversations crossing the split keep their document
+    ids and the global answer-token count), ZeRO-3 (partitioned) and gradient accumulation 4 equal one process
+    (fp32, 1e-5) on packed
     conversations whose supervised tokens differ a lot between micro-batches, where a mean of micro-batch means
     (the rule without global_loss_tokens) takes another step."""
     from test_parallel_equivalence import assert_same
@@ -143,7 +145,8 @@ def test_every_layout_takes_one_processs_step_on_packed_conversations(train_layo
     ref = train_layout(1, **data, global_loss_tokens=True)
     mean_of_means = train_layout(1, **data)
     assert max(abs(a - b) / b for a, b in zip(ref["losses"], mean_of_means["losses"])) > 1e-3
-    for n, layout in ((1, dict(micro_batch_size=1)), (2, dict(zero=3)), (2, dict(tp=2)), (2, dict(pp=2, zero=1))):
+    for n, layout in ((1, dict(micro_batch_size=1)), (2, dict(zero=3)), (2, dict(tp=2)), (2, dict(pp=2, zero=1)),
+                      (2, dict(cp=2)), (4, dict(cp=2, zero=3))):
         run = train_layout(n, **{**data, **layout}, global_loss_tokens=True)
         assert_same(run, ref)
         if layout.get("zero") == 3:

@@ -33,6 +33,7 @@ def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
     p.add_argument("--zero", type=int, default=0)
     p.add_argument("--ds-config", help="a DeepSpeed config file (as shipped) instead of a minimal one")
     p.add_argument("--micro-batch-size", type=int, default=2)
@@ -80,8 +81,8 @@ def build(a):
     world = int(os.environ.get("WORLD_SIZE", 1))
     zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero
     layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute,
-                             sequence_parallel=a.sequence_parallel)
-    init_distributed(a.tp, a.pp, seed=7)
+                             sequence_parallel=a.sequence_parallel, cp=a.cp)
+    init_distributed(a.tp, a.pp, seed=7, cp=a.cp)
     if a.ds_config:
         ds = load_ds_config(a.ds_config, layout, clip_grad=1.0, fp32=not a.bf16, hidden_size=cfg.hidden_size,
                             sequence_parallel=a.sequence_parallel)
@@ -166,7 +167,7 @@ def poison(engine, spec, current):
 def owns_loss(layout) -> bool:
     from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 and \
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0 and \
         ps.get_pipeline_model_parallel_rank() == layout.pp - 1
 
 
@@ -208,7 +209,7 @@ def state_digest(engine) -> list[str]:
 def _dp_rank():
     from megatron.core import parallel_state as ps
 
-    return ps.get_data_parallel_rank()
+    return ps.get_data_parallel_rank(with_context_parallel=True)  # ZeRO's group: one of them holds a replicated slot
 
 
 def zero3_window_meter(engine, report) -> dict:
