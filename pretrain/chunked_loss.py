@@ -15,7 +15,12 @@ and release the output weight K times in the forward and again in the backward. 
 the hidden states and the weight, and reuses megatron's own VocabParallelCrossEntropy steps (max, predicted
 logit, sum of exponentials, the gradient's one-hot update) per chunk, with the same TP all-reduces as
 megatron's vocab_parallel_cross_entropy: the chunked loss equals the plain one to float rounding
-(tests/pretrain/test_chunked_loss.py, 1e-6 relative in every gradient).
+(tests/pretrain/test_chunked_loss.py, 1e-6 relative in every gradient in fp32; in bf16 each chunk's weight-gradient
+product is rounded to bf16 before the fp32 sum, within a bf16 ulp of the plain head's).
+
+Known cost: under sequence parallelism the function keeps the all-gathered [s, b, h] hidden states for its
+backward, where megatron's linear keeps this rank's [s/tp, b, h] and gathers again (TP times the hidden-size
+bytes of one layer input; small beside the logits it saves, not yet in the planner).
 """
 from __future__ import annotations
 

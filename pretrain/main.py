@@ -157,12 +157,13 @@ def check_context_parallel_options(args) -> None:
 
 
 def loss_chunks(value: str, cfg: ModelConfig, layout: Layout, recompute: str, sequence_parallel: bool) -> int:
-    """--loss-chunks K|auto -> K, checked against the sequence (pretrain/chunked_loss.py)."""
+    """--loss-chunks K|auto -> K, checked against a rank's sequence (its CP chunk; pretrain/chunked_loss.py)."""
+    seq = cfg.seq_length // layout.cp
     if value == "auto":
         from pretrain.plan import auto_loss_chunks
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        chunks = auto_loss_chunks(cfg, layout.tp, cfg.seq_length, layout.micro_batch_size, recompute, device_type,
+        chunks = auto_loss_chunks(cfg, layout.tp, seq, layout.micro_batch_size, recompute, device_type,
                                   sequence_parallel)
         log(f"--loss-chunks auto: {chunks} (the loss's logits within one layer's activations)")
         return chunks
@@ -170,9 +171,10 @@ def loss_chunks(value: str, cfg: ModelConfig, layout: Layout, recompute: str, se
         chunks = int(value)
     except ValueError:
         chunks = 0
-    if not 1 <= chunks <= cfg.seq_length:
-        raise LayoutError(f"--loss-chunks {value!r}: give a whole number from 1 (the plain loss) to the sequence "
-                          f"length {cfg.seq_length}, or auto")
+    if not 1 <= chunks <= seq:
+        raise LayoutError(f"--loss-chunks {value!r}: give a whole number from 1 (the plain loss) to a rank's sequence "
+                          f"length {seq}" + (f" (--seq-length / --cp {layout.cp})" if layout.cp > 1 else "")
+                          + ", or auto")
     return chunks
 
 
@@ -380,16 +382,18 @@ def fit(run: Run) -> int:
     """Train until --train-iters; -> exit code."""
     args, state = run.args, run.state
     cfg = run.cfg
+    cp = f"CP={run.layout.cp} " if run.layout.cp > 1 else ""
     log(f"model: {cfg.num_params() / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"{cfg.num_attention_heads} heads); layout TP={run.layout.tp} "
-        f"PP={run.layout.pp} DP={run.layout.dp} ZeRO-{run.layout.zero_stage}; global batch "
+        f"{cfg.num_attention_heads} heads); layout TP={run.layout.tp} PP={run.layout.pp} {cp}"
+        f"DP={run.layout.dp} ZeRO-{run.layout.zero_stage}; global batch "
         f"{run.layout.global_batch_size} x {run.cfg.seq_length} tokens, {run.layout.grad_accum_steps} "
         f"micro-batch(es) of {run.layout.micro_batch_size} per rank; {run.train_iters} iterations")
     part = zero3_partitioning(run.engine)
     if part:
         log(f"ZeRO-3: {part['partitioned']} of {part['zero3_params']} parameter tensors "
             f"({part['partitioned_elements'] / max(part['all_elements'], 1):.1%} of the elements) partitioned over "
-            f"DP={run.layout.dp}; the rest (under stage3_param_persistence_threshold) stay whole on every rank")
+            f"DP={run.layout.dp}" + (f" x CP={run.layout.cp}" if run.layout.cp > 1 else "")
+            + "; the rest (under stage3_param_persistence_threshold) stay whole on every rank")
     if run.early and run.early.should_stop():
         log(f"this run stopped early at iteration {state.iteration}: {run.early.why()}; nothing to train (raise "
             f"--early-stop-patience or drop it to train on)")

@@ -547,6 +547,7 @@ def build_pipeline(cfg: ModelConfig, tp: int, pp: int, dp: int, options: ModelOp
                           activation_checkpoint_interval=0, seed_layers=False, base_seed=seed)
     if pipe.stage_id == pp - 1:  # the module that owns the output weight on the last stage
         loss.head = pipe.tied_modules["embed"] if cfg.tie_embeddings else pipe.forward_funcs[-1]
+    pipe.pipeline_loss = loss  # stays reachable when loss_fn is wrapped (pretrain/spike_guard.py; step.local_logits)
     return pipe
 
 

@@ -58,8 +58,6 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
             f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; world size must equal "
             f"TP x PP x CP x DP, so pick TP, PP and CP whose product divides the number of GPUs")
     dp = world_size // (tp * pp * cp)
-    if cp > 1:
-        _check_context_parallel(model, tp, cp, sequence_parallel)
     if model.num_attention_heads % tp:
         raise LayoutError(f"num_attention_heads={model.num_attention_heads} is not divisible by --tp {tp}")
     if model.num_query_groups % tp:
@@ -73,6 +71,8 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
                           f"make_vocab_size_divisible_by")
     if model.num_layers % pp:
         raise LayoutError(f"num_layers={model.num_layers} is not divisible by --pp {pp}")
+    if cp > 1:
+        _check_context_parallel(model, tp, cp, sequence_parallel, compile_layers)
     if pp > 1 and zero_stage > 1:
         raise LayoutError(
             f"pipeline parallelism (--pp {pp}) cannot run with ZeRO stage {zero_stage}: DeepSpeed's pipeline "
@@ -99,8 +99,17 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
     return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size, cp)
 
 
-def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_parallel: bool) -> None:
+def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_parallel: bool,
+                            compile_layers: bool) -> None:
     """What context parallelism's all-to-all attention (pretrain/context_parallel.py) needs of the shapes."""
+    if model.hidden_dropout or model.attention_dropout:
+        raise LayoutError(
+            f"--cp {cp} with dropout (hidden {model.hidden_dropout}, attention {model.attention_dropout}): the CP "
+            f"ranks of a replica share one random stream, so their chunks and head groups would draw the same "
+            f"masks; set --hidden-dropout 0 --attention-dropout 0 (the presets' default) or drop --cp")
+    if compile_layers:
+        raise LayoutError(f"--cp {cp} with --compile is untested (the attention's all-to-alls sit inside the "
+                          f"compiled layer); drop one of them")
     heads = model.num_attention_heads // max(tp, 1)
     if heads % cp:
         raise LayoutError(

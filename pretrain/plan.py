@@ -185,7 +185,8 @@ def _activations(p: PlanInput, cfg: ModelConfig, grad_accum_steps: int) -> tuple
 def cp_all_to_all_bytes(cfg: ModelConfig, tp: int, cp: int, seq: int, mb: int, dtype_bytes: int = 2) -> float:
     """Bytes one rank hands to all-to-all per transformer layer and micro-batch for context parallelism's attention
     (pretrain/context_parallel.py), forward and backward: q, k, v and the output, a rank's [seq/cp, mb, heads/tp,
-    d] each, once per direction ((cp - 1) / cp of it leaves the rank; full recompute adds a forward's worth). Key/
+    d] each, once per direction ((cp - 1) / cp of it leaves the rank; full or selective recompute, which re-runs
+    core attention, adds a forward's worth: not counted here). Key/
     value groups that do not split into cp travel repeated up to one per query head. Checked against the bytes a
     CP 2 run moves (tests/pretrain/test_context_parallel.py)."""
     if cp == 1:

@@ -215,7 +215,7 @@ def local_logits(engine, batch: dict):
                                            num_micro_batches=1)
         finally:
             engine.module.loss_fn = loss_fn
-        return loss_fn.logits(outputs) if engine.is_last_stage() else None
+        return engine.module.pipeline_loss.logits(outputs) if engine.is_last_stage() else None
     finally:
         engine.train()
 

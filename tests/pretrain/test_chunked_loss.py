@@ -100,6 +100,10 @@ def test_loss_chunks_option_is_checked_before_anything_is_built():
             loss_chunks(bad, cfg, layout, "none", False)
     auto = loss_chunks("auto", cfg, layout, "none", False)
     assert auto & (auto - 1) == 0 and 1 <= auto <= cfg.seq_length
+    cp2 = validate_layout(cfg, 2, 1, 1, 3, 2, 4, cp=2)  # a rank holds half the sequence
+    assert loss_chunks(str(cfg.seq_length // 2), cfg, cp2, "none", False) == cfg.seq_length // 2
+    with pytest.raises(LayoutError, match="sequence length 32 \\(--seq-length / --cp 2\\)"):
+        loss_chunks(str(cfg.seq_length // 2 + 1), cfg, cp2, "none", False)
 
 
 # ---------------------------------------------------------------------------- every layout (slow: real ranks)

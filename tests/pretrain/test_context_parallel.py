@@ -116,3 +116,9 @@ def test_context_parallel_layouts_are_validated_naming_the_fix():
         validate_layout(cfg, 8, tp=2, cp=4)
     with pytest.raises(LayoutError, match="sequence length 64 must split into 3 equal chunks"):
         validate_layout(cfg.replace(hidden_size=96, num_attention_heads=6, num_query_groups=6), 3, cp=3)
+    with pytest.raises(LayoutError, match="same masks; set --hidden-dropout 0 --attention-dropout 0"):
+        validate_layout(cfg.replace(hidden_dropout=0.1), 2, cp=2)
+    with pytest.raises(LayoutError, match="--cp 2 with --compile"):
+        validate_layout(cfg, 2, cp=2, compile_layers=True)
+    with pytest.raises(LayoutError, match="num_attention_heads=4 is not divisible by --tp 3"):  # TP's error first
+        validate_layout(cfg, 6, tp=3, cp=2)

@@ -40,6 +40,8 @@ def test_short_run_per_ds_config(tiny_data, tmp_path, config, extra):
                   tmp_path / "ck", *extra, *common(tiny_data, tmp_path))
     if "auto" in extra:
         assert "--loss-chunks auto: " in proc.stdout
+    if "--cp" in extra:  # ZeRO-3 over DP 1 x CP 2
+        assert "PP=1 CP=2 DP=1" in proc.stdout and "partitioned over DP=1 x CP=2" in proc.stdout
     losses = train_losses(metrics(tmp_path))
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"

@@ -45,9 +45,11 @@ def same(a: dict, b: dict) -> bool:
                                            (["ds_configs/zero3.json"], False)], ids=["dp2", "pp2", "dp2-guard-off"])
 def test_a_spike_is_skipped_for_real_and_applied_without_the_guard(tiny_data, tmp_path, layout, guard):
     flags = ["--spike-sigma", "3", "--spike-window", "4"] if guard else []
+    # the logits dump at the end reads the pipeline's logits through the loss the guard wrapped
     out = launch(2, MAIN, "--deepspeed_config", *layout, "--fp32", "--train-iters", "8", "--save", tmp_path / "ck",
                  "--save-interval", "1", "--keep-last", "0", *common(tiny_data, tmp_path), *flags,
-                 env={"PRETRAIN_INJECT_SPIKE_AT": "7"}).stdout
+                 env={"PRETRAIN_INJECT_SPIKE_AT": "7", "PRETRAIN_DUMP_LOGITS": str(tmp_path / "dump.pt")}).stdout
+    assert (tmp_path / "dump.pt").stat().st_size > 0
     rows = metrics(tmp_path)
     skipped = {r["step"]: r for r in rows if r.get("skipped")}
     logged = {r["step"]: r["loss"] for r in rows if "lr" in r}  # the loss each step measured, applied or not
