@@ -79,6 +79,7 @@ def score(engine, pairs: list[tuple[list[int], list[int]]], seq_length: int, mic
     tokens, as lm-eval's hf model does."""
     from megatron.core import parallel_state, tensor_parallel
 
+    from pretrain import context_parallel
     from pretrain.model import top1_correct
     from pretrain.step import local_logits
 
@@ -92,10 +93,10 @@ def score(engine, pairs: list[tuple[list[int], list[int]]], seq_length: int, mic
              "loss_mask": torch.ones(micro_batch_size, seq_length)}
     logits = local_logits(engine, batch)
     result = torch.zeros(2, micro_batch_size, seq_length, device=device())  # [log-prob, top-1] per position
-    if logits is not None:
-        labels = batch["labels"].to(device())
-        result[1] = top1_correct(logits, labels).t().float()
-        result[0] = -tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).t()
+    if logits is not None:  # (under --cp this rank's chunk of the positions, then every rank's)
+        labels = context_parallel.local(batch["labels"].to(device()), 1)
+        log_prob = -tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).t()
+        result = context_parallel.gather(torch.stack([log_prob, top1_correct(logits, labels).t().float()]), 2)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(result, parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())

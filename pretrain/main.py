@@ -146,14 +146,12 @@ def model_config(args, vocab_size: int) -> ModelConfig:
 
 
 def check_context_parallel_options(args) -> None:
-    """--cp splits every forward's sequence into equal chunks: prompts of any length (sampling, lm-eval's
-    log-likelihoods) do not split, so those run without it."""
-    if args.cp > 1:
-        for flag, value in (("--sample-prompt", args.sample_prompt), ("--eval-tasks", args.eval_tasks)):
-            if value:
-                raise LayoutError(f"{flag} cannot run with --cp {args.cp}: context parallelism splits each sequence "
-                                  f"into {args.cp} equal chunks and a prompt has its own length; drop {flag} (score "
-                                  f"the checkpoint afterwards with python -m pretrain.export and lm-eval) or --cp")
+    """--cp splits every forward's sequence into equal chunks: sampling's prompts grow a token at a time and do not
+    split, so it runs without it. (--eval-tasks pads every request to the sequence length: it runs.)"""
+    if args.cp > 1 and args.sample_prompt:
+        raise LayoutError(f"--sample-prompt cannot run with --cp {args.cp}: context parallelism splits each sequence "
+                          f"into {args.cp} equal chunks and a prompt has its own length; drop --sample-prompt "
+                          f"(sample from the export: python -m pretrain.export, then transformers) or --cp")
 
 
 def loss_chunks(value: str, cfg: ModelConfig, layout: Layout, recompute: str, sequence_parallel: bool) -> int:

@@ -19,7 +19,8 @@ def test_asking_for_tasks_without_lm_eval_installed_says_how(hide_package, capsy
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["ds_configs/zero3.json"], ["ds_configs/zero3.json", "--tp", "2"],
-                                    ["ds_configs/zero1_pp.json", "--pp", "2"]], ids=["default-dp2", "tp2", "pp2"])
+                                    ["ds_configs/zero1_pp.json", "--pp", "2"], ["ds_configs/zero3.json", "--cp", "2"]],
+                         ids=["default-dp2", "tp2", "pp2", "cp2"])
 def test_tasks_during_training_equal_lm_eval_on_the_export(tiny_data, task_dir, tmp_path, layout):
     out = launch(2, MAIN, "--deepspeed_config", *layout, "--fp32", "--train-iters", "8",
                  "--save", tmp_path / "ck", "--eval-tasks", "tiny_mc", "--eval-tasks-dir", task_dir,
