@@ -101,7 +101,7 @@ class PlanInput:
     link_overrides: dict | None = None  # {"inter.bus_gbs": 25.0, ...}
     mask_prob: float = 0.15  # --objective mlm (model.objective): the share of tokens the loss counts
     async_save: bool = False  # --async-save: one host snapshot of each GPU's checkpoint share in flight
-    loss_chunks: int = 1  # --loss-chunks: the output layer and loss over this many pieces of the sequence
+    loss_chunks: int | str = 1  # --loss-chunks: the output layer and loss over this many pieces of the sequence
     cp: int = 1  # --cp: each sample's sequence split across this many ranks
 
 
@@ -235,6 +235,10 @@ def plan(p: PlanInput) -> dict:
     world = p.nodes * p.gpus_per_node
     layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute,
                              sequence_parallel=p.sequence_parallel, cp=p.cp)
+    if p.loss_chunks == "auto":  # as the trainer picks it (pretrain/main.py:loss_chunks), on a rank's CP chunk
+        chunks = auto_loss_chunks(cfg, p.tp, p.seq_length // p.cp, p.micro_batch_size, p.recompute, p.device_type,
+                                  p.sequence_parallel)
+        p = dataclasses.replace(p, loss_chunks=chunks)
     if p.gpu not in GPUS:
         raise LayoutError(f"--gpu {p.gpu!r} is not known; choose one of {', '.join(GPUS)}")
     if p.offload_params and p.zero != 3:
@@ -390,6 +394,11 @@ def format_search(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _chunks(value: str):
+    """--loss-chunks: a whole number, or auto."""
+    return value if value == "auto" else int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
     ap.add_argument("--async-save", action="store_true",
                     help="report the host memory --async-save's snapshot takes (one per GPU while a save is written)")
-    ap.add_argument("--loss-chunks", type=int, default=1,
+    ap.add_argument("--loss-chunks", default=1, metavar="K|auto", type=_chunks,
                     help="as the trainer's: the output layer and loss over this many pieces of the sequence")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
@@ -443,7 +452,8 @@ def main(argv=None) -> int:
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
                            prefetch_bucket_size=a.prefetch_bucket_size, mask_prob=a.mask_prob,
-                           async_save=a.async_save, loss_chunks=a.loss_chunks, cp=a.cp,
+                           async_save=a.async_save, cp=a.cp,
+                           loss_chunks=a.loss_chunks,
                            intra_link=a.intra_link, inter_link=a.inter_link,
                            link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None))
     except LayoutError as e:

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 from pretrain.config import PRESETS, preset
 from pretrain.parallel import LayoutError, validate_layout
-from pretrain.plan import ACTIVATION_COEFFICIENTS, PlanInput, plan, rank_params, zero3_live_parameters
+from pretrain.plan import (ACTIVATION_COEFFICIENTS, PlanInput, auto_loss_chunks, plan, rank_params,
+                           zero3_live_parameters)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -208,4 +209,7 @@ def test_context_parallel_divides_activations_and_loss_and_keeps_zero_over_dp_x_
     assert m2["cp_all_to_all_per_layer"] > 0
     chunked = plan(PlanInput(**base, cp=2, loss_chunks=8))["memory_gib"]["output_and_loss"]
     assert chunked < m2["output_and_loss"] / 4
+    auto = plan(PlanInput(**base, cp=2, loss_chunks="auto"))["memory_gib"]  # as the trainer picks it
+    assert auto["loss_chunks"] == auto_loss_chunks(base["model"].replace(seq_length=8192), 1, 4096, 1, "selective")
+    assert auto["loss_chunks"] > 1 and auto["output_and_loss"] < m2["output_and_loss"]
     assert any("--cp 2" in w for w in two["speed"]["warnings"])
