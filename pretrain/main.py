@@ -155,24 +155,13 @@ def check_context_parallel_options(args) -> None:
 
 
 def loss_chunks(value: str, cfg: ModelConfig, layout: Layout, recompute: str, sequence_parallel: bool) -> int:
-    """--loss-chunks K|auto -> K, checked against a rank's sequence (its CP chunk; pretrain/chunked_loss.py)."""
-    seq = cfg.seq_length // layout.cp
-    if value == "auto":
-        from pretrain.plan import auto_loss_chunks
+    """--loss-chunks K|auto -> K (pretrain.plan.resolve_loss_chunks, as the planner resolves it)."""
+    from pretrain.plan import resolve_loss_chunks
 
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        chunks = auto_loss_chunks(cfg, layout.tp, seq, layout.micro_batch_size, recompute, device_type,
-                                  sequence_parallel)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    chunks = resolve_loss_chunks(value, cfg, layout, recompute, sequence_parallel, device_type)
+    if value == "auto":
         log(f"--loss-chunks auto: {chunks} (the loss's logits within one layer's activations)")
-        return chunks
-    try:
-        chunks = int(value)
-    except ValueError:
-        chunks = 0
-    if not 1 <= chunks <= seq:
-        raise LayoutError(f"--loss-chunks {value!r}: give a whole number from 1 (the plain loss) to a rank's sequence "
-                          f"length {seq}" + (f" (--seq-length / --cp {layout.cp})" if layout.cp > 1 else "")
-                          + ", or auto")
     return chunks
 
 

@@ -186,9 +186,9 @@ def cp_all_to_all_bytes(cfg: ModelConfig, tp: int, cp: int, seq: int, mb: int, d
     """Bytes one rank hands to all-to-all per transformer layer and micro-batch for context parallelism's attention
     (pretrain/context_parallel.py), forward and backward: q, k, v and the output, a rank's [seq/cp, mb, heads/tp,
     d] each, once per direction ((cp - 1) / cp of it leaves the rank; full or selective recompute, which re-runs
-    core attention, adds a forward's worth: not counted here). Key/
-    value groups that do not split into cp travel repeated up to one per query head. Checked against the bytes a
-    CP 2 run moves (tests/pretrain/test_context_parallel.py)."""
+    core attention, adds a forward's worth: not counted here). Key/value groups that do not split into cp travel
+    repeated up to one per query head. Checked against the bytes a CP 2 run moves
+    (tests/pretrain/test_context_parallel.py)."""
     if cp == 1:
         return 0.0
     heads, groups = cfg.num_attention_heads // tp, cfg.num_query_groups // tp
@@ -215,6 +215,25 @@ def loss_logits_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, chunks: int,
     return -(-seq * mb // chunks) * cfg.padded_vocab_size / tp * (ch["token_v"] + ch.get("logits_alive", 2))
 
 
+def resolve_loss_chunks(value, cfg: ModelConfig, layout, recompute: str, sequence_parallel: bool,
+                        device_type: str = "cuda") -> int:
+    """--loss-chunks K|auto (the trainer's and the planner's) -> K, checked against a rank's sequence (its CP chunk;
+    pretrain/chunked_loss.py); auto: auto_loss_chunks."""
+    seq = cfg.seq_length // layout.cp
+    if value == "auto":
+        return auto_loss_chunks(cfg, layout.tp, seq, layout.micro_batch_size, recompute, device_type,
+                                sequence_parallel)
+    try:
+        chunks = int(value)
+    except ValueError:
+        chunks = 0
+    if not 1 <= chunks <= seq:
+        raise LayoutError(f"--loss-chunks {value!r}: give a whole number from 1 (the plain loss) to a rank's sequence "
+                          f"length {seq}" + (f" (--seq-length / --cp {layout.cp})" if layout.cp > 1 else "")
+                          + ", or auto")
+    return chunks
+
+
 def auto_loss_chunks(cfg: ModelConfig, tp: int, seq: int, mb: int, recompute: str, device_type: str = "cuda",
                      sequence_parallel: bool = False) -> int:
     """--loss-chunks auto: the fewest chunks (a power of two, at most one per position) that keep the loss's logits
@@ -235,10 +254,8 @@ def plan(p: PlanInput) -> dict:
     world = p.nodes * p.gpus_per_node
     layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute,
                              sequence_parallel=p.sequence_parallel, cp=p.cp)
-    if p.loss_chunks == "auto":  # as the trainer picks it (pretrain/main.py:loss_chunks), on a rank's CP chunk
-        chunks = auto_loss_chunks(cfg, p.tp, p.seq_length // p.cp, p.micro_batch_size, p.recompute, p.device_type,
-                                  p.sequence_parallel)
-        p = dataclasses.replace(p, loss_chunks=chunks)
+    p = dataclasses.replace(p, loss_chunks=resolve_loss_chunks(p.loss_chunks, cfg, layout, p.recompute,
+                                                               p.sequence_parallel, p.device_type))
     if p.gpu not in GPUS:
         raise LayoutError(f"--gpu {p.gpu!r} is not known; choose one of {', '.join(GPUS)}")
     if p.offload_params and p.zero != 3:
@@ -269,11 +286,11 @@ def plan(p: PlanInput) -> dict:
         gpus_per_node=p.gpus_per_node, device=steptime.DEVICE_OF_GPU[p.gpu], intra=p.intra_link,
         inter=p.inter_link, overrides=p.link_overrides or {}))
     tokens_per_s = st["tokens_per_s"]
+    all_to_all = cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length, p.micro_batch_size)
     if p.cp > 1:
         st["warnings"].append(f"--cp {p.cp}: the step time is CP 1's per-rank work (each rank computes 1/{p.cp} of "
                               f"a sample: about {p.cp}x too slow) without the attention all-to-alls "
-                              f"({cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length, p.micro_batch_size) / 2**20:.1f}"
-                              f" MiB per layer per GPU); only the memory above models CP")
+                              f"({all_to_all / 2**20:.1f} MiB per layer per GPU); only the memory above models CP")
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     return {
         "model": {"parameters": cfg.num_params(), "parameters_per_gpu": counts["per_gpu"],
@@ -286,8 +303,7 @@ def plan(p: PlanInput) -> dict:
                        "zero3_live_at_forward_end": gib(gathered_at_forward),
                        "communication_buckets": gib(m["buckets"]), "activations": gib(acts),
                        "output_and_loss": gib(head), "loss_chunks": p.loss_chunks, "model_states": gib(states),
-                       "cp_all_to_all_per_layer": gib(cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length,
-                                                                          p.micro_batch_size)),
+                       "cp_all_to_all_per_layer": gib(all_to_all),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
                        "with_reserve": gib(need), "device": gpu.memory_gib,
                        "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5),
@@ -394,11 +410,6 @@ def format_search(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _chunks(value: str):
-    """--loss-chunks: a whole number, or auto."""
-    return value if value == "auto" else int(value)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -432,7 +443,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-prob", type=float, default=0.15, help="mlm: the share of tokens masked")
     ap.add_argument("--async-save", action="store_true",
                     help="report the host memory --async-save's snapshot takes (one per GPU while a save is written)")
-    ap.add_argument("--loss-chunks", default=1, metavar="K|auto", type=_chunks,
+    ap.add_argument("--loss-chunks", default="1", metavar="K|auto",
                     help="as the trainer's: the output layer and loss over this many pieces of the sequence")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)

@@ -212,4 +212,6 @@ def test_context_parallel_divides_activations_and_loss_and_keeps_zero_over_dp_x_
     auto = plan(PlanInput(**base, cp=2, loss_chunks="auto"))["memory_gib"]  # as the trainer picks it
     assert auto["loss_chunks"] == auto_loss_chunks(base["model"].replace(seq_length=8192), 1, 4096, 1, "selective")
     assert auto["loss_chunks"] > 1 and auto["output_and_loss"] < m2["output_and_loss"]
+    with pytest.raises(LayoutError, match="--loss-chunks 0: give a whole number from 1"):  # the trainer's message
+        plan(PlanInput(**base, loss_chunks=0))
     assert any("--cp 2" in w for w in two["speed"]["warnings"])
