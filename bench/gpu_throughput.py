@@ -29,6 +29,7 @@ from pretrain.config import preset  # noqa: E402
 
 
 MEASURED: dict = {}  # extra figures a run reports (GPU memory of the model states)
+DS_CONFIG = None  # --ds-config
 
 
 def _sync():
@@ -70,12 +71,12 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
 
     init_distributed(1, 1, cp=cp)
     layout = validate_layout(cfg, int(os.environ["WORLD_SIZE"]), 1, 1, zero, b, b * gas, recompute, cp=cp)
-    ds = {"train_batch_size": b * gas * cp, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": gas,
-          "bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9,
-          "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
-                                "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
-                                "stage3_param_persistence_threshold": 1e6}}
+    if DS_CONFIG:  # a shipped config, filled as the trainer fills it ("auto" buckets from the hidden size)
+        from pretrain.engine import load_ds_config
+
+        ds = load_ds_config(DS_CONFIG, layout, clip_grad=1.0, hidden_size=cfg.hidden_size)
+    else:
+        ds = _inline_ds_config(b, gas, cp, zero)
     from pretrain.model import ModelOptions
 
     options = ModelOptions(recompute, document_eod=EOD if document_mask else None, loss_chunks=loss_chunks)
@@ -94,6 +95,16 @@ def run_ours(cfg, b, s, zero, recompute, steps, warmup, compile_layers=False, fu
     if os.environ.get("BENCH_PROFILE"):
         _profile(lambda: train_step(engine, data))
     return sec, losses[-1]
+
+
+def _inline_ds_config(b: int, gas: int, cp: int, zero: int) -> dict:
+    """The config of the recorded rows (bench/results_h100.jsonl): large buckets, persistence 1e6."""
+    return {"train_batch_size": b * gas * cp, "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": gas,
+          "bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9,
+          "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
+                                "stage3_param_persistence_threshold": 1e6}}
 
 
 def _profile(step, n: int = 3) -> None:
@@ -159,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--ds-config", help="ours: this DeepSpeed config (e.g. ds_configs/zero3.json, its stage wins over "
+                                       "--zero) instead of the recorded rows' inline one")
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -174,6 +187,13 @@ def main(argv=None) -> int:
                                                      "(bench/context_sweep.py launches it)")
     p.add_argument("--loss-chunks", type=int, default=1, help="ours: the chunked output layer and loss")
     a = p.parse_args(argv)
+    global DS_CONFIG
+    if a.ds_config:
+        import json
+
+        DS_CONFIG = a.ds_config
+        with open(a.ds_config) as f:
+            a.zero = int(json.load(f).get("zero_optimization", {}).get("stage", 0))
     single_rank_env(29611)
     cfg = preset(a.model, seq_length=a.seq_length)
     from pretrain.metrics import device_peak_tflops
@@ -185,7 +205,7 @@ def main(argv=None) -> int:
               "micro_batch": a.micro_batch_size, "grad_accum": a.grad_accum, "zero": a.zero, "recompute": a.recompute,
               "device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "compile": a.compile,
               "fuse_swiglu": a.fuse_swiglu, "document_mask": a.document_mask, "separate_processes": True,
-              "cp": a.cp, "loss_chunks": a.loss_chunks}
+              "cp": a.cp, "loss_chunks": a.loss_chunks, "ds_config": a.ds_config}
     if a.which == "both":  # each side in a fresh process of its own (see the module docstring)
         for which in ("ours", "baseline"):
             result[which] = _side_in_subprocess(argv if argv is not None else sys.argv[1:], which)

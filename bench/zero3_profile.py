@@ -126,6 +126,13 @@ class Parts:
         DeepSpeedEngine.allreduce_gradients = self.wrap(DeepSpeedEngine.allreduce_gradients, "grad reduce")
         for cls in (z3, z1):
             cls.step = self.wrap(cls.step, "optimizer")
+        # pretrain/zero3_step.py puts its own reduce hook and epilogue on the optimizer instance, and reduces the
+        # step's gradients in flush()
+        for name in ("reduce_ready_partitions_and_remove_grads", "independent_gradient_partition_epilogue"):
+            if name in vars(engine.optimizer):
+                setattr(engine.optimizer, name, self.wrap(getattr(engine.optimizer, name), "grad reduce"))
+        if getattr(engine, "zero3_step", None):
+            engine.zero3_step.flush = self.wrap(engine.zero3_step.flush, "grad reduce")
 
     def take(self) -> tuple[dict, dict]:
         out = dict(self.seconds), {k: [v, self.calls[k]] for k, v in self.detail.items()}

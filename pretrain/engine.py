@@ -198,6 +198,7 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     from pretrain.compat import defer_deepspeed_muon_compile
     from pretrain.model import apply_speedups
     from pretrain.step import guard_plain_optimizer
+    from pretrain import zero3_step
     from pretrain.zero_state import undo_construction_step
 
     from pretrain.model import ModelOptions
@@ -211,6 +212,7 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     guard_plain_optimizer(engine)  # fp32 ZeRO-0 is the one case DeepSpeed applies non-finite gradients
     undo_construction_step(engine)  # bf16 ZeRO-0's optimizer stepped once at construction
+    zero3_step.install(engine)  # ZeRO-3: one gather and one reduce per step where DeepSpeed's buffers allow
     if compile_layers or fused_swiglu:
         apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine

@@ -381,6 +381,8 @@ def fit(run: Run) -> int:
             f"({part['partitioned_elements'] / max(part['all_elements'], 1):.1%} of the elements) partitioned over "
             f"DP={run.layout.dp}" + (f" x CP={run.layout.cp}" if run.layout.cp > 1 else "")
             + "; the rest (under stage3_param_persistence_threshold) stay whole on every rank")
+    if getattr(run.engine, "zero3_decision", None):
+        log(run.engine.zero3_decision.describe())
     if run.early and run.early.should_stop():
         log(f"this run stopped early at iteration {state.iteration}: {run.early.why()}; nothing to train (raise "
             f"--early-stop-patience or drop it to train on)")

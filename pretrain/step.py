@@ -12,6 +12,7 @@ which is what a step's `skipped` says. A NaN loss needs no special path: its gra
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -80,16 +81,23 @@ def train_step(engine, micro_batches, global_tokens: bool = False) -> StepResult
     if is_pipeline(engine):
         return _pipeline_step(engine, micro_batches)
     losses, grad_norm = [], None
-    for m in range(engine.gradient_accumulation_steps()):
-        batch = _to_device(next(micro_batches))
-        loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("loss_tokens"),
-                      batch.get("document_ids"))
-        losses.append(loss.detach())
-        engine.backward(loss)
-        if m == engine.gradient_accumulation_steps() - 1 and engine.zero_optimization_stage() == 0:
-            grad_norm = _unsharded_grad_norm(engine)
-        # DeepSpeed counts micro-steps in step(); it applies the optimizer only at the accumulation boundary.
-        engine.step()
+    last = engine.gradient_accumulation_steps() - 1
+    exchange = getattr(engine, "zero3_step", None)  # ZeRO-3: one gather and one reduce per step (zero3_step.py)
+    with exchange.step() if exchange else contextlib.nullcontext():
+        for m in range(last + 1):
+            batch = _to_device(next(micro_batches))
+            if exchange:
+                exchange.micro_batch(m)
+            loss = engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("loss_tokens"),
+                          batch.get("document_ids"))
+            losses.append(loss.detach())
+            engine.backward(loss)
+            if m == last and exchange:
+                exchange.flush()
+            if m == last and engine.zero_optimization_stage() == 0:
+                grad_norm = _unsharded_grad_norm(engine)
+            # DeepSpeed counts micro-steps in step(); it applies the optimizer only at the accumulation boundary.
+            engine.step()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     return _result(engine, _dp_mean(torch.stack(losses).float().mean()), grad_norm)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pretrain.config import ModelConfig
 from pretrain.engine import zero_auto
 from pretrain.sharding import stage_parameters
+from pretrain.zero3_step import why_not_hold, why_not_reduce_once
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,12 @@ DEVICES = {
     # Fitted by bench/steptime_validation.py on a 2-core CPU, 2026-12-02, for its validation model (the tiny preset
     # at hidden 256, ffn 704, 4 layers, seq 256, fp32): one core's matmul rate, and from one process the host cost
     # per layer pass, per step and ZeRO-3's hooks. Typical values of 3 runs; the bench refits them every run
-    # (run to run: 6-10 ms per layer pass, 28-66 ms per step, ZeRO-3 11-17 ms + 0-4 ns per layer parameter).
+    # (run to run: 6-10 ms per layer pass, 28-66 ms per step). ZeRO-3 refitted 2026-12-03 after issue 32
+    # (pretrain/zero3_step.py: parameters held and gradients reduced once across the fit's 4 micro-batches,
+    # DeepSpeed's parameter walks cached, NVTX off): 1.78-2.31 ms + 0-0.3 ns per layer parameter in 3 runs,
+    # against 11-17 ms + 0-4 ns before.
     "cpu": Device(peak_tflops=0.084, efficiency=((64, 1.0),), layer_overhead_s=8e-3, optimizer_s_per_param=0.0,
-                  step_overhead_s=45e-3, zero3_layer_overhead_s=13e-3, zero3_s_per_layer_param=2e-9, cores=2,
+                  step_overhead_s=45e-3, zero3_layer_overhead_s=2.3e-3, zero3_s_per_layer_param=0.3e-9, cores=2,
                   intra="gloo-loopback", dtype_bytes=4, overlaps_comm=False,
                   measured_error="2-core CPU, the 7 layouts of 2-4 gloo ranks the tests run, on the tiny preset "
                                  "widened (hidden 256, ffn 704, 4 layers, seq 256, fp32), with these constants as "
@@ -142,6 +146,7 @@ class StepInput:
     prefetch_bucket: float | None = None
     allreduce_bucket: float = 5e8  # DeepSpeed's allreduce/allgather bucket size without ZeRO / after the step
     max_reuse_distance: float = 1e9  # ZeRO-3's stage3_max_reuse_distance (ds_configs/zero3.json)
+    max_live: float = 1e9  # ZeRO-3's stage3_max_live_parameters (ds_configs/zero3.json)
 
     def __post_init__(self):
         h = self.cfg.hidden_size
@@ -367,6 +372,9 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list
     # parameter here, which is what the prefetcher walks (checked call for call on the tiny model, where the
     # "auto" buckets hold everything: one fetch and one reduce-scatter per micro-batch; GPU-sized layers under a
     # 4e7 prefetch bucket not checked against a real run).
+    # pretrain/zero3_step.py, where the model fits those buffers (its why_not_* rules, shared here): the
+    # parameters stay gathered across a step's micro-batches (fetched once per step, not per micro-batch) and
+    # the gradients of all micro-batches are reduce-scattered once.
     parted = [n for _, n in tensors if n > zero_auto("stage3_param_persistence_threshold", s.cfg.hidden_size)]
     backward_fetch, after = [], 0
     for n in reversed(parted):
@@ -375,9 +383,12 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list
         after += n
     fetches = prefetch_groups(parted, s.prefetch_bucket) + prefetch_groups(backward_fetch, s.prefetch_bucket)
     flushes = bucket_flushes(backward, s.reduce_bucket)
-    return [Collective("all_gather", "dp", m * fetches, (sum(parted) + sum(backward_fetch)) * dtype_bytes / fetches,
-                       "overlap", "parameters fetched"),
-            Collective("reduce_scatter", "dp", m * flushes, psi * dtype_bytes / flushes, "overlap", "gradients"),
+    held = not why_not_hold(sum(parted), min(s.prefetch_bucket, s.max_live), m)
+    once = not why_not_reduce_once(psi, s.reduce_bucket, m)
+    return [Collective("all_gather", "dp", (1 if held else m) * fetches,
+                       (sum(parted) + sum(backward_fetch)) * dtype_bytes / fetches, "overlap", "parameters fetched"),
+            Collective("reduce_scatter", "dp", (1 if once else m) * flushes, psi * dtype_bytes / flushes, "overlap",
+                       "gradients"),
             Collective("all_gather", "dp", len(tensors) - len(parted), s.cfg.hidden_size * dtype_bytes, "step",
                        "persistent parameters")]
 

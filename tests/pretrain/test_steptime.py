@@ -147,15 +147,19 @@ def test_search_ranks_valid_fitting_layouts_by_predicted_speed():
 # The layouts tests/pretrain/test_parallel_equivalence.py runs (shared train_layout runs), and ZeRO-2.
 COUNTED = [(2, dict(zero=0)), (2, dict(zero=1)), (2, dict(zero=2)), (2, dict(zero=3)), (2, dict(tp=2, zero=0)),
            (2, dict(pp=2, zero=1)), (4, dict(tp=2, pp=2, zero=1)), (4, dict(tp=2, zero=3)),
-           (2, dict(pp=2, zero=1, tie=True)), (2, dict(zero=3, tie=True))]
+           (2, dict(pp=2, zero=1, tie=True)), (2, dict(zero=3, tie=True)),
+           # 2 micro-batches per step: ZeRO-3 fetches and reduce-scatters once per step (pretrain/zero3_step.py)
+           (2, dict(zero=3, global_batch_size=8))]
 
 
 def worker_input(nproc: int, layout: dict) -> steptime.StepInput:
-    """The planner's input for a train_layout run of this layout (tiny model, micro-batch 2, global batch 4)."""
+    """The planner's input for a train_layout run of this layout (tiny model, micro-batch 2, global batch 4 unless
+    the layout says)."""
     tp, pp, zero = layout.get("tp", 1), layout.get("pp", 1), layout.get("zero", 0)
     dp, cfg = nproc // (tp * pp), preset("tiny", tie_embeddings=layout.get("tie", False))
     return steptime.StepInput(cfg=cfg, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch_size=2,
-                              grad_accum=4 // (2 * dp), gpus_per_node=nproc, device="cpu",
+                              grad_accum=layout.get("global_batch_size", 4) // (2 * dp), gpus_per_node=nproc,
+                              device="cpu",
                               reduce_bucket=zero_auto("reduce_bucket_size", cfg.hidden_size))  # the worker's "auto"
 
 

@@ -70,6 +70,9 @@ def parse():
     p.add_argument("--count-collectives", action="store_true",
                    help="report each step's torch.distributed calls by name, and the bytes of each kind, on every rank "
                         "(OUT.rank<R>; pretrain.monitor.CollectiveTracker)")
+    p.add_argument("--zero3-per-micro-batch", action="store_true",
+                   help="PRETRAIN_ZERO3_STEP=0: DeepSpeed's own gather and reduce per micro-batch "
+                        "(pretrain/zero3_step.py)")
     p.add_argument("--zero3-reuse-distance", type=float, help="stage3_max_reuse_distance (DeepSpeed's default: 1e9)")
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -235,6 +238,8 @@ def main():
     global EOD, VARIED_MASK, SFT
     a = parse()
     EOD, VARIED_MASK = a.document_eod, a.varied_loss_mask
+    if a.zero3_per_micro_batch:
+        os.environ["PRETRAIN_ZERO3_STEP"] = "0"
     cfg, layout, engine = build(a)
     if a.sft_data:
         from pretrain import sft_data
@@ -254,7 +259,8 @@ def main():
     report = {"losses": {}, "grad_norms": {}, "skipped": {}, "master_sum": {start: master_sum(engine)},
               "adam_step": {start: zero_state.adam_step(engine)},
               "param_dtype": str(next(engine.module.parameters()).dtype), **zero3_partitioning(engine),
-              "local_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
+              "local_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
+              "zero3_decision": engine.zero3_decision.describe() if getattr(engine, "zero3_decision", None) else None}
     tracker = CollectiveTracker(count=True).install() if a.count_collectives else None
     window = zero3_window_meter(engine, report)
     for step in range(start + 1, a.steps + 1):
