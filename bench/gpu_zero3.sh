@@ -47,4 +47,18 @@ for gas in 1 4; do
       --grad-accum $gas --ds-config "$cfg" --which ours --steps "$steps" --warmup $warmup --json "$out"
   done
 done
+# pretrain/zero3_step.py's path on this device (it is off for 1b): the tiny model, 4 micro-batches, with and
+# without it; the losses after the same steps must agree (bf16: summation order only)
+for on in 1 0; do
+  echo "== tiny, ZeRO-3, 4 micro-batches, PRETRAIN_ZERO3_STEP=$on"
+  PRETRAIN_ZERO3_STEP=$on PYTHONUNBUFFERED=1 $PY bench/gpu_throughput.py --model tiny --seq-length 128 \
+    --micro-batch-size 2 --grad-accum 4 --ds-config ds_configs/zero3.json --which ours --steps 6 --warmup 1 \
+    --json "$out.check"
+done
+$PY - "$out.check" <<'PY'
+import json, sys
+a, b = (json.loads(line)["ours"]["loss"] for line in open(sys.argv[1]).read().splitlines()[-2:])
+print(f"tiny ZeRO-3 loss after 7 steps: one exchange per step {a}, DeepSpeed's path {b}: "
+      + ("agree" if abs(a - b) <= 2e-3 * abs(b) else "DIFFER"))
+PY
 echo "rows: $out"

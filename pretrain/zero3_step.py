@@ -21,7 +21,15 @@ third more than ZeRO-1. Two of DeepSpeed's own buffers make the repeat unnecessa
   same places instead (autograd accumulates into the bucket views that DeepSpeed leaves in `param.grad`), and
   the bucket is reduce-scattered once after the last backward, as ZeRO-1/2 do under `no_sync`. No memory is
   added: DeepSpeed's own `engine.coalesce_grad_reduction()` keeps whole `param.grad` tensors beside the bucket
-  (one more model of gradients), which is why it is not used.
+  (one more model of gradients), which is why it is not used. DeepSpeed reduces every micro-batch by design so
+  that a rank keeps only its gradient partition (its maintainers in deepspeedai/DeepSpeed#2252), and FSDP2 leaves
+  the choice to the loop (`set_requires_gradient_sync`, pytorch/torchtitan#292) for the same memory reason;
+  neither looks at whether a full-model buffer is already allocated, which is the case here.
+
+On a GPU (overlap_comm) DeepSpeed copies gradients into the bucket on its own reduce stream and synchronises it in
+the epilogue that the deferral skips: the compute stream waits for that stream after each deferred micro-batch,
+and the reduce stream for the compute stream before the one reduction (an independent review found the gap; no
+GPU has run this path yet, bench/gpu_zero3.sh's tiny rows would).
 
 Neither applies to models larger than those buffers (a 1B model's layer already exceeds the 4e7-element prefetch
 floor, and the reduce bucket is capped at 1e8 elements), nor with parameter or optimizer offload, nor in
@@ -44,8 +52,11 @@ HOLD = -(2**31)  # a sub-module id DeepSpeed never hands out (its ids count up f
 
 def trim_host_work() -> None:
     """Two process-wide savings in DeepSpeed's per-module hooks (module docstring):
-    - each module's parameter list computed once for the coordinator. Install after deepspeed.initialize: every
-      module's parameters (external ones included) are registered by then.
+    - each module's parameter list computed once for the coordinator. Install after deepspeed.initialize. The
+      model's external parameters (the tied embedding and the chunked loss's output weight, used by the head) are
+      registered when it is built (pretrain/model.py); DeepSpeed can also register one during a forward when a
+      module reads another's parameter (parameter_offload.py, ZeROOrderedDict), which no module here does:
+      `walks_match` checks the cache against fresh walks (tests/pretrain/test_zero3_step.py, after training).
     - DeepSpeed's NVTX ranges (`deepspeed.utils.nvtx.enable_nvtx`, its own switch) off: ~5,000 wrapped calls
       per step at 8 layers, each asking whether torch.compile is tracing and the accelerator for a range push,
       which only an Nsight trace reads. PRETRAIN_NVTX=1 keeps them for nsys."""
@@ -70,6 +81,17 @@ def trim_host_work() -> None:
     iter_params.cached = True
     coordinator.iter_params = iter_params
     parameter_offload.iter_params = iter_params  # imported by name there
+
+
+def walks_match(module) -> bool:
+    """Every cached parameter walk (trim_host_work) equals a fresh one: nothing registered after the cache."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import get_all_parameters
+
+    for m in module.modules():
+        for recurse, cached in m.__dict__.get("_zero3_param_walks", {}).items():
+            if [id(p) for p in cached] != [id(p) for _, p in get_all_parameters(m, recurse)]:
+                return False
+    return True
 
 
 @dataclass
@@ -116,10 +138,13 @@ def decide(engine) -> Decision:
     partitioned = sum(p.ds_numel for p in params if not p.ds_persist)
     hold_why = "parameters offloaded" if offloaded else why_not_hold(partitioned, window, m)
     dtypes = {opt.get_param_comm_dtype(p) for p in trainable}
+    groups = {id(opt._get_param_partition_group(p)) for p in trainable}  # a second group empties the bucket
     if offloaded or getattr(opt, "offload_optimizer", False):
         reduce_why = "parameters or optimizer offloaded"
     elif not opt.contiguous_gradients:
         reduce_why = "contiguous_gradients is off"
+    elif len(groups) != 1:
+        reduce_why = "parameters in more than one partition group"
     elif len(dtypes) != 1 or next(iter(dtypes)) != opt.gradient_accumulation_dtype:
         reduce_why = "the bucket's dtype is not the gradient accumulation dtype"
     elif getattr(opt, "zenflow", False):
@@ -178,7 +203,15 @@ class OneExchangePerStep:
                 raise RuntimeError(f"ZeRO-3 reduce-once: parameter {p.ds_id}'s gradient left its reduce bucket "
                                    "place between micro-batches; set PRETRAIN_ZERO3_STEP=0 to use DeepSpeed's "
                                    "per-micro-batch reduction and report this")
+        if set(self.slots) != {p.ds_id for p in self.bucket.params}:  # the bucket was emptied mid-step
+            raise RuntimeError("ZeRO-3 reduce-once: the reduce bucket no longer holds the step's gradients (DeepSpeed "
+                               "reduced it mid-step); set PRETRAIN_ZERO3_STEP=0 and report this")
         self.slots.clear()
+        stream = self.opt.reduce_and_partition_stream
+        if stream is not None:  # the reduce runs on DeepSpeed's stream: after the last backward's in-place adds
+            from deepspeed.accelerator import get_accelerator
+
+            stream.wait_stream(get_accelerator().current_stream())
         self._epilogue()
 
     # ---------------------------------------------------------------- DeepSpeed's hooks, while deferring
@@ -200,8 +233,15 @@ class OneExchangePerStep:
 
     def _maybe_epilogue(self):
         if not self.deferring:
-            self._epilogue()
-        # deferring: the bucket keeps this micro-batch's gradients for the next one; flush() reduces them
+            return self._epilogue()
+        # deferring: the bucket keeps this micro-batch's gradients for the next one; flush() reduces them. On a GPU
+        # DeepSpeed copied them into the bucket on its reduce stream (overlap_comm) and would synchronise it here:
+        # the next micro-batch's in-place adds on the compute stream must come after those copies.
+        stream = self.opt.reduce_and_partition_stream
+        if stream is not None:  # None on a synchronized device (CPU)
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().current_stream().wait_stream(stream)
 
     # ---------------------------------------------------------------- helpers
     def _hold(self, on: bool) -> None:
@@ -221,15 +261,16 @@ class OneExchangePerStep:
 def install(engine):
     """Decide and install on a ZeRO-3 engine (no-op for other stages): sets `engine.zero3_step` (the
     OneExchangePerStep, or None) and `engine.zero3_decision` (the Decision, for the run's log).
-    PRETRAIN_ZERO3_STEP=0 keeps DeepSpeed's per-micro-batch path (comparisons, bisecting)."""
+    PRETRAIN_ZERO3_STEP=0 keeps DeepSpeed as it is (per-micro-batch path, its walks and NVTX ranges): the
+    comparisons' baseline, and bisecting."""
     import os
 
     if not engine.zero_optimization_partition_weights():
         return None
-    trim_host_work()
     engine.zero3_step = engine.zero3_decision = None
-    if os.environ.get("PRETRAIN_ZERO3_STEP", "1") == "0":
+    if os.environ.get("PRETRAIN_ZERO3_STEP", "1") == "0":  # DeepSpeed as it is: the baseline of the tests
         return None
+    trim_host_work()
     decision = engine.zero3_decision = decide(engine)
     if decision.hold or decision.reduce_once:
         engine.zero3_step = OneExchangePerStep(engine, decision)

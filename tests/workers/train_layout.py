@@ -296,6 +296,10 @@ def main():
     # held-out batches (never trained on): loss and top-1 accuracy over the loss-counted tokens
     report["eval"] = evaluate(engine, micro_batches(cfg, layout, 10**6 + 1, dp_rank), layout.grad_accum_steps,
                               a.global_loss_tokens)
+    if getattr(engine, "zero3_decision", None):  # pretrain/zero3_step.py's cached walks are still the fresh ones
+        from pretrain.zero3_step import walks_match
+
+        report["zero3_walks_match"] = walks_match(engine.module)
     if owns_loss(layout):
         with open(a.out, "w") as f:
             json.dump(report, f)
