@@ -83,28 +83,12 @@ class ModelConfig:
         return embed + self.num_layers * self.layer_params() + self.hidden_size + head
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter's full (unsharded) shape by canonical name (pretrain/sharding.py), as the model builds
-        them: checkpoints, export and import take shapes from here, not from what a file happens to say."""
-        h, d, f, L = self.hidden_size, self.head_dim, self.ffn_hidden_size, self.num_layers
-        qkv = d * (self.num_attention_heads + 2 * self.num_query_groups)
-        shapes = {"0.word_embeddings.weight": (self.padded_vocab_size, h)}
-        for i in range(1, L + 1):
-            p = f"{i}.layer."
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "self_attention.linear_qkv.weight"] = (qkv, h)
-            shapes[p + "self_attention.linear_proj.weight"] = (h, self.num_attention_heads * d)
-            shapes[p + "pre_mlp_layernorm.weight"] = (h,)
-            shapes[p + "mlp.linear_fc1.weight"] = (2 * f, h)
-            shapes[p + "mlp.linear_fc2.weight"] = (h, f)
-            if self.add_bias:
-                shapes.update({p + "self_attention.linear_qkv.bias": (qkv,), p + "self_attention.linear_proj.bias":
-                               (h,), p + "mlp.linear_fc1.bias": (2 * f,), p + "mlp.linear_fc2.bias": (h,)})
-            elif self.qkv_bias:
-                shapes[p + "self_attention.linear_qkv.bias"] = (qkv,)
-        shapes[f"{L + 1}.norm.weight"] = (h,)
-        if not self.tie_embeddings:
-            shapes[f"{L + 2}.output_layer.weight"] = (self.padded_vocab_size, h)
-        return shapes
+        """Every parameter's full (unsharded) shape by canonical name, from the family's table
+        (pretrain/param_table.py), which the built model is checked against: checkpoints, export and import take
+        shapes from here, not from what a file happens to say."""
+        from pretrain.param_table import entries
+
+        return {name: e.shape(self) for name, e in entries(self).items()}
 
     def flops_per_token(self, seq_length: int | None = None) -> float:
         """Model FLOPs of one token's forward + backward (3x forward), attention scores included.

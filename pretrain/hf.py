@@ -9,9 +9,10 @@ and Llama's parameter names (EuroBertForMaskedLM's head is the final norm + lm_h
 (a sliding window in use, mixture of experts, another rope scaling, biases elsewhere, another activation) is refused
 naming the field: never approximated.
 
-Our fused layouts (pretrain/sharding.py): linear_qkv rows are, per query group, its query heads, then its key,
-then its value; linear_fc1 rows are [gate; up]. The vocabulary is padded to a multiple of 128 (rows past the
-HF vocabulary are zero on import and dropped on export). Nothing is unpickled: safetensors only.
+Names and fused layouts come from the family's table (pretrain/param_table.py): linear_qkv rows are, per query
+group, its query heads, then its key, then its value; linear_fc1 rows are [gate; up]. The vocabulary is padded to
+a multiple of 128 (rows past the HF vocabulary are zero on import and dropped on export). Nothing is unpickled:
+safetensors only.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from pretrain import sharding
+from pretrain import param_table, sharding
 from pretrain.config import ModelConfig
 from pretrain.objectives import for_hf_family, objective
 
@@ -139,32 +140,31 @@ def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict | None = None) -> di
 
 # ------------------------------------------------------------------------------------------------ weights out
 def to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our full (TP-merged) tensors by canonical name -> HF names; the vocabulary padding is dropped."""
-    L, h, d = cfg.num_layers, cfg.hidden_size, cfg.head_dim
-    nh, ng = cfg.num_attention_heads, cfg.num_query_groups
-    per_group, v = nh // ng, cfg.vocab_size
-    out = {"model.embed_tokens.weight": tensors["0.word_embeddings.weight"][:v],
-           "model.norm.weight": tensors[f"{L + 1}.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = tensors[f"{L + 2}.output_layer.weight"][:v]
-    for i in range(1, L + 1):
-        p, q = f"{i}.layer.", f"model.layers.{i - 1}."
-        for suffix, width in (("weight", h), ("bias", None)):
-            name = p + f"self_attention.linear_qkv.{suffix}"
-            if name not in tensors:
-                continue
-            qkv = tensors[name].view(ng, (per_group + 2) * d, *([width] if width else []))
-            out[q + f"self_attn.q_proj.{suffix}"] = qkv[:, : per_group * d].reshape(nh * d, *qkv.shape[2:])
-            out[q + f"self_attn.k_proj.{suffix}"] = qkv[:, per_group * d: (per_group + 1) * d].reshape(
-                ng * d, *qkv.shape[2:])
-            out[q + f"self_attn.v_proj.{suffix}"] = qkv[:, (per_group + 1) * d:].reshape(ng * d, *qkv.shape[2:])
-        out[q + "self_attn.o_proj.weight"] = tensors[p + "self_attention.linear_proj.weight"]
-        gate, up = tensors[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = gate, up
-        out[q + "mlp.down_proj.weight"] = tensors[p + "mlp.linear_fc2.weight"]
-        out[q + "input_layernorm.weight"] = tensors[p + "input_layernorm.weight"]
-        out[q + "post_attention_layernorm.weight"] = tensors[p + "pre_mlp_layernorm.weight"]
+    """Our full (TP-merged) tensors by canonical name -> HF names, each as its family table row says
+    (pretrain/param_table.py); the vocabulary padding is dropped."""
+    out = {}
+    for name, e in param_table.entries(cfg).items():
+        if e.param.hf is None:
+            raise ValueError(f"export: {name} has no Hugging Face name in pretrain/param_table.py (no family "
+                             f"here writes it)")
+        out.update(zip(e.hf_names(), _unfuse(e.param.layout, tensors[name], cfg)))
     return {k: t.contiguous() for k, t in out.items()}
+
+
+def _unfuse(layout: str, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """One of our tensors -> its Hugging Face tensor(s), in Param.hf_names order."""
+    if layout == "vocab":
+        return [t[:cfg.vocab_size]]
+    if layout == "gate_up":
+        return list(t.chunk(2, dim=0))
+    if layout == "qkv":  # per query group: its query heads, its key, its value
+        d, ng = cfg.head_dim, cfg.num_query_groups
+        per_group = cfg.num_attention_heads // ng
+        qkv = t.view(ng, (per_group + 2) * d, *t.shape[1:])
+        return [qkv[:, :per_group * d].reshape(per_group * ng * d, *t.shape[1:]),
+                qkv[:, per_group * d:(per_group + 1) * d].reshape(ng * d, *t.shape[1:]),
+                qkv[:, (per_group + 1) * d:].reshape(ng * d, *t.shape[1:])]
+    return [t]
 
 
 # ------------------------------------------------------------------------------------------------ weights in
@@ -176,7 +176,8 @@ class HFReader:
         from safetensors import safe_open
 
         self.dir, self.cfg = hf_dir, cfg
-        self.shapes = cfg.parameter_shapes()
+        self.entries = param_table.entries(cfg)
+        self.shapes = {name: e.shape(cfg) for name, e in self.entries.items()}
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -210,44 +211,39 @@ class HFReader:
         return t.float()
 
     def local_rows(self, name: str, tp: int, rank: int, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of TP rank `rank`'s slice of our parameter `name` under `tp` ranks (fp32)."""
-        cfg, L = self.cfg, self.cfg.num_layers
-        stage, rest = name.split(".", 1)
-        if rest == "word_embeddings.weight" or rest == "output_layer.weight":
-            hf = "model.embed_tokens.weight" if rest.startswith("word") or cfg.tie_embeddings else "lm_head.weight"
+        """Rows [r0, r1) of TP rank `rank`'s slice of our parameter `name` under `tp` ranks (fp32), read as its
+        family table row says (pretrain/param_table.py)."""
+        cfg, e = self.cfg, self.entries.get(name)
+        if e is None or e.param.hf is None:
+            raise KeyError(f"no Hugging Face tensor maps to {name}")
+        p, hf, full = e.param, e.hf_names(), self.shapes[name]
+        if p.layout == "vocab":  # the padded vocabulary: zero rows past the tokenizer's
             base = rank * cfg.padded_vocab_size // tp
             a, b = base + r0, base + r1
-            rows = self._rows(hf, min(a, cfg.vocab_size), min(b, cfg.vocab_size))
-            pad = torch.zeros(b - a - len(rows), cfg.hidden_size)  # the padded vocabulary
+            rows = self._rows(hf[0], min(a, cfg.vocab_size), min(b, cfg.vocab_size))
+            pad = torch.zeros(b - a - len(rows), cfg.hidden_size)
             return torch.cat([rows, pad]) if len(pad) else rows
-        if name == f"{L + 1}.norm.weight":
-            return self._rows("model.norm.weight", r0, r1)
-        q = f"model.layers.{int(stage) - 1}."
-        part = rest[len("layer."):]
-        simple = {"input_layernorm.weight": "input_layernorm.weight",
-                  "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
-        if part in simple:
-            return self._rows(q + simple[part], r0, r1)
-        if part.startswith("self_attention.linear_qkv."):
-            return self._qkv_rows(q, part.rsplit(".", 1)[1], tp, rank, r0, r1)
-        if part == "self_attention.linear_proj.weight":
-            cols = cfg.num_attention_heads * cfg.head_dim // tp
-            return self._rows(q + "self_attn.o_proj.weight", r0, r1, rank * cols, (rank + 1) * cols)
-        if part == "mlp.linear_fc2.weight":
-            cols = cfg.ffn_hidden_size // tp
-            return self._rows(q + "mlp.down_proj.weight", r0, r1, rank * cols, (rank + 1) * cols)
-        if part == "mlp.linear_fc1.weight":  # [gate; up], each split across TP ranks on its own
-            f = cfg.ffn_hidden_size // tp
+        if p.layout == "qkv":
+            return self._qkv_rows(hf, tp, rank, r0, r1)
+        if p.layout == "gate_up":  # [gate; up], each split across TP ranks on its own
+            f = full[0] // 2 // tp
             pieces = []
-            for src, lo, hi in (("gate_proj", 0, f), ("up_proj", f, 2 * f)):
+            for src, lo, hi in ((hf[0], 0, f), (hf[1], f, 2 * f)):
                 a, b = max(r0, lo), min(r1, hi)
                 if a < b:
-                    pieces.append(self._rows(q + f"mlp.{src}.weight", rank * f + a - lo, rank * f + b - lo))
+                    pieces.append(self._rows(src, rank * f + a - lo, rank * f + b - lo))
             return torch.cat(pieces)
-        raise KeyError(f"no Hugging Face tensor maps to {name}")
+        if p.tp_dim == 1:  # row-parallel: this rank's columns
+            cols = full[1] // tp
+            return self._rows(hf[0], r0, r1, rank * cols, (rank + 1) * cols)
+        if p.tp_dim == 0:
+            rows = full[0] // tp
+            return self._rows(hf[0], rank * rows + r0, rank * rows + r1)
+        return self._rows(hf[0], r0, r1)
 
-    def _qkv_rows(self, q: str, suffix: str, tp: int, rank: int, r0: int, r1: int) -> torch.Tensor:
-        """Our fused QKV rows of a rank: per query group, its query heads, its key, its value."""
+    def _qkv_rows(self, hf: list[str], tp: int, rank: int, r0: int, r1: int) -> torch.Tensor:
+        """Our fused QKV rows of a rank: per query group, its query heads, its key, its value (`hf`: the q, k
+        and v tensors' names)."""
         cfg = self.cfg
         d, per_group = cfg.head_dim, cfg.num_attention_heads // cfg.num_query_groups
         block = (per_group + 2) * d
@@ -256,12 +252,12 @@ class HFReader:
         for g in range(r0 // block, -(-r1 // block)):
             group = first_group + g
             lo, hi = max(r0 - g * block, 0), min(r1 - g * block, block)
-            for src, start, width, row0 in (("q_proj", 0, per_group * d, group * per_group * d),
-                                            ("k_proj", per_group * d, d, group * d),
-                                            ("v_proj", (per_group + 1) * d, d, group * d)):
+            for src, start, width, row0 in ((hf[0], 0, per_group * d, group * per_group * d),
+                                            (hf[1], per_group * d, d, group * d),
+                                            (hf[2], (per_group + 1) * d, d, group * d)):
                 a, b = max(lo, start), min(hi, start + width)
                 if a < b:
-                    pieces.append(self._rows(q + f"self_attn.{src}.{suffix}", row0 + a - start, row0 + b - start))
+                    pieces.append(self._rows(src, row0 + a - start, row0 + b - start))
         return torch.cat(pieces)
 
     def local_range(self, name: str, state: str, tp: int, tp_rank: int, start: int, numel: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.compat import apply_cpu_compat
 from pretrain.config import ModelConfig
-from pretrain import context_parallel, sharding
+from pretrain import context_parallel, param_table, sharding
+from pretrain.parallel import LayoutError
 
 apply_cpu_compat()
 
@@ -573,22 +574,47 @@ def _tied_logits(embedding: Embedding, hidden):
 # ---------------------------------------------------------------------------------------------------------
 
 def _full_init(name: str, shape, cfg: ModelConfig, seed: int, device) -> torch.Tensor:
-    if name.endswith("norm.weight") or "layernorm" in name:
+    init = param_table.lookup(name).init  # the family's table says how (pretrain/param_table.py)
+    if init == "one":
         return torch.ones(shape, device=device)
-    if name.endswith("bias"):
+    if init == "zero":
         return torch.zeros(shape, device=device)
     std = cfg.init_std
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+    if init == "residual":
         std = std / (2.0 * cfg.num_layers) ** 0.5  # Megatron/GPT-2 scaled init of residual projections
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     return torch.empty(shape, device=device).normal_(0.0, std, generator=gen)
 
 
+def check_against_table(model: nn.Module, cfg: ModelConfig, whole: bool) -> None:
+    """What megatron-core built is the family's table (pretrain/param_table.py): every built parameter has its
+    row, and (`whole`: a model of every parameter, not one pipeline stage) every row was built, with its shape
+    as this TP rank holds it. Raises naming the parameter; run once at construction."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    want = param_table.entries(cfg)
+    built = {}
+    for raw_name, param in model.named_parameters():
+        name = sharding.canonical_name(raw_name)
+        if name not in want:
+            raise LayoutError(f"the model built parameter {name} ({raw_name}), which the family table "
+                              f"(pretrain/param_table.py) does not list for this config; add its row there")
+        built[name] = tuple(getattr(param, "ds_shape", param.shape))
+        expected = sharding.local_shape(name, want[name].shape(cfg), tp)
+        if built[name] != expected:
+            raise LayoutError(f"{name}: built with shape {built[name]} on a TP rank, the family table says "
+                              f"{expected} (full {want[name].shape(cfg)}); fix its row in pretrain/param_table.py")
+    missing = [n for n in want if n not in built]
+    if whole and missing:
+        raise LayoutError(f"the family table lists {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                          f"which the model did not build; fix pretrain/param_table.py's present= for this config")
+
+
 @torch.no_grad()
 def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    check_against_table(model, cfg, whole=not hasattr(model, "num_stages") or model.num_stages == 1)
     for raw_name, param in model.named_parameters():
         name = sharding.canonical_name(raw_name)
         # megatron marks TP-split weights only inside its own init, which we replace; DeepSpeed's gradient

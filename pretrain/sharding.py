@@ -1,8 +1,8 @@
 """How each parameter is split across tensor-parallel ranks, by canonical name.
 
 Canonical names are the PP=1 model's: "0.word_embeddings.weight", "3.layer.mlp.linear_fc1.weight",
-"<L+1>.norm.weight", "<L+2>.output_layer.weight". Initialisation, TP conversion and Hugging Face export all use
-this one table, so they agree with megatron-core's layers by construction.
+"<L+1>.norm.weight", "<L+2>.output_layer.weight". The split of each comes from its family's table
+(pretrain/param_table.py), which initialisation, checkpoints and Hugging Face import and export read too.
 """
 from __future__ import annotations
 
@@ -10,18 +10,7 @@ import math
 
 import torch
 
-# suffix -> (split dim, gated). Gated: the tensor is [gate; up] and each half is split on its own, because
-# megatron's SwiGLU chunks each rank's *local* fc1 output into gate and up.
-_SPLITS = {
-    "word_embeddings.weight": (0, False),  # VocabParallelEmbedding
-    "output_layer.weight": (0, False),  # ColumnParallelLinear over the vocabulary
-    "linear_qkv.weight": (0, False),  # ColumnParallelLinear; rows grouped by query group, so a plain split
-    "linear_qkv.bias": (0, False),
-    "linear_fc1.weight": (0, True),
-    "linear_fc1.bias": (0, True),
-    "linear_proj.weight": (1, False),  # RowParallelLinear
-    "linear_fc2.weight": (1, False),
-}
+from pretrain import param_table
 
 
 def canonical_name(name: str) -> str:
@@ -32,10 +21,11 @@ def canonical_name(name: str) -> str:
 
 
 def split_rule(name: str):
-    for suffix, rule in _SPLITS.items():
-        if name.endswith(suffix):
-            return rule
-    return None, False  # replicated (norms, row-parallel biases)
+    """(the dimension split over TP ranks or None, gated) of a parameter, from its family's table
+    (pretrain/param_table.py; a name in no table is a KeyError naming the fix). Gated: the tensor is [gate; up]
+    and each half is split on its own."""
+    p = param_table.lookup(name)
+    return p.tp_dim, p.gated
 
 
 def full_shape(name: str, local_shape: tuple, tp: int) -> tuple:

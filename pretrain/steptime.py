@@ -359,7 +359,8 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list
         reduce = Collective("all_reduce", "dp", count * (m if s.zero == 2 else 1), psi * dtype_bytes / count,
                             "overlap" if s.zero == 2 else "step", "gradients")
         # then the updated parameters all-gathered, per parameter group (with and without weight decay)
-        no_decay = sum(n for name, n in tensors if _no_decay(name))
+        shapes = s.cfg.parameter_shapes()  # pretrain/engine.param_groups: 1-D tensors take no weight decay
+        no_decay = sum(n for name, n in tensors if len(shapes[name]) < 2)
         count = sum(math.ceil(g / s.allreduce_bucket) for g in (psi - no_decay, no_decay) if g)
         return [reduce, Collective("all_gather", "dp", count, psi * dtype_bytes / count, "step", "parameters")]
     # ZeRO-3: each partitioned module is fetched for forward, and for backward again unless it stayed gathered
@@ -391,11 +392,6 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list
                        "gradients"),
             Collective("all_gather", "dp", len(tensors) - len(parted), s.cfg.hidden_size * dtype_bytes, "step",
                        "persistent parameters")]
-
-
-def _no_decay(name: str) -> bool:
-    """The optimizer's parameter group without weight decay (pretrain/engine.py): norms and biases."""
-    return name.endswith("norm.weight") or name.endswith(".bias")
 
 
 def _group_size(s: StepInput, group: str) -> int:
