@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from pretrain.objectives import objective
@@ -67,20 +68,15 @@ class ModelConfig:
         return m * -(-self.vocab_size // m)
 
     def layer_params(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        qkv = h * d * (self.num_attention_heads + 2 * self.num_query_groups)
-        proj = self.num_attention_heads * d * h
-        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down
-        qkv_bias = d * (self.num_attention_heads + 2 * self.num_query_groups)
-        bias = (qkv_bias + h + 2 * self.ffn_hidden_size + h if self.add_bias else
-                qkv_bias if self.qkv_bias else 0)
-        return qkv + proj + mlp + 2 * h + bias  # two RMSNorm weights
+        """Parameters of one transformer layer (the family table's layer rows, pretrain/param_table.py)."""
+        from pretrain.param_table import entries
+
+        return sum(math.prod(e.shape(self)) for e in entries(self).values() if e.layer == 1)
 
     def num_params(self) -> int:
-        """Exact parameter count of the model `pretrain.model` builds (padded vocabulary included)."""
-        embed = self.padded_vocab_size * self.hidden_size
-        head = 0 if self.tie_embeddings else embed
-        return embed + self.num_layers * self.layer_params() + self.hidden_size + head
+        """Exact parameter count of the model `pretrain.model` builds (padded vocabulary included): the family
+        table's, which the built model is checked against."""
+        return sum(math.prod(shape) for shape in self.parameter_shapes().values())
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's full (unsharded) shape by canonical name, from the family's table

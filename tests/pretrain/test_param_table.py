@@ -18,8 +18,10 @@ def test_every_preset_builds_exactly_its_table(meta_model_builder, name, overrid
     from pretrain.model import check_against_table
 
     cfg = preset(name, **overrides)
-    check_against_table(meta_model_builder(cfg), cfg, whole=True)  # raises on any difference
+    model = meta_model_builder(cfg)
+    check_against_table(model, cfg, whole=True)  # raises on any difference
     assert list(cfg.parameter_shapes()) == list(param_table.entries(cfg))
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())  # the counts come from the table too
 
 
 def _without(row_name):
