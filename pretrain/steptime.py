@@ -374,24 +374,28 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list
     # "auto" buckets hold everything: one fetch and one reduce-scatter per micro-batch; GPU-sized layers under a
     # 4e7 prefetch bucket not checked against a real run).
     # pretrain/zero3_step.py, where the model fits those buffers (its why_not_* rules, shared here): the
-    # parameters stay gathered across a step's micro-batches (fetched once per step, not per micro-batch) and
-    # the gradients of all micro-batches are reduce-scattered once.
+    # parameters stay gathered across a step's micro-batches (fetched once per step, not per micro-batch, the
+    # persistent ones with them rather than after the step) and the gradients of all micro-batches are
+    # reduce-scattered once.
     parted = [n for _, n in tensors if n > zero_auto("stage3_param_persistence_threshold", s.cfg.hidden_size)]
     backward_fetch, after = [], 0
     for n in reversed(parted):
         if 2 * after > s.max_reuse_distance:
             backward_fetch.append(n)
         after += n
-    fetches = prefetch_groups(parted, s.prefetch_bucket) + prefetch_groups(backward_fetch, s.prefetch_bucket)
-    flushes = bucket_flushes(backward, s.reduce_bucket)
     held = not why_not_hold(sum(parted), min(s.prefetch_bucket, s.max_live), m)
     once = not why_not_reduce_once(psi, s.reduce_bucket, m)
-    return [Collective("all_gather", "dp", (1 if held else m) * fetches,
-                       (sum(parted) + sum(backward_fetch)) * dtype_bytes / fetches, "overlap", "parameters fetched"),
-            Collective("reduce_scatter", "dp", (1 if once else m) * flushes, psi * dtype_bytes / flushes, "overlap",
-                       "gradients"),
-            Collective("all_gather", "dp", len(tensors) - len(parted), s.cfg.hidden_size * dtype_bytes, "step",
-                       "persistent parameters")]
+    fetched = [n for _, n in tensors] if held else parted  # held: the persistent ones join the one fetch
+    fetches = prefetch_groups(fetched, s.prefetch_bucket) + prefetch_groups(backward_fetch, s.prefetch_bucket)
+    flushes = bucket_flushes(backward, s.reduce_bucket)
+    out = [Collective("all_gather", "dp", (1 if held else m) * fetches,
+                      (sum(fetched) + sum(backward_fetch)) * dtype_bytes / fetches, "overlap", "parameters fetched"),
+           Collective("reduce_scatter", "dp", (1 if once else m) * flushes, psi * dtype_bytes / flushes, "overlap",
+                      "gradients")]
+    if not held and len(tensors) > len(parted):
+        out.append(Collective("all_gather", "dp", len(tensors) - len(parted), s.cfg.hidden_size * dtype_bytes,
+                              "step", "persistent parameters"))
+    return out
 
 
 def _group_size(s: StepInput, group: str) -> int:

@@ -14,6 +14,8 @@ third more than ZeRO-1. Two of DeepSpeed's own buffers make the repeat unnecessa
   parameter only when that set is empty, partitioned_param_coordinator.py `__release_param`), taken out before
   the last micro-batch so that its hooks release as usual; `engine.step()` partitions everything in any case
   (stage3.py `step` -> `partition_all_parameters`, which clears those sets).
+  The persistent parameters (norms) then join that one gather instead of DeepSpeed's per-tensor gathers after
+  every step (OneExchangePerStep.__init__).
 - **Reduce the step's gradients once.** When a rank's trainable parameters fit `reduce_bucket_size`, DeepSpeed
   allocates a reduce bucket as large as the whole model's gradients (stage3.py, the IPG buffer; our "auto" size
   is capped at the model, pretrain.engine.fit_zero3_reduce_bucket) and it holds all of a micro-batch's gradients
@@ -164,6 +166,15 @@ class OneExchangePerStep:
         self.params = [p for p in engine.module.parameters() if hasattr(p, "ds_id") and not p.ds_persist]
         self.deferring = False
         self.slots: dict[int, object] = {}  # ds_id -> the parameter's view in the reduce bucket
+        if decision.hold:
+            # The persistent parameters (norms, under stage3_param_persistence_threshold): DeepSpeed gathers them
+            # again after every step, one all-gather per tensor (partition_parameters.py,
+            # _allgather_params_coalesced: 33 at 16 layers, 10-20 ms of gloo latency here). Where the whole model
+            # is gathered at once per step anyway, they join that gather: with the optimizer's list empty, its
+            # _post_step (and the checkpoint epilogue) leaves them partitioned after the step, and their modules'
+            # fetch gathers them with the rest. Their ds_persist mark stays: the hooks never release them, step()
+            # does (release_and_reset_all).
+            self.opt.persistent_parameters = []
         if decision.reduce_once:
             trainable = next(p for p in self.params if p.requires_grad)
             self.bucket = self.opt.ipg_buckets[self.opt.get_param_comm_dtype(trainable)]  # the one bucket (decide)
