@@ -104,6 +104,8 @@ class Decision:
     reduce_why: str
 
     def describe(self) -> str:
+        if self.hold_why == self.reduce_why == "one micro-batch per step":
+            return "ZeRO-3 step: one micro-batch per step (parameters gathered and gradients reduced once)"
         hold = "held across micro-batches" if self.hold else f"gathered per micro-batch ({self.hold_why})"
         red = "reduced once per step" if self.reduce_once else f"reduced per micro-batch ({self.reduce_why})"
         return f"ZeRO-3 step: parameters {hold}; gradients {red}"

@@ -20,6 +20,8 @@ def test_the_rules_name_why_not():
     assert "reduce_bucket_size" in zero3_step.why_not_reduce_once(2e8, 1e8, 2)
     d = zero3_step.Decision(hold=False, hold_why="x", reduce_once=True, reduce_why="")
     assert d.describe() == "ZeRO-3 step: parameters gathered per micro-batch (x); gradients reduced once per step"
+    one = zero3_step.Decision(False, "one micro-batch per step", False, "one micro-batch per step")
+    assert one.describe() == "ZeRO-3 step: one micro-batch per step (parameters gathered and gradients reduced once)"
 
 
 @pytest.mark.slow
