@@ -13,6 +13,9 @@ MODEL_OVERRIDES = {
     "num_layers": int, "hidden_size": int, "num_attention_heads": int, "num_query_groups": int,
     "ffn_hidden_size": int, "rope_theta": float, "norm_eps": float, "init_std": float,
     "hidden_dropout": float, "attention_dropout": float, "make_vocab_size_divisible_by": int,
+    # mixture of experts (pretrain/moe.py): --num-experts N turns each layer's MLP into N experts
+    "num_experts": int, "moe_top_k": int, "moe_ffn_hidden_size": int, "moe_aux_loss_coeff": float,
+    "moe_z_loss_coeff": float,
 }
 
 
@@ -106,6 +109,10 @@ def _parallel_args(p) -> None:
                    help="context-parallel size: each sample's sequence split across this many ranks (all-to-all "
                         "attention, document mask kept; gradients and ZeRO partitions span DP x CP; "
                         "pretrain/context_parallel.py). Must divide the attention heads per TP rank")
+    g.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size (a mixture of experts: --num-experts): each group of this many "
+                        "data-parallel ranks splits the experts, tokens reach them by all-to-all; must divide DP "
+                        "and the experts; ZeRO 1/2 (pretrain/moe.py)")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                    help="activation checkpointing")
     g.add_argument("--sequence-parallel", action="store_true",

@@ -36,6 +36,7 @@ def apply_cpu_compat() -> bool:
         return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=1 + skv - sq)
 
     mt_utils.get_default_causal_mask = lambda sq: causal_mask(sq)
+    _moe_dispatcher_on_cpu()
     # DeepSpeed 0.19.8's CPU backend JIT-loads its shared-memory all-reduce op in every rank at init
     # (deepspeed/comm/torch.py, build_shm_op) for inference_all_reduce alone, which training never calls. Each load
     # takes the build's lock file in turn, builds in a fresh environment (two ranks building at once fail), rebuilds
@@ -46,6 +47,57 @@ def apply_cpu_compat() -> bool:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     _applied = True
     return True
+
+
+def _moe_dispatcher_on_cpu() -> None:
+    """megatron-core 0.16.1's all-to-all token dispatcher (MoE, pretrain/moe.py) creates a CUDA side stream when
+    built and copies its split sizes to the host on it (token_dispatcher.py, _maybe_dtoh_and_synchronize). On the
+    CPU the tensors are already on the host: the side stream is a placeholder never used, and the copy becomes the
+    conversion to numpy the GPU path ends with."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    def dtoh_on_cpu(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for attr in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, attr, None)
+                if torch.is_tensor(value):
+                    setattr(self, attr, value.numpy())
+        return tokens_per_expert
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no side stream"
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = dtoh_on_cpu
+    _uneven_sequence_parallel_on_gloo()
+
+
+def _uneven_sequence_parallel_on_gloo() -> None:
+    """Under TP with sequence parallelism the MoE dispatcher all-gathers and reduce-scatters tokens in parts of
+    different sizes across the TP ranks (megatron's tensor_parallel.mappings with output/input_split_sizes); gloo's
+    all_gather needs equal sizes and it has no list reduce_scatter. The same results from what gloo has: an
+    all-gather of parts padded to the largest, and an all-reduce of which each rank keeps its part."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        most = max(output_split_sizes)
+        padded = input_.new_zeros((most, *input_.shape[1:]))
+        padded[:input_.size(0)] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        dist.all_reduce(total, group=group)
+        return total.split(input_split_sizes, dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
 
 
 def device() -> torch.device:

@@ -36,6 +36,14 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # Pad the vocabulary to a multiple of this so that the shape (and so the model) does not depend on TP.
     make_vocab_size_divisible_by: int = 128
+    # Mixture of experts (the "moe" family, pretrain/moe.py): 0 = the dense MLP. Otherwise each layer's MLP is
+    # megatron-core's MoELayer: a router picks moe_top_k of num_experts SwiGLU experts per token (softmax over the
+    # top k logits, Mixtral's routing), dropless (every token reaches its experts; no capacity factor).
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int | None = None  # each expert's width; None: ffn_hidden_size
+    moe_aux_loss_coeff: float = 0.01  # Switch/GShard load-balancing loss per layer (megatron's "aux_loss")
+    moe_z_loss_coeff: float = 0.0  # ST-MoE router z-loss; 0 = off
 
     def __post_init__(self):
         objective(self.objective)  # a ValueError naming the choices
@@ -43,6 +51,15 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 256 * -(-int(8 * self.hidden_size / 3) // 256)
+        if self.num_experts and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        if self.num_experts and not 1 <= self.moe_top_k <= self.num_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.num_experts < 0 or self.num_experts == 1:
+            raise ValueError(f"num_experts={self.num_experts}: 0 for the dense MLP, or at least 2 experts")
+        if self.num_experts and self.add_bias:
+            raise ValueError("add_bias with num_experts: the MoE family's experts have no biases (as Mixtral's "
+                             "and Qwen3-MoE's); drop --add-bias or the experts")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
@@ -57,6 +74,10 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return objective(self.objective).causal
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +99,14 @@ class ModelConfig:
         table's, which the built model is checked against."""
         return sum(math.prod(shape) for shape in self.parameter_shapes().values())
 
+    def active_params(self) -> int:
+        """Parameters one token computes with: all of a dense model; of a mixture of experts, moe_top_k experts'
+        of each layer instead of all num_experts (MFU and FLOPs count these, as Megatron and Mixtral's paper do)."""
+        if not self.is_moe:
+            return self.num_params()
+        expert = 3 * self.hidden_size * self.moe_ffn_hidden_size
+        return self.num_params() - self.num_layers * (self.num_experts - self.moe_top_k) * expert
+
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's full (unsharded) shape by canonical name, from the family's table
         (pretrain/param_table.py), which the built model is checked against: checkpoints, export and import take
@@ -96,7 +125,7 @@ class ModelConfig:
         Recompute is not counted.
         """
         s = seq_length or self.seq_length
-        matmul_params = self.num_params() - self.hidden_size * (2 * self.num_layers + 1)
+        matmul_params = self.active_params() - self.hidden_size * (2 * self.num_layers + 1)
         if not self.tie_embeddings:
             matmul_params -= self.padded_vocab_size * self.hidden_size  # the input lookup is no matmul
         attn = 2 * 2 * self.num_layers * s * self.num_attention_heads * self.head_dim

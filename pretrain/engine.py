@@ -198,7 +198,7 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     from pretrain.compat import defer_deepspeed_muon_compile
     from pretrain.model import apply_speedups
     from pretrain.step import guard_plain_optimizer
-    from pretrain import zero3_step
+    from pretrain import moe, zero3_step
     from pretrain.zero_state import undo_construction_step
 
     from pretrain.model import ModelOptions
@@ -206,13 +206,20 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     defer_deepspeed_muon_compile()
     ds_config = fit_zero3_reduce_bucket(ds_config, cfg, layout)
     model = build_model(cfg, layout, ds_config, options or ModelOptions(), seed)
-    optimizer = build_optimizer(param_groups(model, opt.weight_decay), ds_config, opt)
+    groups = param_groups(model, opt.weight_decay)
+    if cfg.is_moe:
+        moe.prepare_for_deepspeed(model, cfg, layout.ep)  # EP > 1: expert gradients over the expert-DP ranks
+        moe.set_aux_loss_scale(layout.grad_accum_steps)
+        groups = moe.split_optimizer_groups(groups) if layout.ep > 1 else groups
+    optimizer = build_optimizer(groups, ds_config, opt)
     # With a PipelineModule the topology comes from the module, and DeepSpeed must get no mpu.
     mpu = None if layout.pp > 1 else MegatronMpu()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     guard_plain_optimizer(engine)  # fp32 ZeRO-0 is the one case DeepSpeed applies non-finite gradients
     undo_construction_step(engine)  # bf16 ZeRO-0's optimizer stepped once at construction
     zero3_step.install(engine)  # ZeRO-3: one gather and one reduce per step where DeepSpeed's buffers allow
+    if cfg.is_moe:
+        engine.moe_stats = moe.RoutingStats(engine.module)  # aux loss and expert load, read by step._result
     if compile_layers or fused_swiglu:
         apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine

@@ -188,11 +188,11 @@ def setup(args) -> Run:
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate_layout(cfg, world, args.tp, args.pp, zero_stage_of(args.deepspeed_config),
                              args.micro_batch_size, args.global_batch_size, args.recompute, args.compile,
-                             args.sequence_parallel, args.cp)
+                             args.sequence_parallel, args.cp, args.ep)
     check_context_parallel_options(args)
     chunks = loss_chunks(args.loss_chunks, cfg, layout, args.recompute, args.sequence_parallel)
     stop, hooks = StopSignal(), TestHooks()
-    init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes, args.cp)
+    init_distributed(args.tp, args.pp, args.seed, args.dist_timeout_minutes, args.cp, args.ep)
     hooks.announce()
     ds_config = load_ds_config(args.deepspeed_config, layout, args.clip_grad, args.fp32, cfg.hidden_size,
                                args.sequence_parallel)

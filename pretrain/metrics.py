@@ -68,11 +68,16 @@ class StepLog:
         return {"step": iteration, "consumed_samples": consumed_samples, "tokens": consumed_samples * seq_length,
                 "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": tokens_per_sec,
                 "tflops_per_gpu": tflops, "mfu": tflops / self.peak if self.peak else None, "step_time": elapsed,
-                "last_step_time": last_step_time, "mem_gb": memory_gb(), "skipped_total": skipped_total}
+                "last_step_time": last_step_time, "mem_gb": memory_gb(), "skipped_total": skipped_total,
+                **getattr(result, "extra", {})}
 
     @staticmethod
     def line(r: dict, train_iters: int) -> str:
         mfu = f" | MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
+        if "moe_aux_loss" in r:
+            mfu += f" | aux {r['moe_aux_loss']:.4f}"
+        if "moe_imbalance" in r:
+            mfu += f" | expert imbalance {r['moe_imbalance']:.2f}"
         return (f"iteration {r['step']:6d}/{train_iters} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm "
                 f"{r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | {r['tflops_per_gpu']:.2f} TFLOP/s/GPU"
                 f"{mfu} | {r['step_time'] * 1000:.0f} ms/step | mem {r['mem_gb']:.2f} GB")

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from pretrain.compat import apply_cpu_compat
 from pretrain.config import ModelConfig
 from pretrain import context_parallel, param_table, sharding
+from pretrain.moe import moe_config
 from pretrain.parallel import LayoutError
 
 apply_cpu_compat()
@@ -75,6 +76,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, options: ModelOptions = Mo
         # no s x s score matrix left to save, so the MLP (the widest activations) is what is worth recomputing.
         recompute_granularity="selective" if recompute == "selective" else None,
         recompute_modules=["core_attn", "mlp"] if recompute == "selective" else None,
+        **moe_config(cfg),
     )
 
 
@@ -199,11 +201,13 @@ class RMSNorm(torch.nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
-def layer_spec(causal: bool = True):
+def layer_spec(causal: bool = True, num_experts: int = 0):
     """megatron-core's local GPT layer (RMSNorm, SwiGLU MLP, GQA self-attention) with SDPA core attention (causal,
     or bidirectional for an encoder) and our RMSNorm (the same function as megatron's torch-norm wrapper, and it
-    works under sequence parallelism)."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    works under sequence parallelism). num_experts > 0: the MLP is megatron's MoELayer with SequentialMLP experts
+    (its grouped GEMM needs the grouped_gemm package or Transformer Engine; pretrain/moe.py)."""
+    spec = get_gpt_layer_local_spec(num_experts=num_experts or None, moe_grouped_gemm=False,
+                                    normalization="RMSNorm")
     attention = spec.submodules.self_attention
     attention.submodules.core_attention = SDPAttention
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask}
@@ -252,7 +256,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tconfig: TransformerConfig, layer_number: int, recompute: str = "none"):
         super().__init__()
-        self.layer = build_module(layer_spec(cfg.causal), config=tconfig, layer_number=layer_number)
+        self.layer = build_module(layer_spec(cfg.causal, cfg.num_experts), config=tconfig, layer_number=layer_number)
         self.rotary = RotaryEmbedding(kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta,
                                       use_cpu_initialization=not torch.cuda.is_available())
         if cfg.rope_scaling:  # Llama 3.1's scaled frequencies (megatron's function is transformers' formula)
@@ -594,17 +598,17 @@ def check_against_table(model: nn.Module, cfg: ModelConfig, whole: bool) -> None
     tp = parallel_state.get_tensor_model_parallel_world_size()
     want = param_table.entries(cfg)
     built = {}
-    for raw_name, param in model.named_parameters():
-        name = sharding.canonical_name(raw_name)
+    for name, param in sharding.named_parameters(model):
         if name not in want:
-            raise LayoutError(f"the model built parameter {name} ({raw_name}), which the family table "
+            raise LayoutError(f"the model built parameter {name}, which the family table "
                               f"(pretrain/param_table.py) does not list for this config; add its row there")
         built[name] = tuple(getattr(param, "ds_shape", param.shape))
         expected = sharding.local_shape(name, want[name].shape(cfg), tp)
         if built[name] != expected:
             raise LayoutError(f"{name}: built with shape {built[name]} on a TP rank, the family table says "
                               f"{expected} (full {want[name].shape(cfg)}); fix its row in pretrain/param_table.py")
-    missing = [n for n in want if n not in built]
+    held = {e for m in model.modules() for e in getattr(m, "local_expert_indices", ())}  # --ep: this rank's
+    missing = [n for n, e in want.items() if n not in built and (e.expert is None or e.expert in held)]
     if whole and missing:
         raise LayoutError(f"the family table lists {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
                           f"which the model did not build; fix pretrain/param_table.py's present= for this config")
@@ -615,8 +619,7 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     check_against_table(model, cfg, whole=not hasattr(model, "num_stages") or model.num_stages == 1)
-    for raw_name, param in model.named_parameters():
-        name = sharding.canonical_name(raw_name)
+    for name, param in sharding.named_parameters(model):
         # megatron marks TP-split weights only inside its own init, which we replace; DeepSpeed's gradient
         # norm and our own read this mark to count each shard once (not only TP rank 0's). Biases are marked at
         # construction already (megatron's helper asserts the mark is new), so they are checked instead.

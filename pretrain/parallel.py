@@ -40,6 +40,7 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     cp: int = 1  # context parallel: each sample's sequence split across this many ranks
+    ep: int = 1  # expert parallel: each group of this many data-parallel ranks splits the experts (pretrain/moe.py)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -49,7 +50,7 @@ class Layout:
 def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 1, zero_stage: int = 0,
                     micro_batch_size: int = 1, global_batch_size: int | None = None,
                     recompute: str = "none", compile_layers: bool = False,
-                    sequence_parallel: bool = False, cp: int = 1) -> Layout:
+                    sequence_parallel: bool = False, cp: int = 1, ep: int = 1) -> Layout:
     """Check a layout before anything is built; the trainer and the planner both call this."""
     if tp < 1 or pp < 1 or cp < 1:
         raise LayoutError(f"--tp ({tp}), --pp ({pp}) and --cp ({cp}) must be >= 1")
@@ -86,6 +87,8 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
     if sequence_parallel and tp == 1:
         raise LayoutError("--sequence-parallel splits the sequence across tensor-parallel ranks: it needs --tp > 1 "
                           "(drop it, or raise --tp)")
+    if model.is_moe or ep > 1:
+        _check_experts(model, tp, dp, pp, cp, ep, zero_stage, sequence_parallel)
     if recompute not in RECOMPUTE_MODES:
         raise LayoutError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     if micro_batch_size < 1:
@@ -96,7 +99,38 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
         raise LayoutError(
             f"--global-batch-size {global_batch_size} is not divisible by micro-batch-size x data-parallel "
             f"size = {micro_batch_size} x {dp}; choose a multiple of {micro_batch_size * dp}")
-    return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size, cp)
+    return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size, cp, ep)
+
+
+def _check_experts(model: ModelConfig, tp: int, dp: int, pp: int, cp: int, ep: int, zero_stage: int,
+                   sequence_parallel: bool) -> None:
+    """What a mixture of experts and expert parallelism need (pretrain/moe.py says why)."""
+    if ep < 1:
+        raise LayoutError(f"--ep must be >= 1, got {ep}")
+    if ep > 1 and not model.is_moe:
+        raise LayoutError(f"--ep {ep} splits the experts of a mixture of experts, and this model has none; set "
+                          f"--num-experts or drop --ep")
+    if model.num_experts % ep:
+        raise LayoutError(f"--num-experts {model.num_experts} does not split into --ep {ep} equal parts")
+    if dp % ep:
+        raise LayoutError(f"--ep {ep} must divide the data-parallel size {dp}: expert parallelism subdivides the "
+                          f"data-parallel ranks (expert-data-parallel = DP / EP), as in Megatron")
+    if ep > 1 and zero_stage == 0:
+        raise LayoutError(f"--ep {ep} with ZeRO-0: DeepSpeed 0.19.8 clips ZeRO-0 gradients by the mean of the "
+                          f"ranks' norms (runtime/utils.clip_grad_norm_), which is not the model's norm when ranks "
+                          f"hold different experts; use ds_configs/zero1.json or zero2.json with --ep")
+    if ep > 1 and zero_stage == 3:
+        raise LayoutError(f"--ep {ep} with ZeRO-3: DeepSpeed 0.19.8 partitions no expert parameters under ZeRO-3 "
+                          f"(\"MoE not supported with Stage 3\"); use ds_configs/zero1.json or zero2.json with "
+                          f"--ep, or --ep 1 with ZeRO-3")
+    if tp > 1 and not sequence_parallel:
+        raise LayoutError(f"a mixture of experts with --tp {tp} needs --sequence-parallel: megatron-core's MoELayer "
+                          f"refuses to train under TP without it (each TP rank would route and send every token)")
+    unsupported = [(pp > 1, f"--pp {pp}"), (cp > 1, f"--cp {cp}")]
+    for bad, flag in unsupported:
+        if bad:
+            raise LayoutError(f"{flag} with a mixture of experts is not supported yet (untested: the token "
+                              f"all-to-all and the expert groups are built for TP x EP x DP); drop {flag}")
 
 
 def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_parallel: bool,
@@ -124,7 +158,8 @@ def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_paral
                else "") + "; change --seq-length or --cp")
 
 
-def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float = 10, cp: int = 1) -> None:
+def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float = 10, cp: int = 1,
+                     ep: int = 1) -> None:
     """Start torch.distributed through DeepSpeed (env://, Slurm or MPI) and build megatron-core's groups.
 
     Every process group gets the bounded timeout, so that a dead or stuck peer makes the others fail instead of
@@ -146,7 +181,7 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_minutes: float 
                                    or "PMI_SIZE" in os.environ)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 context_parallel_size=cp,
+                                                 context_parallel_size=cp, expert_model_parallel_size=ep,
                                                  distributed_timeout_minutes=timeout_minutes)
     # Same default stream on every rank (data order, sampling); megatron's tracker adds a per-TP-rank stream
     # for dropout inside tensor-parallel regions.

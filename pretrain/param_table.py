@@ -19,6 +19,7 @@ Fused layouts (megatron-core's, which Hugging Face splits):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,11 +42,19 @@ class Param:
     layout: str = "plain"  # "plain", "vocab", "qkv" or "gate_up" (module docstring)
     present: Callable = _always  # ModelConfig -> whether this model has it
 
-    def hf_names(self, layer: int | None) -> list[str]:
+    @property
+    def per_expert(self) -> bool:
+        """One tensor per expert: the name (and Hugging Face name) holds "{e}", the expert's global index."""
+        return "{e}" in self.name
+
+    def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
         """The Hugging Face tensor(s) this parameter is (several for a fused layout), for 1-based `layer`."""
         parts = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}.get(self.layout, (None,))
+        if self.per_expert:  # Mixtral names the expert halves w1 (gate) and w3 (up)
+            parts = {"gate": "w1", "up": "w3", None: None}
+            parts = [parts[p] for p in ({"gate_up": ("gate", "up")}.get(self.layout, (None,)))]
         i = None if layer is None else layer - 1
-        return [self.hf.format(i=i, part=p) for p in parts]
+        return [self.hf.format(i=i, part=p, e=expert) for p in parts]
 
 
 def _qkv_rows(c) -> int:
@@ -89,12 +98,36 @@ DENSE = (
           hf="lm_head.weight", layout="vocab", present=lambda c: not c.tie_embeddings),
 )
 
-TABLES = {"dense": DENSE}
+
+def _moe_ffn(c) -> int:
+    return c.moe_ffn_hidden_size
+
+
+# The mixture of experts (Mixtral-style: megatron-core's MoELayer in place of the dense MLP, pretrain/moe.py): the
+# dense table's attention and norms, a router, and per expert a SwiGLU MLP. Expert rows carry "{e}", the expert's
+# global index (0..num_experts-1): under expert parallelism (--ep) a rank builds num_experts / ep of them as
+# megatron's local_experts 0.., and pretrain.sharding.named_parameters names them by their global index, so
+# initialisation (seeded by name), checkpoints and export do not depend on EP. Experts split over TP as the dense
+# MLP does (megatron's expert tensor parallelism = TP). Hugging Face names: Mixtral's per-expert w1 (gate), w3 (up),
+# w2 (down); the router is its block_sparse_moe.gate.
+_ATTENTION = tuple(p for p in DENSE if p.owner != "layer" or ".mlp." not in p.name)
+_EXPERT = "layer.mlp.experts.local_experts.{e}."
+MOE = _ATTENTION[:5] + (
+    Param("layer", "layer.mlp.router.weight", lambda c: (c.num_experts, c.hidden_size),
+          hf="model.layers.{i}.block_sparse_moe.gate.weight"),
+    Param("layer", _EXPERT + "linear_fc1.weight", lambda c: (2 * _moe_ffn(c), c.hidden_size), tp_dim=0, gated=True,
+          hf="model.layers.{i}.block_sparse_moe.experts.{e}.{part}.weight", layout="gate_up"),
+    Param("layer", _EXPERT + "linear_fc2.weight", lambda c: (c.hidden_size, _moe_ffn(c)), tp_dim=1, init="residual",
+          hf="model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"),
+) + _ATTENTION[5:]
+
+TABLES = {"dense": DENSE, "moe": MOE}
+_EXPERT_INDEX = re.compile(r"local_experts\.\d+\.")
 
 
 def table(cfg) -> tuple[Param, ...]:
     """The family table of this model."""
-    return TABLES["dense"]
+    return TABLES["moe" if getattr(cfg, "num_experts", 0) else "dense"]
 
 
 @dataclass(frozen=True)
@@ -103,12 +136,13 @@ class Entry:
     param: Param
     name: str
     layer: int | None
+    expert: int | None = None  # the global expert index of a per-expert row
 
     def shape(self, cfg) -> tuple[int, ...]:
         return tuple(self.param.shape(cfg))
 
     def hf_names(self) -> list[str]:
-        return self.param.hf_names(self.layer)
+        return self.param.hf_names(self.layer, self.expert)
 
 
 def entries(cfg) -> dict[str, Entry]:
@@ -119,16 +153,22 @@ def entries(cfg) -> dict[str, Entry]:
     out = {}
     for owner in OWNERS:
         for i in index[owner]:
-            for p in rows:
-                if p.owner == owner:
-                    name = f"{i}.{p.name}"
-                    out[name] = Entry(p, name, i if owner == "layer" else None)
+            mine = [p for p in rows if p.owner == owner]
+            experts = [p for p in mine if p.per_expert]
+            for p in mine:  # the expert rows as megatron builds them: expert 0's, then expert 1's, ...
+                if p.per_expert and p is not experts[0]:
+                    continue
+                for e in range(cfg.num_experts) if p.per_expert else [None]:
+                    for q in experts if p.per_expert else [p]:
+                        name = f"{i}.{q.name}".replace("{e}", str(e))
+                        out[name] = Entry(q, name, i if owner == "layer" else None, e)
     return out
 
 
 def lookup(name: str) -> Param:
     """The table row of a canonical name (any family's: the split rules need no config), or a KeyError that
     names the fix."""
+    name = _EXPERT_INDEX.sub("local_experts.{e}.", name)
     for rows in TABLES.values():
         for p in rows:
             if name == p.name or name.endswith("." + p.name):  # "3.layer.mlp..." and DeepSpeed-wrapped names

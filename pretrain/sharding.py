@@ -20,6 +20,22 @@ def canonical_name(name: str) -> str:
     return name.replace("tied_modules.embed.", "0.")
 
 
+def named_parameters(module: torch.nn.Module):
+    """(canonical name, parameter) of every parameter of `module` (a model, a pipeline stage or DeepSpeed's engine
+    module). Experts are named by their global index: under expert parallelism a rank's megatron MoELayer builds
+    experts local_experts.0.. whose global indices start at its `local_expert_indices[0]` (pretrain/moe.py), and
+    the name that initialisation seeds from and checkpoints and exports key by must be the same under any --ep."""
+    offsets = {f"{prefix}.experts.local_experts.": m.local_expert_indices[0]
+               for prefix, m in module.named_modules() if hasattr(m, "local_expert_indices")}
+    for raw, param in module.named_parameters():
+        name = raw
+        for prefix, offset in offsets.items():
+            if offset and raw.startswith(prefix):
+                local, rest = raw[len(prefix):].split(".", 1)
+                name = f"{prefix}{int(local) + offset}.{rest}"
+        yield canonical_name(name), param
+
+
 def split_rule(name: str):
     """(the dimension split over TP ranks or None, gated) of a parameter, from its family's table
     (pretrain/param_table.py; a name in no table is a KeyError naming the fix). Gated: the tensor is [gate; up]

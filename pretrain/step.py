@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ class StepResult:
     loss: float  # mean over the global batch (all micro-batches, all DP ranks); may be nan when skipped
     grad_norm: float
     skipped: bool  # non-finite loss or gradient somewhere: nothing was updated
+    extra: dict = field(default_factory=dict)  # a mixture of experts' routing figures (pretrain.moe.RoutingStats)
 
 
 def _to_device(batch: dict) -> dict:
@@ -106,7 +107,9 @@ def train_step(engine, micro_batches, global_tokens: bool = False) -> StepResult
 def _result(engine, loss: float, grad_norm) -> StepResult:
     skipped = not engine.was_step_applied()
     grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-    return StepResult(loss=loss, grad_norm=math.nan if skipped else grad_norm, skipped=skipped)
+    stats = getattr(engine, "moe_stats", None)
+    extra = stats.step_metrics(engine.gradient_accumulation_steps()) if stats else {}
+    return StepResult(loss=loss, grad_norm=math.nan if skipped else grad_norm, skipped=skipped, extra=extra)
 
 
 def _unsharded_grad_norm(engine) -> float:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.sharding import canonical_name
+from pretrain.sharding import named_parameters
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")  # master weights, Adam's first and second moments
 
@@ -69,7 +69,7 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def _names(engine) -> dict[int, str]:
-    return {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
+    return {id(p): n for n, p in named_parameters(engine.module)}
 
 
 def slots(engine) -> list[Slot]:

@@ -34,6 +34,7 @@ def parse():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert parallel (a mixture of experts: --cfg num_experts=N)")
     p.add_argument("--zero", type=int, default=0)
     p.add_argument("--ds-config", help="a DeepSpeed config file (as shipped) instead of a minimal one")
     p.add_argument("--micro-batch-size", type=int, default=2)
@@ -79,13 +80,13 @@ def parse():
 
 
 def build(a):
-    shape = {k: int(v) for k, v in (kv.split("=") for kv in a.cfg)}
+    shape = {k: float(v) if "." in v else int(v) for k, v in (kv.split("=") for kv in a.cfg)}
     cfg = preset("tiny", tie_embeddings=a.tie, objective=a.objective, **shape)
     world = int(os.environ.get("WORLD_SIZE", 1))
     zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero
     layout = validate_layout(cfg, world, a.tp, a.pp, zero, a.micro_batch_size, a.global_batch_size, a.recompute,
-                             sequence_parallel=a.sequence_parallel, cp=a.cp)
-    init_distributed(a.tp, a.pp, seed=7, cp=a.cp)
+                             sequence_parallel=a.sequence_parallel, cp=a.cp, ep=a.ep)
+    init_distributed(a.tp, a.pp, seed=7, cp=a.cp, ep=a.ep)
     if a.ds_config:
         ds = load_ds_config(a.ds_config, layout, clip_grad=1.0, fp32=not a.bf16, hidden_size=cfg.hidden_size,
                             sequence_parallel=a.sequence_parallel)
@@ -284,6 +285,8 @@ def main():
                                                                tracker.bytes.items()}
         window["step"] = step
         report["losses"][step], report["grad_norms"][step], report["skipped"][step] = r.loss, r.grad_norm, r.skipped
+        for key, value in r.extra.items():  # a mixture of experts' aux loss and expert imbalance
+            report.setdefault(key, {})[step] = value
         report["master_sum"][step], report["adam_step"][step] = master_sum(engine), zero_state.adam_step(engine)
         if a.nan and step >= 2:  # Adam's moments exist from the first applied step on
             report.setdefault("state_digest", {})[step] = state_digest(engine)

@@ -1,0 +1,236 @@
+"""Mixture of experts: megatron-core's MoELayer in each transformer layer, expert parallelism (--ep), and the glue
+DeepSpeed needs to reduce expert gradients over the right ranks.
+
+The layer (pretrain.model.layer_spec): megatron-core's TopKRouter (softmax over the top-k logits, Mixtral's
+routing; the Switch/GShard load-balancing loss "aux_loss" and the optional ST-MoE z-loss), the "alltoall" token
+dispatcher, and SequentialMLP experts (one SwiGLU MLP per expert, run one after another: megatron's grouped GEMM
+needs the grouped_gemm package or Transformer Engine, neither of which runs on the CPU). Dropless: no capacity
+factor, every token reaches its k experts, so no token is ever dropped (megatron's default; the run log says so).
+
+Expert parallelism as in Megatron: the data-parallel ranks of one TP rank are cut into groups of --ep, each rank
+of a group holding num_experts / ep experts; the all-to-all sends each token to its experts' ranks and back.
+Expert weights are data parallel only over the DP / EP ranks that hold the same experts (megatron's
+expert-data-parallel group). Megatron marks them `allreduce = False` (when EP > 1), which is also how DeepSpeed
+recognises its own MoE parameters (deepspeed.moe.utils.is_moe_param); DeepSpeed then reduces them over its
+expert-data-parallel group named "ep_size_<ep>" and keeps them in optimizer groups of their own. DeepSpeed only
+turns that machinery on when the model holds one of its own MoE layers (engine.has_moe_layers, DeepSpeed 0.19.8),
+so `ExpertGroups` below is a parameterless stand-in that says "this model has experts" and hands DeepSpeed
+megatron's expert groups (one source of truth for which ranks hold which experts, with our timeout).
+
+What works (DeepSpeed 0.19.8, measured by tests/pretrain/test_moe.py): EP 1 under ZeRO 0-3 (the experts are then
+ordinary parameters); EP > 1 under ZeRO 0, 1 and 2. EP > 1 with ZeRO-3 is refused by DeepSpeed ("MoE not
+supported with Stage 3": its ZeRO-3 partitions only its own AutoEP layers) and so by validate_layout first.
+"""
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import ModelConfig
+
+
+def moe_config(cfg: ModelConfig) -> dict:
+    """megatron-core TransformerConfig fields of this model's MoE layers (none for a dense model)."""
+    if not cfg.is_moe:
+        return {}
+    from megatron.core import parallel_state
+
+    _router_without_transformer_engine()
+
+    ep = parallel_state.get_expert_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+        else 1
+    return dict(
+        num_moe_experts=cfg.num_experts, moe_router_topk=cfg.moe_top_k, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        expert_model_parallel_size=ep, moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
+        # the router's softmax and top-k in fp32 whatever the parameters' dtype (Megatron's recommendation for bf16
+        # training: routing decisions flip on bf16 rounding)
+        moe_router_dtype="fp32",
+    )
+
+
+def _router_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router matmul (moe_utils.RouterGatingLinearFunction) tests `te_general_gemm is not
+    None`, a name its module defines only when Transformer Engine imports: without TE every router forward is a
+    NameError. Define it as None, which selects the plain torch matmul the function falls back to."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name for the expert (data-)parallel groups of this EP size (deepspeed.moe.layer.MoE's)."""
+    return f"ep_size_{ep}"
+
+
+def _deepspeed_moe_base():
+    from deepspeed.moe.layer import MoE
+
+    return MoE
+
+
+def _expert_groups_class():
+    """ExpertGroups: a subclass of DeepSpeed's MoE (which engine.has_moe_layers looks for) built without running
+    its constructor: no parameters, no forward. DeepSpeed calls set_deepspeed_parallelism on it before building
+    the optimizer; it registers megatron's expert groups under DeepSpeed's group name. (A factory: deepspeed is
+    imported only when a model with experts is built.)"""
+    base = _deepspeed_moe_base()
+
+    class ExpertGroups(base):
+        def __init__(self, num_experts: int, ep: int):
+            torch.nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep
+            self.num_local_experts = num_experts // ep
+            self.expert_group_name = expert_group_name(ep)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            register_deepspeed_groups(self.ep_size)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertGroups only tells DeepSpeed that the model has experts; it computes nothing")
+
+    return ExpertGroups
+
+
+def register_deepspeed_groups(ep: int) -> None:
+    """Give DeepSpeed megatron's expert-parallel and expert-data-parallel groups under its name for them."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+    from megatron.core import parallel_state
+
+    name = expert_group_name(ep)
+    expert = parallel_state.get_expert_model_parallel_group()
+    expert_data = parallel_state.get_expert_data_parallel_group()
+    groups._EXPERT_PARALLEL_GROUP[name] = expert
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = expert_data
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert_data)
+
+
+def reduce_router_grads_over_tp(model: torch.nn.Module) -> None:
+    """Under sequence parallelism each TP rank routes its own part of the sequence, so a router weight's gradient
+    on one TP rank is a partial sum: add the TP ranks' (megatron marks the weight `sequence_parallel` and its
+    finalize_model_grads all-reduces such gradients over TP; DeepSpeed knows nothing of the mark). A hook on the
+    weight's gradient, before it is accumulated, as our RMSNorm's copy_to_tensor_model_parallel_region does for
+    the norms (pretrain/model.py)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+
+    def all_reduce(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
+        if router.config.sequence_parallel:
+            router.weight.register_hook(all_reduce)
+
+
+def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed treats as its MoE parameters (megatron's `allreduce = False` expert weights)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    return [p for p in model.parameters() if is_moe_param(p)]
+
+
+def prepare_for_deepspeed(model: torch.nn.Module, cfg: ModelConfig, ep: int) -> None:
+    """Before deepspeed.initialize: router gradients summed over TP under sequence parallelism; under EP > 1 each
+    expert parameter's group named and the ExpertGroups stand-in added, so that DeepSpeed reduces expert gradients
+    over the expert-data-parallel ranks only."""
+    reduce_router_grads_over_tp(model)
+    experts = expert_parameters(model)
+    if ep == 1 or not cfg.is_moe:
+        assert not experts, "megatron marks experts allreduce=False only under expert parallelism"
+        return
+    for p in experts:
+        p.group_name = expert_group_name(ep)
+    # inside the first MoE layer, which runs its own children by name: GPT runs its children in order
+    first = next(m for m in model.modules() if hasattr(m, "local_expert_indices"))
+    first.add_module("deepspeed_expert_groups", _expert_groups_class()(cfg.num_experts, ep))
+
+
+def split_optimizer_groups(groups: list[dict]) -> list[dict]:
+    """DeepSpeed's split of optimizer groups into dense and expert ones (each expert group named by its
+    expert-parallel group): ZeRO-1/2 partition each expert group over its expert-data-parallel ranks."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(groups)]  # it keys groups by name
+    return split_params_into_different_moe_groups_for_optimizer(named)
+
+
+def set_aux_loss_scale(grad_accum_steps: int) -> None:
+    """megatron's routers inject the load-balancing (and z-) loss gradient straight into backward
+    (MoEAuxLossAutoScaler) with a scale of 1 unless told: DeepSpeed divides the language-model loss by the
+    gradient accumulation steps before its backward, so the auxiliary gradient must be divided the same way, or
+    its weight would grow with the number of micro-batches (megatron's own schedules set num_microbatches here)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from pretrain.compat import device
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / grad_accum_steps, device=device()))
+
+
+class RoutingStats:
+    """What each step's routing did, for the log (metrics.jsonl: moe_aux_loss, moe_z_loss, moe_imbalance): the
+    load-balancing loss (without its coefficient, as Megatron logs it) and z-loss that megatron's routers tracked,
+    each the mean over layers and micro-batches, averaged over data-parallel ranks; and the expert imbalance, the
+    busiest expert's tokens over the mean per expert (1.0 = even), the mean over layers of the whole step's counts
+    summed over data-parallel ranks. Counts come from a forward hook on every router (a recompute counts a layer
+    twice, which no ratio sees). Nothing is dropped to count: the layers are dropless (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        self.counts = None
+        for i, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def count(module, inputs, output):
+            if not module.training:
+                return
+            routed = output[1].detach().sum(dim=0, dtype=torch.float64)  # routing_map [tokens, experts]
+            if self.counts is None:
+                self.counts = torch.zeros(len(self.routers), routed.numel(), dtype=torch.float64,
+                                          device=routed.device)
+            self.counts[i] += routed
+        return count
+
+    def step_metrics(self, grad_accum_steps: int) -> dict:
+        """The step's figures (collective over the data-parallel group: every rank calls it), then reset."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, \
+            get_moe_layer_wise_logging_tracker
+
+        from pretrain.compat import device
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        names = [n for n in ("load_balancing_loss", "z_loss") if n in tracker]
+        layers = max(len(self.routers), 1)
+        out = {}
+        for name in names:
+            value = tracker[name]["values"].sum().to(device(), torch.float64).reshape(1) / (layers * grad_accum_steps)
+            if dist.is_initialized():
+                if tracker[name].get("reduce_group") is not None:  # sequence parallel: a TP rank's share
+                    dist.all_reduce(value, group=tracker[name]["reduce_group"])
+                group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+                dist.all_reduce(value, group=group)
+                value /= dist.get_world_size(group)
+            out[{"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}[name]] = value.item()
+        clear_aux_losses_tracker()
+        counts = self.counts if self.counts is not None else torch.zeros(layers, 1, dtype=torch.float64,
+                                                                          device=device())
+        if dist.is_initialized():  # every rank routes its own tokens (TP ranks under sequence parallelism too);
+            dist.all_reduce(counts)  # without it they repeat one another, which no ratio sees
+        self.counts = None
+        if counts.sum() > 0:
+            out["moe_imbalance"] = (counts.max(dim=1).values / counts.mean(dim=1)).mean().item()
+        return out
