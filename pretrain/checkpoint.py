@@ -59,8 +59,8 @@ def tag_name(iteration: int) -> str:
 
 
 def layout_meta(layout: Layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp, "zero_stage": layout.zero_stage,
-            "world_size": layout.world_size}
+    return {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "dp": layout.dp,
+            "zero_stage": layout.zero_stage, "world_size": layout.world_size}
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -437,7 +437,7 @@ def load(engine, tag_dir: str, layout: Layout, model_shapes: dict, load_optimize
     reader = CheckpointReader(tag_dir, meta)
     load_states(engine, reader, layout, model_shapes, load_optimizer and reader.has_state("exp_avg"))
     engine.global_steps, engine.global_samples = meta["iteration"], meta["consumed_samples"]
-    same_layout = {"cp": 1, **meta["layout"]} == layout_meta(layout)  # (saved before --cp existed: CP 1)
+    same_layout = {"cp": 1, "ep": 1, **meta["layout"]} == layout_meta(layout)  # (saved before --cp/--ep: 1)
     if same_layout:
         tensors, rng_meta = reader.rank_rng(rank())
         _set_rng_state(tensors, rng_meta)

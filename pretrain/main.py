@@ -341,7 +341,8 @@ def resume_source(args) -> str | None:
 def _layout_text(layout: dict) -> str:
     zero = "" if layout.get("zero_stage") is None else f" ZeRO-{layout['zero_stage']}"
     cp = f" CP={layout['cp']}" if layout.get("cp", 1) > 1 else ""
-    return f"TP={layout['tp']} PP={layout['pp']}{cp} DP={layout.get('dp')}{zero}"
+    ep = f" EP={layout['ep']}" if layout.get("ep", 1) > 1 else ""
+    return f"TP={layout['tp']} PP={layout['pp']}{cp}{ep} DP={layout.get('dp')}{zero}"
 
 
 def _datasets(args, cfg: ModelConfig, layout: Layout, train_iters: int, vocab: int, eod: int):
@@ -372,9 +373,16 @@ def fit(run: Run) -> int:
     cp = f"CP={run.layout.cp} " if run.layout.cp > 1 else ""
     log(f"model: {cfg.num_params() / 1e6:.2f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} heads); layout TP={run.layout.tp} PP={run.layout.pp} {cp}"
+        + (f"EP={run.layout.ep} " if run.layout.ep > 1 else "") +
         f"DP={run.layout.dp} ZeRO-{run.layout.zero_stage}; global batch "
         f"{run.layout.global_batch_size} x {run.cfg.seq_length} tokens, {run.layout.grad_accum_steps} "
         f"micro-batch(es) of {run.layout.micro_batch_size} per rank; {run.train_iters} iterations")
+    if cfg.is_moe:
+        log(f"mixture of experts: {cfg.num_experts} experts per layer, top-{cfg.moe_top_k}, "
+            f"{cfg.active_params() / 1e6:.2f}M of the {cfg.num_params() / 1e6:.2f}M parameters active per token "
+            f"(MFU counts these); EP={run.layout.ep}: {cfg.num_experts // run.layout.ep} experts per rank; dropless "
+            f"(no capacity factor: no token is dropped); aux loss x{cfg.moe_aux_loss_coeff}"
+            + (f", z-loss x{cfg.moe_z_loss_coeff}" if cfg.moe_z_loss_coeff else ""))
     part = zero3_partitioning(run.engine)
     if part:
         log(f"ZeRO-3: {part['partitioned']} of {part['zero3_params']} parameter tensors "

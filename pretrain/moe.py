@@ -219,8 +219,12 @@ class RoutingStats:
         for name in names:
             value = tracker[name]["values"].sum().to(device(), torch.float64).reshape(1) / (layers * grad_accum_steps)
             if dist.is_initialized():
-                if tracker[name].get("reduce_group") is not None:  # sequence parallel: a TP rank's share
-                    dist.all_reduce(value, group=tracker[name]["reduce_group"])
+                if tracker[name].get("reduce_group") is not None:  # the load-balancing loss under sequence
+                    dist.all_reduce(value, group=tracker[name]["reduce_group"])  # parallelism: a TP rank's share
+                else:  # the z-loss: a TP rank's mean over its tokens (megatron logs one rank's); the TP ranks' mean
+                    tp = parallel_state.get_tensor_model_parallel_group()
+                    dist.all_reduce(value, group=tp)
+                    value /= dist.get_world_size(tp)
                 group = parallel_state.get_data_parallel_group(with_context_parallel=True)
                 dist.all_reduce(value, group=group)
                 value /= dist.get_world_size(group)

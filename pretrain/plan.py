@@ -103,18 +103,36 @@ class PlanInput:
     async_save: bool = False  # --async-save: one host snapshot of each GPU's checkpoint share in flight
     loss_chunks: int | str = 1  # --loss-chunks: the output layer and loss over this many pieces of the sequence
     cp: int = 1  # --cp: each sample's sequence split across this many ranks
+    ep: int = 1  # --ep: a mixture of experts' experts split across this many data-parallel ranks
 
 
-def rank_params(cfg: ModelConfig, tp: int, pp: int) -> dict:
-    """Parameters held by the busiest model-parallel rank (first or last pipeline stage) and the largest single
-    module, weight and bias (what ZeRO-3 gathers at once)."""
+def rank_params(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> dict:
+    """Parameters held by the busiest model-parallel rank (first or last pipeline stage), of which expert
+    parameters (a mixture of experts: num_experts / ep of each layer's), and the largest single module, weight and
+    bias (what ZeRO-3 gathers at once)."""
     modules: dict[tuple[int, str], int] = {}
-    stages = [stage_parameters(cfg, tp, pp, stage) for stage in {0, pp - 1}]
+    stages = [stage_parameters(cfg, tp, pp, stage, ep) for stage in {0, pp - 1}]
     for stage, tensors in enumerate(stages):
         for name, n in tensors:
             key = (stage, name.rsplit(".", 1)[0])
             modules[key] = modules.get(key, 0) + n
-    return {"per_gpu": max(sum(n for _, n in tensors) for tensors in stages), "largest_module": max(modules.values())}
+    busiest = max(stages, key=lambda tensors: sum(n for _, n in tensors))
+    return {"per_gpu": sum(n for _, n in busiest), "largest_module": max(modules.values()),
+            "experts_per_gpu": sum(n for name, n in busiest if ".local_experts." in name)}
+
+
+def moe_all_to_all_bytes(cfg: ModelConfig, tp: int, ep: int, seq: int, mb: int, sequence_parallel: bool,
+                         dtype_bytes: int = 2) -> float:
+    """Bytes one rank hands to all-to-all per transformer layer and micro-batch for expert parallelism (megatron's
+    alltoall token dispatcher, pretrain/moe.py), forward and backward: each of the rank's tokens (its 1/TP of the
+    sequence under sequence parallelism) goes to its top-k experts and comes back (hidden states, dispatch and
+    combine, in each direction) with its routing weight (fp32); on average a rank receives as many as it sends.
+    (ep - 1) / ep of it leaves the rank. 0 without expert parallelism. Checked against the bytes an EP 2 run
+    hands to all_to_all (tests/pretrain/test_moe.py)."""
+    if ep == 1 or not cfg.is_moe:
+        return 0.0
+    routed = seq * mb // (tp if sequence_parallel else 1) * cfg.moe_top_k
+    return routed * (4 * cfg.hidden_size * dtype_bytes + 2 * 4)
 
 
 def zero3_live_parameters(cfg: ModelConfig, tp: int, max_live: float = 1e9, reuse_distance: float = 1e9) -> int:
@@ -140,19 +158,25 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: s
     sequence parallelism so is everything per hidden unit and per token (norm inputs, residuals, layer input)."""
     c = ACTIVATION_COEFFICIENTS[device_type][mode]
     d, sp = cfg.head_dim, tp if sequence_parallel else 1
-    per_token = (c["token_h"] * cfg.hidden_size / sp + c["token_f"] * cfg.ffn_hidden_size / tp
+    # a mixture of experts: each token passes k experts' MLPs (an estimate: the coefficients are the dense MLP's,
+    # and the dispatcher's permuted copies of the tokens are not counted)
+    ffn = cfg.moe_top_k * cfg.moe_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size
+    per_token = (c["token_h"] * cfg.hidden_size / sp + c["token_f"] * ffn / tp
                  + c["token_q"] * cfg.num_attention_heads * d / tp + c["token_kv"] * cfg.num_query_groups * d / tp
                  + c["token_heads"] * cfg.num_attention_heads / tp + c["token_one"] / sp)
     return seq * mb * per_token + seq * c["position_d"] * d
 
 
-def _model_states(p: PlanInput, psi: float, big: float, dp: int) -> dict:
+def _model_states(p: PlanInput, psi: float, big: float, dp: int, experts: float = 0) -> dict:
     """Bytes per GPU of parameters, gradients, optimizer states, ZeRO-3's gathered set and communication
-    buckets (DeepSpeed's accounting, module docstring), and what offload moves to the CPU."""
-    params = 2 * psi / dp if p.zero == 3 else 2 * psi
-    grads16 = 0 if p.zero == 3 else 2 * psi / dp if p.zero == 2 else 2 * psi
-    grads32 = 4 * psi / dp if p.zero >= 1 else 4 * psi
-    optim = 12 * psi / dp
+    buckets (DeepSpeed's accounting, module docstring), and what offload moves to the CPU. `experts` of the psi
+    parameters are a mixture of experts' (pretrain/moe.py): under --ep ZeRO partitions them over the DP / EP ranks
+    that hold the same experts, so a rank's share of their partitioned states is experts / (dp / ep)."""
+    share = (psi - experts) / dp + experts / max(dp // p.ep, 1)  # the partitioned states' elements on this rank
+    params = 2 * share if p.zero == 3 else 2 * psi
+    grads16 = 0 if p.zero == 3 else 2 * share if p.zero == 2 else 2 * psi
+    grads32 = 4 * share if p.zero >= 1 else 4 * psi
+    optim = 12 * share
     cpu = 0.0
     if p.offload_optimizer:
         cpu += grads32 + optim
@@ -253,7 +277,7 @@ def plan(p: PlanInput) -> dict:
     cfg = p.model.replace(seq_length=p.seq_length)
     world = p.nodes * p.gpus_per_node
     layout = validate_layout(cfg, world, p.tp, p.pp, p.zero, p.micro_batch_size, p.global_batch_size, p.recompute,
-                             sequence_parallel=p.sequence_parallel, cp=p.cp)
+                             sequence_parallel=p.sequence_parallel, cp=p.cp, ep=p.ep)
     p = dataclasses.replace(p, loss_chunks=resolve_loss_chunks(p.loss_chunks, cfg, layout, p.recompute,
                                                                p.sequence_parallel, p.device_type))
     if p.gpu not in GPUS:
@@ -263,9 +287,10 @@ def plan(p: PlanInput) -> dict:
     if p.offload_optimizer and p.zero == 0:
         raise LayoutError("--offload-optimizer needs ZeRO stage 1, 2 or 3")
     gpu = GPUS[p.gpu]
-    counts = rank_params(cfg, p.tp, p.pp)
+    counts = rank_params(cfg, p.tp, p.pp, p.ep)
     zero_ranks = layout.dp * layout.cp  # ZeRO partitions over DP x CP (pretrain/parallel.py)
-    m = _model_states(p, counts["per_gpu"], counts["largest_module"], zero_ranks)
+    m = _model_states(p, counts["per_gpu"], counts["largest_module"], zero_ranks,
+                      counts["experts_per_gpu"] if p.ep > 1 else 0)
     acts, head = _activations(p, cfg, layout.grad_accum_steps)
     # ZeRO-3 on DP > 1 holds more than DeepSpeed's 4 x largest module gathered at the forward's end (measured:
     # zero3_live_parameters); it is all released by the optimizer step.
@@ -287,13 +312,22 @@ def plan(p: PlanInput) -> dict:
         inter=p.inter_link, overrides=p.link_overrides or {}))
     tokens_per_s = st["tokens_per_s"]
     all_to_all = cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length, p.micro_batch_size)
+    expert_all_to_all = moe_all_to_all_bytes(cfg, p.tp, p.ep, p.seq_length // p.cp, p.micro_batch_size,
+                                             p.sequence_parallel)
+    if cfg.is_moe:
+        st["warnings"].append(
+            f"mixture of experts: the step time counts the active parameters' FLOPs ({cfg.moe_top_k} of "
+            f"{cfg.num_experts} experts) as if balanced, without the expert all-to-alls "
+            f"({expert_all_to_all / 2**20:.1f} MiB per layer per micro-batch per GPU) or the sequential experts' "
+            f"smaller matmuls; only the memory above models the experts")
     if p.cp > 1:
         st["warnings"].append(f"--cp {p.cp}: the step time is CP 1's per-rank work (each rank computes 1/{p.cp} of "
                               f"a sample: about {p.cp}x too slow) without the attention all-to-alls "
                               f"({all_to_all / 2**20:.1f} MiB per layer per GPU); only the memory above models CP")
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     return {
-        "model": {"parameters": cfg.num_params(), "parameters_per_gpu": counts["per_gpu"],
+        "model": {"parameters": cfg.num_params(), "active_parameters": cfg.active_params(),
+                  "expert_parameters_per_gpu": counts["experts_per_gpu"], "parameters_per_gpu": counts["per_gpu"],
                   "largest_module": counts["largest_module"], "flops_per_token": flops_per_token},
         "layout": {**asdict(layout), "grad_accum_steps": layout.grad_accum_steps, "gpu": p.gpu,
                    "recompute": p.recompute, "sequence_parallel": p.sequence_parallel,
@@ -304,6 +338,7 @@ def plan(p: PlanInput) -> dict:
                        "communication_buckets": gib(m["buckets"]), "activations": gib(acts),
                        "output_and_loss": gib(head), "loss_chunks": p.loss_chunks, "model_states": gib(states),
                        "cp_all_to_all_per_layer": gib(all_to_all),
+                       "expert_all_to_all_per_layer": gib(expert_all_to_all),
                        "forward_peak": gib(forward_peak), "step_peak": gib(step_peak), "peak": gib(peak),
                        "with_reserve": gib(need), "device": gpu.memory_gib,
                        "cpu_offload_per_node": gib(m["cpu"] * p.gpus_per_node * 1.5),
@@ -335,9 +370,14 @@ def format_plan(r: dict) -> str:
             ("communication buckets", m["communication_buckets"]),
             (f"activations (recompute {lay['recompute']})", m["activations"]),
             ("output layer + loss", m["output_and_loss"])]
-    out = [f"model: {r['model']['parameters'] / 1e9:.2f}B parameters, {r['model']['parameters_per_gpu'] / 1e9:.3f}B "
+    md = r["model"]
+    moe = (f" ({md['active_parameters'] / 1e9:.2f}B active per token; {md['expert_parameters_per_gpu'] / 1e9:.3f}B "
+           f"of experts per GPU)") if md["active_parameters"] != md["parameters"] else ""
+    out = [f"model: {md['parameters'] / 1e9:.2f}B parameters{moe}, {md['parameters_per_gpu'] / 1e9:.3f}B "
            f"on the busiest GPU; layout TP={lay['tp']} PP={lay['pp']}"
-           + (f" CP={lay['cp']}" if lay.get("cp", 1) > 1 else "") + f" DP={lay['dp']} ZeRO-{lay['zero_stage']} on "
+           + (f" CP={lay['cp']}" if lay.get("cp", 1) > 1 else "") + (f" EP={lay['ep']}" if lay.get("ep", 1) > 1
+                                                                     else "")
+           + f" DP={lay['dp']} ZeRO-{lay['zero_stage']} on "
            f"{lay['world_size']} x {lay['gpu']}, micro-batch {lay['micro_batch_size']}, global batch "
            f"{lay['global_batch_size']} ({lay['grad_accum_steps']} accumulation steps)",
            "memory per GPU (GiB):"]
@@ -420,6 +460,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1, help="context-parallel size (as the trainer's --cp)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (as the trainer's --ep)")
+    ap.add_argument("--num-experts", type=int, default=0, help="a mixture of experts: experts per layer (0: dense)")
+    ap.add_argument("--moe-top-k", type=int, default=2, help="experts per token")
+    ap.add_argument("--moe-ffn-hidden-size", type=int, help="each expert's width (default: the preset's ffn)")
     ap.add_argument("--zero", type=int, default=3)
     ap.add_argument("--micro-batch-size", type=int, default=1)
     ap.add_argument("--global-batch-size", type=int)
@@ -447,7 +491,9 @@ def main(argv=None) -> int:
                     help="as the trainer's: the output layer and loss over this many pieces of the sequence")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
-    model = preset(a.model, objective=a.objective, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
+    moe = dict(num_experts=a.num_experts, moe_top_k=a.moe_top_k, moe_ffn_hidden_size=a.moe_ffn_hidden_size) \
+        if a.num_experts else {}
+    model = preset(a.model, objective=a.objective, **({"vocab_size": a.vocab_size} if a.vocab_size else {}), **moe)
     try:
         if a.search:
             base = PlanInput(model=model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu,
@@ -463,7 +509,7 @@ def main(argv=None) -> int:
                            offload_optimizer=a.offload_optimizer,
                            offload_params=a.offload_params, reduce_bucket_size=a.reduce_bucket_size,
                            prefetch_bucket_size=a.prefetch_bucket_size, mask_prob=a.mask_prob,
-                           async_save=a.async_save, cp=a.cp,
+                           async_save=a.async_save, cp=a.cp, ep=a.ep,
                            loss_chunks=a.loss_chunks,
                            intra_link=a.intra_link, inter_link=a.inter_link,
                            link_overrides={"inter.bus_gbs": a.inter_bus_gbs} if a.inter_bus_gbs else None))

@@ -86,17 +86,21 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=dim)
 
 
-def stage_parameters(cfg, tp: int, pp: int, stage: int) -> list[tuple[str, int]]:
+def stage_parameters(cfg, tp: int, pp: int, stage: int, ep: int = 1) -> list[tuple[str, int]]:
     """(canonical name, elements one TP rank holds) of one pipeline stage's parameters, in the PP=1 model's order.
 
     pretrain/model.build_pipeline cuts on blocks ("type:Block", layers divisible by PP, pretrain/parallel.py): the
     embedding joins the first stage, the final norm and output layer the last. With tied embeddings under PP the
     last stage holds its own copy of the embedding (DeepSpeed's TiedLayerSpec), whose gradient is all-reduced
     with the first stage's every step. The planner's memory (pretrain/plan.py) and traffic (pretrain/steptime.py)
-    both count from here."""
+    both count from here. A mixture of experts under --ep holds num_experts / ep of each layer's experts (those of
+    EP rank 0 are listed; every EP rank holds as many)."""
     layers = cfg.num_layers // pp
     first, last = stage * layers + 1, (stage + 1) * layers
-    local = {name: math.prod(local_shape(name, shape, tp)) for name, shape in cfg.parameter_shapes().items()}
+    held = {name for name, e in param_table.entries(cfg).items()
+            if e.expert is None or e.expert < cfg.num_experts // ep}
+    local = {name: math.prod(local_shape(name, shape, tp)) for name, shape in cfg.parameter_shapes().items()
+             if name in held}
     out = []
     for name, n in local.items():
         index = int(name.split(".")[0])

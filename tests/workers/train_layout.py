@@ -80,7 +80,8 @@ def parse():
 
 
 def build(a):
-    shape = {k: float(v) if "." in v else int(v) for k, v in (kv.split("=") for kv in a.cfg)}
+    pairs = [kv.split("=") for item in a.cfg for kv in item.split()]  # one argument may hold several
+    shape = {k: float(v) if "." in v else int(v) for k, v in pairs}
     cfg = preset("tiny", tie_embeddings=a.tie, objective=a.objective, **shape)
     world = int(os.environ.get("WORLD_SIZE", 1))
     zero = zero_stage_of(a.ds_config) if a.ds_config else a.zero

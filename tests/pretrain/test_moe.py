@@ -1,0 +1,150 @@
+"""A mixture of experts trains the same model under every supported layout (pretrain/moe.py): expert parallelism
+equal to one process in losses, gradient norms and the routers' auxiliary losses, with ZeRO 1/2/3, recompute, the
+document mask and TP x EP; checkpoints resume across EP/TP/DP; the layouts DeepSpeed cannot train are refused.
+
+The reference is one process with gradient accumulation 4 (as in test_parallel_equivalence.py). The auxiliary
+losses are weighted high (load balancing 0.1, z-loss 0.01) so that their gradients are visible in the gradient norm:
+a test below shows the norm moves when they are off, and their 1/accumulation scaling was mutated once to see the
+reference's norm move by 2e-3 (pretrain.moe.set_aux_loss_scale).
+"""
+import json
+import math
+
+import pytest
+
+from conftest import LAYOUT_SAVE_AT, LAYOUT_STEPS, WORKERS, launch
+from pretrain.config import preset
+from pretrain.parallel import LayoutError, validate_layout
+
+MOE_CFG = "num_experts=4 moe_aux_loss_coeff=0.1 moe_z_loss_coeff=0.01"
+REF = dict(cfg=MOE_CFG, micro_batch_size=2, global_batch_size=8)
+
+
+def moe_run(train_layout, nproc, **flags):
+    return train_layout(nproc, **{**REF, **flags})
+
+
+def assert_same(run, ref, rtol=1e-5):
+    """Losses (1e-5), gradient norms (1e-4, as test_parallel_equivalence.py), aux and z-losses (1e-5) per step."""
+    assert len(run["losses"]) == len(ref["losses"]) == LAYOUT_STEPS
+    for key, tol in (("losses", rtol), ("grad_norms", 1e-4)):
+        for a, b in zip(run[key], ref[key]):
+            assert abs(a - b) <= tol * abs(b), (key, run[key], ref[key])
+    for key in ("moe_aux_loss", "moe_z_loss"):
+        assert set(run[key]) == set(ref[key]) and len(ref[key]) == LAYOUT_STEPS
+        for step, b in ref[key].items():
+            assert abs(run[key][step] - b) <= rtol * abs(b), (key, run[key], ref[key])
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_reference_learns_and_balances(train_layout):
+    ref = moe_run(train_layout, 1)
+    assert ref["losses"][-1] < ref["losses"][0]
+    assert all(1.0 <= v < 2.0 for v in ref["moe_imbalance"].values())  # busiest expert / mean: logged, sane
+    assert all(v > 0 for v in ref["moe_aux_loss"].values())
+
+
+def test_aux_losses_are_in_the_gradient(train_layout):
+    """Without the auxiliary losses the same run has other gradient norms: the comparisons below see them."""
+    ref = moe_run(train_layout, 1)
+    off = train_layout(1, **{**REF, "cfg": "num_experts=4 moe_aux_loss_coeff=0.0"})
+    assert "moe_aux_loss" not in off
+    assert max(abs(a - b) / b for a, b in zip(off["grad_norms"], ref["grad_norms"])) > 1e-3
+
+
+@pytest.mark.parametrize("nproc, flags", [
+    (2, dict(ep=2, zero=1)),
+    (4, dict(ep=2, zero=2, recompute="full")),  # expert-data-parallel 2: expert gradients really reduced
+    (2, dict(zero=3)),  # EP 1: the experts are ordinary parameters, partitioned by ZeRO-3
+    (4, dict(tp=2, ep=2, zero=1, sequence_parallel=True)),  # TP x EP (megatron needs SP with MoE under TP)
+], ids=["ep2-zero1", "ep2-dp4-zero2-full", "ep1-dp2-zero3", "tp2-ep2-sp-zero1"])
+def test_expert_parallel_matches_one_process(train_layout, nproc, flags):
+    assert_same(moe_run(train_layout, nproc, **flags), moe_run(train_layout, 1))
+
+
+def test_expert_parallel_with_document_mask_and_selective_recompute(train_layout):
+    ref = moe_run(train_layout, 1, document_eod=0)
+    assert ref["losses"] != moe_run(train_layout, 1)["losses"]  # the mask really changes the model
+    assert_same(moe_run(train_layout, 2, ep=2, zero=1, document_eod=0, recompute="selective"), ref)
+
+
+@pytest.mark.parametrize("saved, resumed", [
+    ((4, dict(ep=2, zero=2, recompute="full")), (4, dict(tp=2, ep=2, zero=1, sequence_parallel=True))),
+    ((4, dict(tp=2, ep=2, zero=1, sequence_parallel=True)), (2, dict(zero=3))),
+], ids=["ep2-dp4-to-tp2-ep2", "tp2-ep2-to-ep1-zero3"])
+def test_resume_under_another_expert_layout(train_layout, tmp_path, saved, resumed):
+    ref = moe_run(train_layout, saved[0], **saved[1])
+    flags = {**REF, **resumed[1]}
+    args = [a for k, v in sorted(flags.items()) for a in (["--" + k.replace("_", "-")] + ([] if v is True else [v]))]
+    launch(resumed[0], WORKERS / "train_layout.py", *args, "--steps", LAYOUT_STEPS, "--load", ref["dir"] / "ck",
+           "--out", tmp_path / "r.json")
+    got = json.loads((tmp_path / "r.json").read_text())["losses"]
+    assert sorted(got, key=int) == [str(s) for s in range(LAYOUT_SAVE_AT + 1, LAYOUT_STEPS + 1)]
+    assert max(abs(got[s] - ref["by_step"][s]) / ref["by_step"][s] for s in got) <= 1e-5
+
+
+@pytest.mark.parametrize("flags, words", [
+    (dict(ep=2, zero_stage=0), "clips ZeRO-0 gradients"),
+    (dict(ep=2, zero_stage=3), "MoE not supported with Stage 3"),
+    (dict(ep=3, zero_stage=1), "does not split into --ep 3"),
+    (dict(tp=2, zero_stage=1), "needs --sequence-parallel"),
+    (dict(pp=2, zero_stage=1), "--pp 2 with a mixture of experts"),
+])
+def test_unsupported_expert_layouts_are_refused(flags, words):
+    cfg = preset("tiny", num_experts=4)
+    with pytest.raises(LayoutError, match=words.replace("(", r"\(")):
+        validate_layout(cfg, 4, micro_batch_size=1, **flags)
+
+
+def test_ep_needs_experts():
+    with pytest.raises(LayoutError, match="has none"):
+        validate_layout(preset("tiny"), 2, ep=2, zero_stage=1)
+
+
+MOE_MODEL = preset("tiny", num_experts=4, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+
+
+@pytest.mark.parametrize("nproc, flags", [(2, dict(ep=2, zero=1)), (4, dict(ep=2, zero=2, recompute="full")),
+                                          (4, dict(tp=2, ep=2, zero=1, sequence_parallel=True))],
+                         ids=["ep2-zero1", "ep2-dp4-zero2", "tp2-ep2-sp"])
+def test_planner_counts_what_expert_parallel_runs_hold_and_send(train_layout, nproc, flags):
+    """pretrain/plan.py against real runs: parameters per rank (num_experts / ep experts), the partitioned
+    optimizer states' elements per rank (experts over the expert-data-parallel ranks: the checkpoint file's fp32
+    slots), and the bytes handed to all_to_all per step (full recompute re-runs the forward's dispatch and combine:
+    half again)."""
+    from safetensors import safe_open
+
+    from pretrain.plan import PlanInput, _model_states, moe_all_to_all_bytes, rank_params
+
+    run = moe_run(train_layout, nproc, **flags)
+    tp, ep = flags.get("tp", 1), flags["ep"]
+    dp, counts = nproc // tp, rank_params(MOE_MODEL, tp, 1, ep)
+    assert run["local_params"] == counts["per_gpu"]
+    p = PlanInput(model=MOE_MODEL, zero=flags["zero"], ep=ep)
+    share = _model_states(p, counts["per_gpu"], counts["largest_module"], dp, counts["experts_per_gpu"])["optim"] / 12
+    for f in sorted((run["dir"] / "ck" / f"iter_{LAYOUT_SAVE_AT:07d}").glob("rank*.safetensors")):
+        with safe_open(f, "pt") as g:
+            assert sum(g.get_slice(k).get_shape()[0] for k in g.keys() if k.startswith("fp32/")) == share, f
+    sent = sum(v for rank in run["ranks"] for k, v in dict(rank["collective_bytes"])["5"].items()
+               if k.startswith("all_to_all"))
+    grad_accum = REF["global_batch_size"] // (REF["micro_batch_size"] * dp)
+    want = moe_all_to_all_bytes(MOE_MODEL, tp, ep, MOE_MODEL.seq_length, REF["micro_batch_size"],
+                                flags.get("sequence_parallel", False), dtype_bytes=4)  # fp32 runs
+    want *= MOE_MODEL.num_layers * grad_accum * nproc * (1.5 if flags.get("recompute") == "full" else 1)
+    assert sent == want
+
+
+def test_planner_reports_total_and_active_parameters():
+    from pretrain.plan import PlanInput, plan
+
+    dense = plan(PlanInput(model=preset("1b"), nodes=1, zero=1))
+    moe_model = preset("1b", num_experts=8, moe_top_k=2)
+    moe = plan(PlanInput(model=moe_model, nodes=1, zero=1, ep=8))
+    assert moe["model"]["parameters"] == moe_model.num_params() > dense["model"]["parameters"]
+    assert moe["model"]["active_parameters"] == moe_model.active_params() < moe_model.num_params()
+    experts = sum(math.prod(shape) for name, shape in moe_model.parameter_shapes().items() if "local_experts" in name)
+    assert moe["model"]["expert_parameters_per_gpu"] * 8 == experts  # EP 8: one expert of each layer per GPU
+    assert moe["memory_gib"]["expert_all_to_all_per_layer"] > 0
+    assert dense["model"]["active_parameters"] == dense["model"]["parameters"]
