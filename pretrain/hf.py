@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from pretrain.config import ModelConfig
 from pretrain.objectives import for_hf_family, objective
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "eurobert": "EuroBertForMaskedLM"}
+                 "eurobert": "EuroBertForMaskedLM", "mixtral": "MixtralForCausalLM"}
+MOE_FAMILIES = ("mixtral",)
 
 
 class HFConfigError(ValueError):
@@ -67,8 +69,11 @@ def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
     if hf.get("head_dim") not in (None, h // heads):
         raise HFConfigError(f"{path}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "
                             f"({h // heads}), which the model here assumes")
+    experts = {} if family not in MOE_FAMILIES else dict(
+        num_experts=hf["num_local_experts"], moe_top_k=hf.get("num_experts_per_tok", 2),
+        moe_ffn_hidden_size=hf["intermediate_size"], moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.001))
     return ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=h, num_attention_heads=heads,
-                       num_query_groups=hf.get("num_key_value_heads", heads),
+                       num_query_groups=hf.get("num_key_value_heads", heads), **experts,
                        ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                        seq_length=seq_length or min(hf.get("max_position_embeddings", 2048), 4096),
                        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -85,8 +90,11 @@ def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "only SiLU (SwiGLU) is implemented")
     for field in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if hf.get(field):
-            refuse(field, "mixture of experts is not implemented")
+        if hf.get(field) and family not in MOE_FAMILIES:
+            refuse(field, f"a mixture of experts is implemented for {', '.join(MOE_FAMILIES)} (Mixtral's router and "
+                          f"SwiGLU experts), not for {family}")
+    if family in MOE_FAMILIES and hf.get("router_jitter_noise"):
+        refuse("router_jitter_noise", "router input jitter is not implemented")
     window = hf.get("sliding_window")
     if window is not None and (family == "mistral" or hf.get("use_sliding_window")) and \
             window < hf.get("max_position_embeddings", window + 1):
@@ -107,7 +115,9 @@ def export_family(cfg: ModelConfig) -> str:
             raise ValueError("export: an mlm model with q/k/v biases (imported from Qwen2) matches no encoder family "
                              "here (EuroBERT's attention_bias would add an output-projection bias too)")
         return family
-    return "llama" if cfg.family in (None, "eurobert") else cfg.family
+    if cfg.is_moe:
+        return "mixtral"  # the one mixture-of-experts family here (pretrain/param_table.py's MoE table)
+    return "llama" if cfg.family in (None, "eurobert", "mixtral") else cfg.family
 
 
 def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict | None = None) -> dict:
@@ -127,8 +137,12 @@ def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict | None = None) -> di
         out.update(use_sliding_window=False, sliding_window=None)
     else:
         out.update(attention_bias=False, mlp_bias=False)
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         out["sliding_window"] = None
+    if family == "mixtral":
+        out.update(intermediate_size=cfg.moe_ffn_hidden_size, num_local_experts=cfg.num_experts,
+                   num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+                   router_jitter_noise=0.0, output_router_logits=False)
     if family == "eurobert":
         if (token_ids or {}).get("mask_token_id") is None:
             raise ValueError("export: an mlm model's config needs its tokenizer's mask token id; pass --tokenizer "
@@ -205,10 +219,36 @@ class HFReader:
 
     def _rows(self, hf_name: str, r0: int, r1: int, c0: int | None = None, c1: int | None = None) -> torch.Tensor:
         if hf_name not in self._where:
-            raise KeyError(f"{self.dir}: no tensor {hf_name} (the config says it should exist)")
+            fused = self._fused_expert(hf_name)
+            if fused is None:
+                raise KeyError(f"{self.dir}: no tensor {hf_name} (the config says it should exist)")
+            hf_name, index, r0, r1 = fused[0], fused[1], r0 + fused[2], r1 + fused[2]
+            if index is not None:  # one expert of a [experts, rows, columns] tensor
+                s = self._files[self._where[hf_name]].get_slice(hf_name)
+                t = s[index:index + 1, r0:r1] if c0 is None else s[index:index + 1, r0:r1, c0:c1]
+                return t[0].float()
         s = self._files[self._where[hf_name]].get_slice(hf_name)
         t = s[r0:r1] if c0 is None else s[r0:r1, c0:c1]
         return t.float()
+
+    _LEGACY_EXPERT = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\."
+                                r"(?:gate\.weight|experts\.(\d+)\.(w[123])\.weight)$")
+
+    def _fused_expert(self, hf_name: str):
+        """A Mixtral tensor in the per-expert naming (what save_pretrained writes and the Hub holds) read from the
+        fused naming of transformers 5's modules (mlp.gate.weight; mlp.experts.gate_up_proj [E, 2f, h], gate rows
+        first; mlp.experts.down_proj [E, h, f]): -> (fused name, index into its first dimension or None, row
+        offset), or None when neither naming has it."""
+        m = self._LEGACY_EXPERT.match(hf_name)
+        if m is None:
+            return None
+        prefix, expert, part = m.groups()
+        if expert is None:  # the router: a plain 2-D tensor under its new name, read as one expert-less "slice"
+            name = prefix + "mlp.gate.weight"
+            return None if name not in self._where else (name, None, 0)
+        name = prefix + ("mlp.experts.down_proj" if part == "w2" else "mlp.experts.gate_up_proj")
+        offset = self.cfg.moe_ffn_hidden_size if part == "w3" else 0
+        return None if name not in self._where else (name, int(expert), offset)
 
     def local_rows(self, name: str, tp: int, rank: int, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) of TP rank `rank`'s slice of our parameter `name` under `tp` ranks (fp32), read as its

@@ -18,6 +18,12 @@ FAMILIES = {
     "qwen2": dict(vocab_size=1003, tie_word_embeddings=False, num_key_value_heads=2, rope_theta=1e6,
                   rms_norm_eps=1e-6),
 }
+# The mixture of experts (pretrain/moe.py): Mixtral, 4 experts of which 2 per token, untied, GQA. Kept apart from
+# FAMILIES: the dense families' tests run layouts (PP) that a mixture of experts refuses (tests/pretrain/test_moe.py).
+MOE_FAMILIES = {
+    "mixtral": dict(vocab_size=997, tie_word_embeddings=False, num_key_value_heads=2, rope_theta=1e6,
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+}
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
 
@@ -26,8 +32,8 @@ def config(family: str, **over):
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[family]
-    return cls(**{**SHAPE, **FAMILIES[family], **over})
+           "qwen2": transformers.Qwen2Config, "mixtral": transformers.MixtralConfig}[family]
+    return cls(**{**SHAPE, **{**FAMILIES, **MOE_FAMILIES}[family], **over})
 
 
 def build(family: str, out_dir, seed: int = 0, tokenizer_dir=None, **over) -> str:

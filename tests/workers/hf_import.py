@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from pretrain import checkpoint, hf  # noqa: E402
 from pretrain.engine import OptimConfig, build_engine, load_ds_config, zero3_partitioning  # noqa: E402
 from pretrain.hooks import full_logits  # noqa: E402
+from pretrain.model import ModelOptions  # noqa: E402
 from pretrain.parallel import init_distributed, shutdown_distributed, validate_layout  # noqa: E402
 from pretrain.step import train_step  # noqa: E402
 
@@ -27,6 +28,8 @@ def parse():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--ep", type=int, default=1, help="expert parallel (a mixture of experts)")
+    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--import-only", action="store_true",
                    help="only import, and write each rank's memory in MiB (rss-<rank>.json): RSS before the engine "
                         "is built, once it is built, after the import, and the peak")
@@ -46,14 +49,15 @@ def rss_mib() -> float:
 
 def import_one(hf_dir, a, layout_args):
     cfg = hf.model_config(hf_dir, seq_length=SEQ)
-    layout = validate_layout(cfg, *layout_args)
+    layout = validate_layout(cfg, *layout_args, sequence_parallel=a.sequence_parallel, ep=a.ep)
     stage = {"stage": a.zero}
     if a.zero == 3:  # sized as the shipped config does, so that matrices are partitioned
         stage.update({k: "auto" for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
                                           "stage3_param_persistence_threshold")})
     ds = load_ds_config({"zero_optimization": stage, "bf16": {"enabled": False}}, layout, clip_grad=1.0, fp32=True,
                         hidden_size=cfg.hidden_size)
-    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-3, weight_decay=0.1), seed=7)
+    options = ModelOptions(sequence_parallel=a.sequence_parallel)
+    engine = build_engine(cfg, layout, ds, OptimConfig(lr=1e-3, weight_decay=0.1), options, seed=7)
     rss_built, reader = rss_mib(), hf.HFReader(hf_dir, cfg)
     checkpoint.load_states(engine, reader, layout, cfg.parameter_shapes(), load_optimizer=False)
     # The reader is still open: the safetensors pages it touched (mapped) are still counted in RSS.
@@ -63,7 +67,7 @@ def import_one(hf_dir, a, layout_args):
 def main():
     a = parse()
     world = int(os.environ.get("WORLD_SIZE", 1))
-    init_distributed(a.tp, a.pp, seed=7)
+    init_distributed(a.tp, a.pp, seed=7, ep=a.ep)
     from megatron.core import parallel_state as ps
 
     report = {}
