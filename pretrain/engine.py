@@ -209,7 +209,7 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     groups = param_groups(model, opt.weight_decay)
     if cfg.is_moe:
         moe.prepare_for_deepspeed(model, cfg, layout.ep)  # EP > 1: expert gradients over the expert-DP ranks
-        moe.set_aux_loss_scale(layout.grad_accum_steps)
+        moe.set_aux_loss_scale(layout.grad_accum_steps, layout.cp)
         groups = moe.split_optimizer_groups(groups) if layout.ep > 1 else groups
     optimizer = build_optimizer(groups, ds_config, opt)
     # With a PipelineModule the topology comes from the module, and DeepSpeed must get no mpu.
@@ -219,7 +219,7 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
     undo_construction_step(engine)  # bf16 ZeRO-0's optimizer stepped once at construction
     zero3_step.install(engine)  # ZeRO-3: one gather and one reduce per step where DeepSpeed's buffers allow
     if cfg.is_moe:
-        engine.moe_stats = moe.RoutingStats(engine.module)  # aux loss and expert load, read by step._result
+        engine.moe_stats = moe.RoutingStats(engine.module, cfg.num_layers)  # aux loss, expert load: step._result
     if compile_layers or fused_swiglu:
         apply_speedups(engine.module, compile_layers, fused_swiglu)
     return engine

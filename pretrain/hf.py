@@ -95,6 +95,9 @@ def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
                           f"SwiGLU experts), not for {family}")
     if family in MOE_FAMILIES and hf.get("router_jitter_noise"):
         refuse("router_jitter_noise", "router input jitter is not implemented")
+    if family in MOE_FAMILIES and hf.get("num_experts_per_tok") == 1:
+        refuse("num_experts_per_tok", "Mixtral renormalises the chosen experts' weights, so top-1 weighs every "
+                                      "token 1.0; top-1 here is Switch Transformer's (the softmax probability)")
     window = hf.get("sliding_window")
     if window is not None and (family == "mistral" or hf.get("use_sliding_window")) and \
             window < hf.get("max_position_embeddings", window + 1):
@@ -116,6 +119,10 @@ def export_family(cfg: ModelConfig) -> str:
                              "here (EuroBERT's attention_bias would add an output-projection bias too)")
         return family
     if cfg.is_moe:
+        if cfg.moe_top_k == 1:
+            raise ValueError("export: a top-1 mixture of experts (Switch Transformer's routing: the softmax "
+                             "probability weighs the expert) is not Mixtral's (which renormalises it to 1.0); no "
+                             "Hugging Face family here computes it")
         return "mixtral"  # the one mixture-of-experts family here (pretrain/param_table.py's MoE table)
     return "llama" if cfg.family in (None, "eurobert", "mixtral") else cfg.family
 

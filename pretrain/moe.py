@@ -2,7 +2,8 @@
 DeepSpeed needs to reduce expert gradients over the right ranks.
 
 The layer (pretrain.model.layer_spec): megatron-core's TopKRouter (softmax over the top-k logits, Mixtral's
-routing; the Switch/GShard load-balancing loss "aux_loss" and the optional ST-MoE z-loss), the "alltoall" token
+routing; with top-1 the softmax over all experts, Switch Transformer's; the Switch/GShard load-balancing loss
+"aux_loss" and the optional ST-MoE z-loss), the "alltoall" token
 dispatcher, and SequentialMLP experts (one SwiGLU MLP per expert, run one after another: megatron's grouped GEMM
 needs the grouped_gemm package or Transformer Engine, neither of which runs on the CPU). Dropless: no capacity
 factor, every token reaches its k experts, so no token is ever dropped (megatron's default; the run log says so).
@@ -17,9 +18,13 @@ turns that machinery on when the model holds one of its own MoE layers (engine.h
 so `ExpertGroups` below is a parameterless stand-in that says "this model has experts" and hands DeepSpeed
 megatron's expert groups (one source of truth for which ranks hold which experts, with our timeout).
 
-What works (DeepSpeed 0.19.8, measured by tests/pretrain/test_moe.py): EP 1 under ZeRO 0-3 (the experts are then
-ordinary parameters); EP > 1 under ZeRO 0, 1 and 2. EP > 1 with ZeRO-3 is refused by DeepSpeed ("MoE not
-supported with Stage 3": its ZeRO-3 partitions only its own AutoEP layers) and so by validate_layout first.
+What works (DeepSpeed 0.19.8, megatron-core 0.16.1; each equal to one process in tests/pretrain/test_moe.py):
+EP 1 under ZeRO 0-3 (the experts are then ordinary parameters); EP > 1 under ZeRO 1 and 2, with TP (megatron
+requires sequence parallelism for MoE under TP; the router's gradient is then summed over TP here), PP, CP,
+recompute, the document mask, and the mlm and sft objectives. Refused by validate_layout, naming what to use:
+EP > 1 with ZeRO-3 (DeepSpeed: "MoE not supported with Stage 3"; its ZeRO-3 partitions only its own AutoEP layers)
+and with ZeRO-0 (DeepSpeed clips ZeRO-0 gradients by the mean of the ranks' norms, not the norm, when ranks hold
+different experts).
 """
 from __future__ import annotations
 
@@ -46,6 +51,9 @@ def moe_config(cfg: ModelConfig) -> dict:
         # the router's softmax and top-k in fp32 whatever the parameters' dtype (Megatron's recommendation for bf16
         # training: routing decisions flip on bf16 rounding)
         moe_router_dtype="fp32",
+        # top-1: the softmax over all experts, the chosen one's probability its weight (Switch Transformer): megatron
+        # refuses a softmax over the one chosen logit (always 1: no gradient to the router)
+        moe_router_pre_softmax=cfg.moe_top_k == 1,
     )
 
 
@@ -164,16 +172,19 @@ def split_optimizer_groups(groups: list[dict]) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(named)
 
 
-def set_aux_loss_scale(grad_accum_steps: int) -> None:
+def set_aux_loss_scale(grad_accum_steps: int, cp: int = 1) -> None:
     """megatron's routers inject the load-balancing (and z-) loss gradient straight into backward
     (MoEAuxLossAutoScaler) with a scale of 1 unless told: DeepSpeed divides the language-model loss by the
     gradient accumulation steps before its backward, so the auxiliary gradient must be divided the same way, or
-    its weight would grow with the number of micro-batches (megatron's own schedules set num_microbatches here)."""
+    its weight would grow with the number of micro-batches (megatron's own schedules set num_microbatches here).
+    Under context parallelism each CP rank's auxiliary losses are its share of the sequence's (megatron reduces
+    the expert counts over TP x CP and divides the z-loss by it), and DeepSpeed averages gradients over DP x CP:
+    times CP, as the language-model loss is (pretrain/context_parallel.py)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from pretrain.compat import device
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / grad_accum_steps, device=device()))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(cp / grad_accum_steps, device=device()))
 
 
 class RoutingStats:
@@ -181,30 +192,27 @@ class RoutingStats:
     load-balancing loss (without its coefficient, as Megatron logs it) and z-loss that megatron's routers tracked,
     each the mean over layers and micro-batches, averaged over data-parallel ranks; and the expert imbalance, the
     busiest expert's tokens over the mean per expert (1.0 = even), the mean over layers of the whole step's counts
-    summed over data-parallel ranks. Counts come from a forward hook on every router (a recompute counts a layer
-    twice, which no ratio sees). Nothing is dropped to count: the layers are dropless (module docstring)."""
+    summed over all ranks. Counts come from a forward hook on every router (a recompute counts a layer twice, which
+    no ratio sees). Layers are indexed by their number, so that pipeline stages, each holding some, add up. Nothing
+    is dropped to count: the layers are dropless (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, num_layers: int):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
-        self.counts = None
-        for i, router in enumerate(self.routers):
-            router.register_forward_hook(self._hook(i))
+        self.num_layers, self.counts = num_layers, None
+        for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
+            router.register_forward_hook(self._count)
 
-    def _hook(self, i: int):
-        def count(module, inputs, output):
-            if not module.training:
-                return
-            routed = output[1].detach().sum(dim=0, dtype=torch.float64)  # routing_map [tokens, experts]
-            if self.counts is None:
-                self.counts = torch.zeros(len(self.routers), routed.numel(), dtype=torch.float64,
-                                          device=routed.device)
-            self.counts[i] += routed
-        return count
+    def _count(self, router, inputs, output):
+        if not router.training:
+            return
+        routed = output[1].detach().sum(dim=0, dtype=torch.float64)  # routing_map [tokens, experts]
+        if self.counts is None:
+            self.counts = torch.zeros(self.num_layers, routed.numel(), dtype=torch.float64, device=routed.device)
+        self.counts[router.layer_number - 1] += routed
 
     def step_metrics(self, grad_accum_steps: int) -> dict:
-        """The step's figures (collective over the data-parallel group: every rank calls it), then reset."""
+        """The step's figures (collective: every rank calls it), then reset."""
         import torch.distributed as dist
         from megatron.core import parallel_state
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, \
@@ -213,12 +221,13 @@ class RoutingStats:
         from pretrain.compat import device
 
         tracker = get_moe_layer_wise_logging_tracker()
-        names = [n for n in ("load_balancing_loss", "z_loss") if n in tracker]
-        layers = max(len(self.routers), 1)
         out = {}
-        for name in names:
-            value = tracker[name]["values"].sum().to(device(), torch.float64).reshape(1) / (layers * grad_accum_steps)
+        for name in ("load_balancing_loss", "z_loss"):
+            if name not in tracker:
+                continue
+            value = tracker[name]["values"].to(device(), torch.float64).sum().reshape(1)  # this stage's layers
             if dist.is_initialized():
+                dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())  # every layer's
                 if tracker[name].get("reduce_group") is not None:  # the load-balancing loss under sequence
                     dist.all_reduce(value, group=tracker[name]["reduce_group"])  # parallelism: a TP rank's share
                 else:  # the z-loss: a TP rank's mean over its tokens (megatron logs one rank's); the TP ranks' mean
@@ -228,12 +237,13 @@ class RoutingStats:
                 group = parallel_state.get_data_parallel_group(with_context_parallel=True)
                 dist.all_reduce(value, group=group)
                 value /= dist.get_world_size(group)
-            out[{"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}[name]] = value.item()
+            out[{"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}[name]] = \
+                value.item() / (self.num_layers * grad_accum_steps)
         clear_aux_losses_tracker()
-        counts = self.counts if self.counts is not None else torch.zeros(layers, 1, dtype=torch.float64,
+        counts = self.counts if self.counts is not None else torch.zeros(self.num_layers, 1, dtype=torch.float64,
                                                                           device=device())
-        if dist.is_initialized():  # every rank routes its own tokens (TP ranks under sequence parallelism too);
-            dist.all_reduce(counts)  # without it they repeat one another, which no ratio sees
+        if dist.is_initialized():  # every rank routes its own tokens (TP ranks under sequence parallelism too; a
+            dist.all_reduce(counts)  # pipeline stage its own layers); TP ranks without SP repeat one another
         self.counts = None
         if counts.sum() > 0:
             out["moe_imbalance"] = (counts.max(dim=1).values / counts.mean(dim=1)).mean().item()

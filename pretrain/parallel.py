@@ -88,7 +88,7 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
         raise LayoutError("--sequence-parallel splits the sequence across tensor-parallel ranks: it needs --tp > 1 "
                           "(drop it, or raise --tp)")
     if model.is_moe or ep > 1:
-        _check_experts(model, tp, dp, pp, cp, ep, zero_stage, sequence_parallel)
+        _check_experts(model, tp, dp, ep, zero_stage, sequence_parallel)
     if recompute not in RECOMPUTE_MODES:
         raise LayoutError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     if micro_batch_size < 1:
@@ -102,8 +102,7 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
     return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size, cp, ep)
 
 
-def _check_experts(model: ModelConfig, tp: int, dp: int, pp: int, cp: int, ep: int, zero_stage: int,
-                   sequence_parallel: bool) -> None:
+def _check_experts(model: ModelConfig, tp: int, dp: int, ep: int, zero_stage: int, sequence_parallel: bool) -> None:
     """What a mixture of experts and expert parallelism need (pretrain/moe.py says why)."""
     if ep < 1:
         raise LayoutError(f"--ep must be >= 1, got {ep}")
@@ -126,11 +125,6 @@ def _check_experts(model: ModelConfig, tp: int, dp: int, pp: int, cp: int, ep: i
     if tp > 1 and not sequence_parallel:
         raise LayoutError(f"a mixture of experts with --tp {tp} needs --sequence-parallel: megatron-core's MoELayer "
                           f"refuses to train under TP without it (each TP rank would route and send every token)")
-    unsupported = [(pp > 1, f"--pp {pp}"), (cp > 1, f"--cp {cp}")]
-    for bad, flag in unsupported:
-        if bad:
-            raise LayoutError(f"{flag} with a mixture of experts is not supported yet (untested: the token "
-                              f"all-to-all and the expert groups are built for TP x EP x DP); drop {flag}")
 
 
 def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_parallel: bool,

@@ -59,7 +59,9 @@ def test_aux_losses_are_in_the_gradient(train_layout):
     (4, dict(ep=2, zero=2, recompute="full")),  # expert-data-parallel 2: expert gradients really reduced
     (2, dict(zero=3)),  # EP 1: the experts are ordinary parameters, partitioned by ZeRO-3
     (4, dict(tp=2, ep=2, zero=1, sequence_parallel=True)),  # TP x EP (megatron needs SP with MoE under TP)
-], ids=["ep2-zero1", "ep2-dp4-zero2-full", "ep1-dp2-zero3", "tp2-ep2-sp-zero1"])
+    (4, dict(pp=2, ep=2, zero=1)),  # pipeline stages, each with its layers' experts
+    (4, dict(cp=2, ep=2, zero=1)),  # context parallel: each CP rank's aux losses a share (pretrain/moe.py)
+], ids=["ep2-zero1", "ep2-dp4-zero2-full", "ep1-dp2-zero3", "tp2-ep2-sp-zero1", "pp2-ep2", "cp2-ep2"])
 def test_expert_parallel_matches_one_process(train_layout, nproc, flags):
     assert_same(moe_run(train_layout, nproc, **flags), moe_run(train_layout, 1))
 
@@ -68,6 +70,15 @@ def test_expert_parallel_with_document_mask_and_selective_recompute(train_layout
     ref = moe_run(train_layout, 1, document_eod=0)
     assert ref["losses"] != moe_run(train_layout, 1)["losses"]  # the mask really changes the model
     assert_same(moe_run(train_layout, 2, ep=2, zero=1, document_eod=0, recompute="selective"), ref)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "sft"])
+def test_expert_parallel_trains_the_other_objectives(train_layout, sft_data, objective):
+    """The encoder (bidirectional attention on masked tokens) and fine-tuning on packed conversations (answer-only
+    loss over the global batch's answer tokens) with experts: EP 2 equals one process."""
+    data = dict(objective="mlm") if objective == "mlm" else \
+        dict(objective="sft", sft_data=sft_data, global_loss_tokens=True)
+    assert_same(moe_run(train_layout, 2, ep=2, zero=1, **data), moe_run(train_layout, 1, **data))
 
 
 @pytest.mark.parametrize("saved, resumed", [
@@ -90,7 +101,7 @@ def test_resume_under_another_expert_layout(train_layout, tmp_path, saved, resum
     (dict(ep=2, zero_stage=3), "MoE not supported with Stage 3"),
     (dict(ep=3, zero_stage=1), "does not split into --ep 3"),
     (dict(tp=2, zero_stage=1), "needs --sequence-parallel"),
-    (dict(pp=2, zero_stage=1), "--pp 2 with a mixture of experts"),
+    (dict(ep=4, tp=2, sequence_parallel=True, zero_stage=1), "must divide the data-parallel size 2"),
 ])
 def test_unsupported_expert_layouts_are_refused(flags, words):
     cfg = preset("tiny", num_experts=4)
@@ -148,3 +159,23 @@ def test_planner_reports_total_and_active_parameters():
     assert moe["model"]["expert_parameters_per_gpu"] * 8 == experts  # EP 8: one expert of each layer per GPU
     assert moe["memory_gib"]["expert_all_to_all_per_layer"] > 0
     assert dense["model"]["active_parameters"] == dense["model"]["parameters"]
+
+
+def test_trainer_logs_routing_and_exports_mixtral(tiny_data, tmp_path):
+    """pretrain/main.py with --num-experts and --ep on the shipped ZeRO-1 config: the run log says what the layer
+    is, metrics.jsonl carries the aux loss and expert imbalance each step, MFU counts active parameters, and the
+    checkpoint exports as Mixtral."""
+    from conftest import MAIN, common, metrics
+
+    out = launch(2, MAIN, *common(tiny_data, tmp_path, "--train-iters", 4, "--num-experts", 4, "--moe-top-k", 2,
+                                  "--ep", 2, "--deepspeed_config", "ds_configs/zero1.json", "--save", tmp_path / "ck",
+                                  "--save-interval", 4)).stdout
+    assert "mixture of experts: 4 experts per layer, top-2" in out and "EP=2: 2 experts per rank" in out
+    assert "dropless" in out
+    rows = [r for r in metrics(tmp_path) if "grad_norm" in r]
+    assert len(rows) == 4 and all(r["moe_aux_loss"] > 0 and r["moe_imbalance"] >= 1 for r in rows)
+    from pretrain.export import main as export_main
+
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4

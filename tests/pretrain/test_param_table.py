@@ -5,6 +5,7 @@ test_import_hf, test_export, test_parallel_equivalence), unchanged."""
 import dataclasses
 
 import pytest
+import torch
 
 from pretrain import param_table
 from pretrain.config import PRESETS, preset
@@ -74,3 +75,51 @@ def test_hf_names_follow_the_fused_layouts():
         "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
     assert e["1.layer.self_attention.linear_qkv.bias"].hf_names()[1] == "model.layers.0.self_attn.k_proj.bias"
     assert e["3.norm.weight"].hf_names() == ["model.norm.weight"]
+
+
+@pytest.mark.parametrize("cfg", [preset("tiny", num_experts=4), preset("tiny", num_experts=8, moe_top_k=1,
+                                                                       moe_ffn_hidden_size=32, tie_embeddings=True)],
+                         ids=["4-experts", "8-experts-top1-tied"])
+def test_a_mixture_of_experts_builds_exactly_its_table(meta_model_builder, cfg):
+    """The MoE family's table (megatron-core's MoELayer: router, per-expert SwiGLU) is what the model builds."""
+    from pretrain.model import check_against_table
+
+    model = meta_model_builder(cfg, device="cpu")
+    check_against_table(model, cfg, whole=True)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    experts = [n for n in param_table.entries(cfg) if ".local_experts." in n]
+    assert len(experts) == 2 * cfg.num_experts * cfg.num_layers  # fc1 and fc2 of every expert of every layer
+    assert cfg.active_params() < cfg.num_params()
+
+
+def test_a_missing_expert_row_fails_at_construction(meta_model_builder, monkeypatch):
+    from pretrain.model import init_parameters
+
+    cfg = preset("tiny", num_experts=4)
+    model = meta_model_builder(cfg, device="cpu")
+    init_parameters(model, cfg, seed=1)
+    monkeypatch.setitem(param_table.TABLES, "moe", tuple(p for p in param_table.MOE if "router" not in p.name))
+    with pytest.raises(LayoutError, match=r"1\.layer\.mlp\.router\.weight.*pretrain/param_table\.py"):
+        init_parameters(model, cfg, seed=1)
+
+
+def test_experts_are_named_and_seeded_by_their_global_index(meta_model_builder):
+    """Under --ep a rank builds experts local_experts.0.. of its own share: named (and so initialised, saved and
+    exported) by their global index, as if one rank held them all."""
+    from pretrain import sharding
+    from pretrain.model import init_parameters
+
+    cfg = preset("tiny", num_experts=4)
+    whole, share = meta_model_builder(cfg, device="cpu"), meta_model_builder(cfg, device="cpu")
+    init_parameters(whole, cfg, seed=1)
+    for m in share.modules():  # as EP rank 1 of 2 would hold them: global experts 2 and 3 as local 0 and 1
+        if hasattr(m, "local_expert_indices"):
+            m.local_expert_indices = [2, 3]
+            del m.experts.local_experts[2:]
+    names = dict(sharding.named_parameters(share))
+    assert "1.layer.mlp.experts.local_experts.3.linear_fc2.weight" in names
+    assert "1.layer.mlp.experts.local_experts.0.linear_fc2.weight" not in names
+    init_parameters(share, cfg, seed=1)
+    want = dict(sharding.named_parameters(whole))
+    for name, p in names.items():
+        assert torch.equal(p, want[name]), name
