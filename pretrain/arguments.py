@@ -15,7 +15,7 @@ MODEL_OVERRIDES = {
     "hidden_dropout": float, "attention_dropout": float, "make_vocab_size_divisible_by": int,
     # mixture of experts (pretrain/moe.py): --num-experts N turns each layer's MLP into N experts
     "num_experts": int, "moe_top_k": int, "moe_ffn_hidden_size": int, "moe_aux_loss_coeff": float,
-    "moe_z_loss_coeff": float,
+    "moe_z_loss_coeff": float, "moe_shared_expert_size": int,
 }
 
 

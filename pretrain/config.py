@@ -44,6 +44,7 @@ class ModelConfig:
     moe_ffn_hidden_size: int | None = None  # each expert's width; None: ffn_hidden_size
     moe_aux_loss_coeff: float = 0.01  # Switch/GShard load-balancing loss per layer (megatron's "aux_loss")
     moe_z_loss_coeff: float = 0.0  # ST-MoE router z-loss; 0 = off
+    moe_shared_expert_size: int = 0  # a shared expert (an MLP every token passes, DeepSeek/Qwen2-MoE) of this width
 
     def __post_init__(self):
         objective(self.objective)  # a ValueError naming the choices
@@ -57,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and num_experts={self.num_experts}")
         if self.num_experts < 0 or self.num_experts == 1:
             raise ValueError(f"num_experts={self.num_experts}: 0 for the dense MLP, or at least 2 experts")
+        if self.moe_shared_expert_size and not self.num_experts:
+            raise ValueError("moe_shared_expert_size is a mixture of experts' shared expert: set num_experts too")
         if self.num_experts and self.add_bias:
             raise ValueError("add_bias with num_experts: the MoE family's experts have no biases (as Mixtral's "
                              "and Qwen3-MoE's); drop --add-bias or the experts")

@@ -123,6 +123,9 @@ def export_family(cfg: ModelConfig) -> str:
             raise ValueError("export: a top-1 mixture of experts (Switch Transformer's routing: the softmax "
                              "probability weighs the expert) is not Mixtral's (which renormalises it to 1.0); no "
                              "Hugging Face family here computes it")
+        if cfg.moe_shared_expert_size:
+            raise ValueError("export: a mixture of experts with a shared expert (--moe-shared-expert-size) is not "
+                             "Mixtral's, the one mixture-of-experts family written here")
         return "mixtral"  # the one mixture-of-experts family here (pretrain/param_table.py's MoE table)
     return "llama" if cfg.family in (None, "eurobert", "mixtral") else cfg.family
 

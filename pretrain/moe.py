@@ -54,6 +54,7 @@ def moe_config(cfg: ModelConfig) -> dict:
         # top-1: the softmax over all experts, the chosen one's probability its weight (Switch Transformer): megatron
         # refuses a softmax over the one chosen logit (always 1: no gradient to the router)
         moe_router_pre_softmax=cfg.moe_top_k == 1,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_size or None,
     )
 
 

@@ -119,6 +119,13 @@ MOE = _ATTENTION[:5] + (
           hf="model.layers.{i}.block_sparse_moe.experts.{e}.{part}.weight", layout="gate_up"),
     Param("layer", _EXPERT + "linear_fc2.weight", lambda c: (c.hidden_size, _moe_ffn(c)), tp_dim=1, init="residual",
           hf="model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"),
+    # the optional shared expert (--moe-shared-expert-size): a dense SwiGLU MLP beside the routed ones, split over TP
+    # as the dense MLP; Mixtral has none, so no Hugging Face name (export refuses it)
+    Param("layer", "layer.mlp.shared_experts.linear_fc1.weight", lambda c: (2 * c.moe_shared_expert_size,
+                                                                            c.hidden_size),
+          tp_dim=0, gated=True, layout="gate_up", present=lambda c: c.moe_shared_expert_size > 0),
+    Param("layer", "layer.mlp.shared_experts.linear_fc2.weight", lambda c: (c.hidden_size, c.moe_shared_expert_size),
+          tp_dim=1, init="residual", present=lambda c: c.moe_shared_expert_size > 0),
 ) + _ATTENTION[5:]
 
 TABLES = {"dense": DENSE, "moe": MOE}

@@ -72,6 +72,14 @@ def test_expert_parallel_with_document_mask_and_selective_recompute(train_layout
     assert_same(moe_run(train_layout, 2, ep=2, zero=1, document_eod=0, recompute="selective"), ref)
 
 
+def test_shared_expert_under_tp_and_ep(train_layout):
+    """The optional shared expert (every token passes it beside its routed experts) under TP 2 x EP 2."""
+    cfg = MOE_CFG + " moe_shared_expert_size=96"
+    ref = moe_run(train_layout, 1, cfg=cfg)
+    assert ref["local_params"] == preset("tiny", num_experts=4, moe_shared_expert_size=96).num_params()
+    assert_same(moe_run(train_layout, 4, cfg=cfg, tp=2, ep=2, zero=1, sequence_parallel=True), ref)
+
+
 @pytest.mark.parametrize("objective", ["mlm", "sft"])
 def test_expert_parallel_trains_the_other_objectives(train_layout, sft_data, objective):
     """The encoder (bidirectional attention on masked tokens) and fine-tuning on packed conversations (answer-only

@@ -129,3 +129,25 @@ def test_trained_moe_exports_to_logits_transformers_reproduces(train_layout, tmp
     err = (theirs - ours["logits"]).abs().max().item()
     print(f"EP 2 trained MoE -> Mixtral: max |HF - ours| = {err:.2e}")
     assert type(model).__name__ == "MixtralForCausalLM" and err < 1e-4
+
+
+@pytest.mark.parametrize("field, value, words", [("num_experts_per_tok", 1, "renormalises"),
+                                                 ("router_jitter_noise", 0.01, "jitter")])
+def test_a_mixtral_we_cannot_reproduce_is_refused(tmp_path, field, value, words):
+    from pretrain import hf
+
+    cfg = hf_models.config("mixtral").to_dict()
+    os.makedirs(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(hf.HFConfigError, match=f"{field}.*{words}"):
+        hf.model_config(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("overrides, words", [(dict(moe_top_k=1), "top-1"),
+                                              (dict(moe_shared_expert_size=32), "shared expert")])
+def test_a_mixture_no_hugging_face_family_computes_is_not_exported(overrides, words):
+    from pretrain import hf
+    from pretrain.config import preset
+
+    with pytest.raises(ValueError, match=words):
+        hf.export_family(preset("tiny", num_experts=4, **overrides))

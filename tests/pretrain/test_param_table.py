@@ -78,8 +78,9 @@ def test_hf_names_follow_the_fused_layouts():
 
 
 @pytest.mark.parametrize("cfg", [preset("tiny", num_experts=4), preset("tiny", num_experts=8, moe_top_k=1,
-                                                                       moe_ffn_hidden_size=32, tie_embeddings=True)],
-                         ids=["4-experts", "8-experts-top1-tied"])
+                                                                       moe_ffn_hidden_size=32, tie_embeddings=True),
+                                 preset("tiny", num_experts=4, moe_shared_expert_size=48)],
+                         ids=["4-experts", "8-experts-top1-tied", "shared-expert"])
 def test_a_mixture_of_experts_builds_exactly_its_table(meta_model_builder, cfg):
     """The MoE family's table (megatron-core's MoELayer: router, per-expert SwiGLU) is what the model builds."""
     from pretrain.model import check_against_table
