@@ -3,10 +3,10 @@ DeepSpeed needs to reduce expert gradients over the right ranks.
 
 The layer (pretrain.model.layer_spec): megatron-core's TopKRouter (softmax over the top-k logits, Mixtral's
 routing; with top-1 the softmax over all experts, Switch Transformer's; the Switch/GShard load-balancing loss
-"aux_loss" and the optional ST-MoE z-loss), the "alltoall" token
-dispatcher, and SequentialMLP experts (one SwiGLU MLP per expert, run one after another: megatron's grouped GEMM
-needs the grouped_gemm package or Transformer Engine, neither of which runs on the CPU). Dropless: no capacity
-factor, every token reaches its k experts, so no token is ever dropped (megatron's default; the run log says so).
+"aux_loss" and the optional ST-MoE z-loss), the "alltoall" token dispatcher, SequentialMLP experts (one SwiGLU
+MLP per expert, run one after another: megatron's grouped GEMM needs the grouped_gemm package or Transformer
+Engine, neither of which runs on the CPU) and an optional shared expert. Dropless: no capacity factor, every token
+reaches its k experts, so no token is ever dropped (megatron's default; the run log says so).
 
 Expert parallelism as in Megatron: the data-parallel ranks of one TP rank are cut into groups of --ep, each rank
 of a group holding num_experts / ep experts; the all-to-all sends each token to its experts' ranks and back.
@@ -73,20 +73,14 @@ def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-def _deepspeed_moe_base():
-    from deepspeed.moe.layer import MoE
-
-    return MoE
-
-
 def _expert_groups_class():
     """ExpertGroups: a subclass of DeepSpeed's MoE (which engine.has_moe_layers looks for) built without running
     its constructor: no parameters, no forward. DeepSpeed calls set_deepspeed_parallelism on it before building
     the optimizer; it registers megatron's expert groups under DeepSpeed's group name. (A factory: deepspeed is
     imported only when a model with experts is built.)"""
-    base = _deepspeed_moe_base()
+    from deepspeed.moe.layer import MoE
 
-    class ExpertGroups(base):
+    class ExpertGroups(MoE):
         def __init__(self, num_experts: int, ep: int):
             torch.nn.Module.__init__(self)
             self.num_experts, self.ep_size = num_experts, ep
@@ -103,7 +97,10 @@ def _expert_groups_class():
 
 
 def register_deepspeed_groups(ep: int) -> None:
-    """Give DeepSpeed megatron's expert-parallel and expert-data-parallel groups under its name for them."""
+    """Give DeepSpeed megatron's expert-parallel and expert-data-parallel groups under its name for them. Written
+    into deepspeed.utils.groups' dictionaries, where DeepSpeed's own MoE layer would create its groups
+    (groups._create_expert_and_data_parallel, DeepSpeed 0.19.8): megatron's are the ones the token dispatcher
+    sends over, built with our timeout, so there is one answer to which ranks hold which experts."""
     import torch.distributed as dist
     from deepspeed.utils import groups
     from megatron.core import parallel_state
