@@ -205,13 +205,13 @@ def build_engine(cfg: ModelConfig, layout: Layout, ds_config: dict, opt: OptimCo
 
     defer_deepspeed_muon_compile()
     ds_config = fit_zero3_reduce_bucket(ds_config, cfg, layout)
+    if cfg.is_moe and ds_config.get("fp16", {}).get("enabled"):
+        raise LayoutError("a mixture of experts under fp16: megatron's routers add their auxiliary-loss gradient "
+                          "outside DeepSpeed's loss scaling, so the dynamic loss scale would weigh it wrongly; use "
+                          "bf16 (the shipped configs) or --fp32")
     model = build_model(cfg, layout, ds_config, options or ModelOptions(), seed)
     groups = param_groups(model, opt.weight_decay)
     if cfg.is_moe:
-        if ds_config.get("fp16", {}).get("enabled"):
-            raise LayoutError("a mixture of experts under fp16: megatron's routers add their auxiliary-loss gradient "
-                              "outside DeepSpeed's loss scaling, so the dynamic loss scale would weigh it wrongly; "
-                              "use bf16 (the shipped configs) or --fp32")
         moe.prepare_for_deepspeed(model, cfg, layout.ep)  # EP > 1: expert gradients over the expert-DP ranks
         moe.set_aux_loss_scale(layout.grad_accum_steps, layout.cp)
         groups = moe.split_optimizer_groups(groups) if layout.ep > 1 else groups
