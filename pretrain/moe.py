@@ -191,15 +191,25 @@ class RoutingStats:
     each the mean over layers and micro-batches, averaged over data-parallel ranks; and the expert imbalance, the
     busiest expert's tokens over the mean per expert (1.0 = even), the mean over layers of the whole step's counts
     summed over all ranks. Counts come from a forward hook on every router (a recompute counts a layer twice, which
-    no ratio sees). Layers are indexed by their number, so that pipeline stages, each holding some, add up. Nothing
-    is dropped to count: the layers are dropless (module docstring)."""
+    no ratio sees). Layers are indexed by their number, so that pipeline stages, each holding some, add up. And the
+    dropped token copies (moe_dropped): those routed less those the experts computed (each expert's rows, counted
+    by a hook on the experts, once per TP rank, which all compute every token sent to their experts), 0 for the
+    dropless layers here (module docstring): a count, not a constant."""
 
     def __init__(self, model: torch.nn.Module, num_layers: int):
+        from megatron.core.transformer.moe.experts import SequentialMLP
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.num_layers, self.counts = num_layers, None
-        for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
-            router.register_forward_hook(self._count)
+        self.num_layers, self.counts, self.computed = num_layers, None, 0
+        for m in model.modules():
+            if isinstance(m, TopKRouter):
+                m.register_forward_hook(self._count)
+            elif isinstance(m, SequentialMLP):
+                m.register_forward_pre_hook(self._computed)
+
+    def _computed(self, experts, inputs):
+        if experts.training:
+            self.computed += inputs[0].size(0)  # the permuted token copies this rank's experts compute
 
     def _count(self, router, inputs, output):
         if not router.training:
@@ -240,9 +250,13 @@ class RoutingStats:
         clear_aux_losses_tracker()
         counts = self.counts if self.counts is not None else torch.zeros(self.num_layers, 1, dtype=torch.float64,
                                                                           device=device())
+        computed = torch.tensor([float(self.computed)], dtype=torch.float64, device=counts.device)
         if dist.is_initialized():  # every rank routes its own tokens (TP ranks under sequence parallelism too; a
             dist.all_reduce(counts)  # pipeline stage its own layers); TP ranks without SP repeat one another
-        self.counts = None
+            dist.all_reduce(computed)
+            computed /= parallel_state.get_tensor_model_parallel_world_size()
+        self.counts, self.computed = None, 0
         if counts.sum() > 0:
             out["moe_imbalance"] = (counts.max(dim=1).values / counts.mean(dim=1)).mean().item()
+            out["moe_dropped"] = (counts.sum() - computed).item()
         return out

@@ -34,6 +34,7 @@ def assert_same(run, ref, rtol=1e-5):
         assert set(run[key]) == set(ref[key]) and len(ref[key]) == LAYOUT_STEPS
         for step, b in ref[key].items():
             assert abs(run[key][step] - b) <= rtol * abs(b), (key, run[key], ref[key])
+    assert set(run["moe_dropped"].values()) == {0.0}, run["moe_dropped"]  # dropless, counted
 
 
 pytestmark = pytest.mark.slow
