@@ -37,7 +37,9 @@ def write_consolidated(reader, output_dir: str, tp: int, pp: int, out_tag: str, 
     `tp`, as a checkpoint directory with one tag; written beside output_dir and renamed into place. -> tag dir."""
     from safetensors.torch import save_file
 
-    validate_layout(reader.cfg, tp * pp, tp, pp, zero_stage=1 if pp > 1 else 3)
+    # (a mixture of experts trains under TP only with sequence parallelism, which does not change the files)
+    validate_layout(reader.cfg, tp * pp, tp, pp, zero_stage=1 if pp > 1 else 3,
+                    sequence_parallel=tp > 1 and reader.cfg.is_moe)
     states = [s for s in STATES if reader.has_state(s)]
     by_stage = defaultdict(list)
     for name in reader.names():

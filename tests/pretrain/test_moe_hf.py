@@ -151,3 +151,19 @@ def test_a_mixture_no_hugging_face_family_computes_is_not_exported(overrides, wo
 
     with pytest.raises(ValueError, match=words):
         hf.export_family(preset("tiny", num_experts=4, **overrides))
+
+
+def test_import_command_cuts_mixtral_for_tp_and_exports_it_back(moe_dirs, tmp_path):
+    """python -m pretrain.import_hf --tp 2 on a Mixtral (experts split over TP as the dense MLP), then export:
+    save_pretrained's tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    from pretrain.export import export
+    from pretrain.import_hf import import_hf
+
+    import_hf(moe_dirs["fused"], str(tmp_path / "ck"), tp=2)
+    export(str(tmp_path / "ck"), str(tmp_path / "hf"), dtype="float32")
+    original = load_file(os.path.join(moe_dirs["mixtral"], "model.safetensors"))
+    back = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], t) for k, t in original.items())
