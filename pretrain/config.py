@@ -105,10 +105,13 @@ class ModelConfig:
     def active_params(self) -> int:
         """Parameters one token computes with: all of a dense model; of a mixture of experts, moe_top_k experts'
         of each layer instead of all num_experts (MFU and FLOPs count these, as Megatron and Mixtral's paper do)."""
+        return self.num_params() - self.num_layers * self.idle_layer_params()
+
+    def idle_layer_params(self) -> int:
+        """Parameters of one layer that a token does not compute with: a mixture of experts' unchosen experts."""
         if not self.is_moe:
-            return self.num_params()
-        expert = 3 * self.hidden_size * self.moe_ffn_hidden_size
-        return self.num_params() - self.num_layers * (self.num_experts - self.moe_top_k) * expert
+            return 0
+        return (self.num_experts - self.moe_top_k) * 3 * self.hidden_size * self.moe_ffn_hidden_size
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's full (unsharded) shape by canonical name, from the family's table

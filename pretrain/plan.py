@@ -309,7 +309,7 @@ def plan(p: PlanInput) -> dict:
         cfg=cfg, tp=p.tp, pp=p.pp, dp=layout.dp, zero=p.zero, micro_batch_size=p.micro_batch_size,
         grad_accum=layout.grad_accum_steps, recompute=p.recompute, sequence_parallel=p.sequence_parallel,
         gpus_per_node=p.gpus_per_node, device=steptime.DEVICE_OF_GPU[p.gpu], intra=p.intra_link,
-        inter=p.inter_link, overrides=p.link_overrides or {}))
+        inter=p.inter_link, overrides=p.link_overrides or {}, ep=p.ep))
     tokens_per_s = st["tokens_per_s"]
     all_to_all = cp_all_to_all_bytes(cfg, p.tp, p.cp, p.seq_length, p.micro_batch_size)
     expert_all_to_all = moe_all_to_all_bytes(cfg, p.tp, p.ep, p.seq_length // p.cp, p.micro_batch_size,
@@ -317,9 +317,9 @@ def plan(p: PlanInput) -> dict:
     if cfg.is_moe:
         st["warnings"].append(
             f"mixture of experts: the step time counts the active parameters' FLOPs ({cfg.moe_top_k} of "
-            f"{cfg.num_experts} experts) as if balanced, without the expert all-to-alls "
-            f"({expert_all_to_all / 2**20:.1f} MiB per layer per micro-batch per GPU) or the sequential experts' "
-            f"smaller matmuls; only the memory above models the experts")
+            f"{cfg.num_experts} experts) as if the experts were evenly loaded and at the dense layers' matmul "
+            f"efficiency, and the expert all-to-alls ({expert_all_to_all / 2**20:.1f} MiB per layer per "
+            f"micro-batch per GPU) at the link's bandwidth, on the critical path; none of it measured on a GPU")
     if p.cp > 1:
         st["warnings"].append(f"--cp {p.cp}: the step time is CP 1's per-rank work (each rank computes 1/{p.cp} of "
                               f"a sample: about {p.cp}x too slow) without the attention all-to-alls "
@@ -396,7 +396,7 @@ def format_plan(r: dict) -> str:
     out.append(f"step time, predicted from its parts ({s['device_model']} calibration; its measured error: "
                f"{s['measured_error']}):")
     parts = [("compute (all micro-batches)", b["compute"]), ("tensor-parallel collectives", b["tp_comm"]),
-             ("pipeline send/receive", b["pp_comm"]),
+             ("pipeline send/receive", b["pp_comm"]), ("expert all-to-alls (--ep)", b.get("ep_comm", 0.0)),
              (f"pipeline bubble ({s['bubble_fraction']:.0%} of the pipeline)", b["pipeline_bubble"]),
              (f"data-parallel traffic not hidden (of {b['dp_comm_total']:.3f} s)", b["dp_comm_exposed"]),
              ("optimizer step", b["optimizer"])]

@@ -147,6 +147,7 @@ class StepInput:
     allreduce_bucket: float = 5e8  # DeepSpeed's allreduce/allgather bucket size without ZeRO / after the step
     max_reuse_distance: float = 1e9  # ZeRO-3's stage3_max_reuse_distance (ds_configs/zero3.json)
     max_live: float = 1e9  # ZeRO-3's stage3_max_live_parameters (ds_configs/zero3.json)
+    ep: int = 1  # a mixture of experts' expert-parallel size (pretrain/moe.py)
 
     def __post_init__(self):
         h = self.cfg.hidden_size
@@ -215,15 +216,15 @@ def step_time(s: StepInput) -> dict:
         return sum(t for c, t in secs if c.phase == phase and group in (None, c.group))
 
     compute = _compute(s, device, slow_pipe)
-    tp_comm, pp_comm = part("micro", "tp"), part("micro", "pp")
-    micro = compute + (tp_comm + pp_comm) / m
+    tp_comm, pp_comm, ep_comm = part("micro", "tp"), part("micro", "pp"), part("micro", "ep")
+    micro = compute + (tp_comm + pp_comm + ep_comm) / m
     pipe = (m + s.pp - 1) * micro
     # What DeepSpeed overlaps (ZeRO-2/3 with overlap_comm) hides behind the step's compute where the device
     # computes while it communicates (a GPU's streams), not on a CPU whose cores do both.
     overlapped, exposed_always = part("overlap"), part("step")
     hidden_by = m * compute if device.overlaps_comm else 0.0
     dp_exposed = max(0.0, overlapped - hidden_by) + exposed_always
-    local = sum(n for _, n in stage_parameters(cfg, s.tp, s.pp, s.pp - 1))
+    local = sum(n for _, n in stage_parameters(cfg, s.tp, s.pp, s.pp - 1, s.ep))
     optimizer = ((local / s.dp if s.zero >= 1 else local) * device.optimizer_s_per_param
                  + device.step_overhead_s) * slow
 
@@ -233,7 +234,7 @@ def step_time(s: StepInput) -> dict:
     return {
         "step_s": total, "tokens_per_s": step_tokens / total,
         "mfu": per_gpu / (device.peak_tflops * 1e12),
-        "breakdown_s": {"compute": m * compute, "tp_comm": tp_comm, "pp_comm": pp_comm,
+        "breakdown_s": {"compute": m * compute, "tp_comm": tp_comm, "pp_comm": pp_comm, "ep_comm": ep_comm,
                         "pipeline_bubble": (s.pp - 1) * micro, "dp_comm_exposed": dp_exposed,
                         "dp_comm_total": overlapped + exposed_always, "optimizer": optimizer},
         "bubble_fraction": bubble_fraction(s.pp, m), "measured_error": device.measured_error,
@@ -247,9 +248,10 @@ def _compute(s: StepInput, device: Device, slow: float) -> float:
     cfg = s.cfg
     seq, tokens, h = cfg.seq_length, s.micro_batch_size * cfg.seq_length, cfg.hidden_size
     rate = device.peak_tflops * 1e12 * efficiency(device, h) / slow
-    layer_fwd = 2 * (cfg.layer_params() - 2 * h) * tokens + 4 * seq * cfg.num_attention_heads * cfg.head_dim * \
-        s.micro_batch_size
-    redo = {"none": 0.0, "full": 1.0, "selective": 2 * 3 * h * cfg.ffn_hidden_size * tokens / layer_fwd}[s.recompute]
+    active = cfg.layer_params() - cfg.idle_layer_params()  # a mixture of experts: k experts' FLOPs per token
+    layer_fwd = 2 * (active - 2 * h) * tokens + 4 * seq * cfg.num_attention_heads * cfg.head_dim * s.micro_batch_size
+    ffn = cfg.moe_top_k * cfg.moe_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size
+    redo = {"none": 0.0, "full": 1.0, "selective": 2 * 3 * h * ffn * tokens / layer_fwd}[s.recompute]
     layers = math.ceil(cfg.num_layers / s.pp)
     head_fwd = 2 * cfg.padded_vocab_size * h * tokens
     flops = (layers * layer_fwd * (3 + redo) + head_fwd * 3) / s.tp  # FLOPs split by TP
@@ -298,6 +300,14 @@ def inventory(s: StepInput, dtype_bytes: int = 2, stage: int | None = None) -> l
     gathers = int(stage > 0) + 2 * int(stage < s.pp - 1)
     out += [Collective("p2p", "pp", m * 2 * parts, (act / s.tp + meta) / parts, "micro", "activations and gradients"),
             Collective("all_gather", "tp", m * gathers * (s.pp > 1), act, "micro", "partitioned activations")]
+    # EP (megatron's all-to-all dispatcher, pretrain/moe.py): per layer and micro-batch each routed token copy
+    # (tokens x k; a TP rank's share under SP) goes to its expert with its fp32 routing weight and comes back, in
+    # forward, in backward and in a recomputed forward (pretrain.plan.moe_all_to_all_bytes: the same bytes).
+    if cfg.is_moe and s.ep > 1:
+        routed, passes = tokens // (s.tp if s.sequence_parallel else 1) * cfg.moe_top_k, 2 + (s.recompute == "full")
+        out += [Collective("all_to_all", "ep", m * layers * 2 * passes, routed * cfg.hidden_size * dtype_bytes,
+                           "micro", "expert tokens (dispatch and combine)"),
+                Collective("all_to_all", "ep", m * layers * passes, routed * 4, "micro", "routing weights")]
     out += _data_parallel_inventory(s, dtype_bytes, stage)
     # The step's small reductions: the loss over DP (pretrain/step.py); the gradient norm and overflow check
     # (DeepSpeed's ZeRO-0 engine clips over DP and the model-parallel group and checks overflow over the world,
@@ -341,7 +351,7 @@ def prefetch_groups(sizes: list[int], bucket: float) -> int:
 
 def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list[Collective]:
     """ZeRO/data-parallel traffic over this model-parallel rank's parameters (DeepSpeed 0.19.8)."""
-    m, tensors = s.grad_accum, stage_parameters(s.cfg, s.tp, s.pp, stage)
+    m, tensors = s.grad_accum, stage_parameters(s.cfg, s.tp, s.pp, stage, s.ep)
     psi = sum(n for _, n in tensors)
     backward = [n for _, n in reversed(tensors)]  # the order gradients become ready
     if s.zero == 0:  # the engine all-reduces after the last backward, in allreduce buckets
@@ -400,14 +410,14 @@ def _data_parallel_inventory(s: StepInput, dtype_bytes: int, stage: int) -> list
 
 def _group_size(s: StepInput, group: str) -> int:
     return {"tp": s.tp, "dp": s.dp, "mp": s.tp * s.pp, "pp": s.pp, "world": s.tp * s.pp * s.dp,
-            "tie": 2 if s.pp > 1 else 1}[group]
+            "tie": 2 if s.pp > 1 else 1, "ep": s.ep}[group]
 
 
 def _seconds(s: StepInput, c: Collective, intra: Link, inter: Link) -> float:
     """A collective's seconds per step. Its group spans nodes when its ranks do; megatron places TP innermost,
     then DP, then PP, so the span is the group's size times the stride of its ranks."""
     span = {"tp": s.tp, "dp": s.tp * s.dp, "mp": s.tp * s.pp * s.dp, "pp": s.tp * s.pp * s.dp,
-            "world": s.tp * s.pp * s.dp, "tie": s.tp * s.pp * s.dp}
+            "world": s.tp * s.pp * s.dp, "tie": s.tp * s.pp * s.dp, "ep": s.tp * s.ep}
     link = intra if span[c.group] <= s.gpus_per_node else inter
     if c.op in ("p2p", "broadcast"):
         lat = link.p2p_latency_s if c.op == "p2p" else link.latency_s

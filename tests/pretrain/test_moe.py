@@ -137,6 +137,7 @@ def test_planner_counts_what_expert_parallel_runs_hold_and_send(train_layout, np
     from safetensors import safe_open
 
     from pretrain.plan import PlanInput, _model_states, moe_all_to_all_bytes, rank_params
+    from pretrain.steptime import StepInput, inventory
 
     run = moe_run(train_layout, nproc, **flags)
     tp, ep = flags.get("tp", 1), flags["ep"]
@@ -154,6 +155,13 @@ def test_planner_counts_what_expert_parallel_runs_hold_and_send(train_layout, np
                                 flags.get("sequence_parallel", False), dtype_bytes=4)  # fp32 runs
     want *= MOE_MODEL.num_layers * grad_accum * nproc * (1.5 if flags.get("recompute") == "full" else 1)
     assert sent == want
+    # the step-time model's inventory: as many all-to-alls as the loss-owning rank made, and the same bytes
+    s = StepInput(cfg=MOE_MODEL, tp=tp, pp=1, dp=dp, zero=flags["zero"], micro_batch_size=REF["micro_batch_size"],
+                  grad_accum=grad_accum, recompute=flags.get("recompute", "none"),
+                  sequence_parallel=flags.get("sequence_parallel", False), ep=ep)
+    a2a = [c for c in inventory(s, dtype_bytes=4) if c.op == "all_to_all"]
+    assert sum(c.count for c in a2a) == run["collectives"]["5"][f"all_to_all_single {ep}"]
+    assert sum(c.count * c.nbytes for c in a2a) * nproc == sent
 
 
 def test_planner_reports_total_and_active_parameters():
