@@ -25,9 +25,9 @@ def moe_run(train_layout, nproc, **flags):
 
 
 def assert_same(run, ref, rtol=1e-5):
-    """Losses (1e-5), gradient norms (1e-4, as test_parallel_equivalence.py), aux and z-losses (1e-5) per step."""
+    """Losses, gradient norms, aux and z-losses per step, within 1e-5 (relative)."""
     assert len(run["losses"]) == len(ref["losses"]) == LAYOUT_STEPS
-    for key, tol in (("losses", rtol), ("grad_norms", 1e-4)):
+    for key, tol in (("losses", rtol), ("grad_norms", rtol)):
         for a, b in zip(run[key], ref[key]):
             assert abs(a - b) <= tol * abs(b), (key, run[key], ref[key])
     for key in ("moe_aux_loss", "moe_z_loss"):
