@@ -77,13 +77,15 @@ _LAYER_SHAPES = [  # (h, a, g, f, d, s, b): independent variations of every term
 _HEAD_SHAPES = [(256, 1024, 128, 2), (384, 1024, 128, 2), (256, 2048, 128, 2), (256, 1024, 64, 4)]  # h, v, s, b
 
 
-def layer_saved_bytes(h, a, g, f, d, s, b, recompute, device, dtype=torch.bfloat16) -> int:
-    """Bytes autograd keeps for one Block's backward (one TP rank with a/g/f its own slices)."""
+def layer_saved_bytes(h, a, g, f, d, s, b, recompute, device, dtype=torch.bfloat16, experts: int = 0,
+                      top_k: int = 2) -> int:
+    """Bytes autograd keeps for one Block's backward (one TP rank with a/g/f its own slices); experts > 0: a
+    mixture of experts' layer with `experts` experts of width f (megatron's parallel state must exist)."""
     from pretrain.config import ModelConfig
     from pretrain.model import Block, ModelOptions, transformer_config
 
     cfg = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=a, num_query_groups=g, ffn_hidden_size=f,
-                      vocab_size=128, seq_length=s)
+                      vocab_size=128, seq_length=s, num_experts=experts, moe_top_k=top_k)
     tconfig = transformer_config(cfg, 1, ModelOptions(recompute=recompute))
     tconfig.kv_channels = d  # a TP rank's slice: a/tp heads of the full head dim, the full hidden size
     block = Block(cfg, tconfig, 1, recompute)

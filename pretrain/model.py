@@ -75,7 +75,9 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, options: ModelOptions = Mo
         # "selective": megatron's per-module recompute of core attention and the MLP. With SDPA/flash there is
         # no s x s score matrix left to save, so the MLP (the widest activations) is what is worth recomputing.
         recompute_granularity="selective" if recompute == "selective" else None,
-        recompute_modules=["core_attn", "mlp"] if recompute == "selective" else None,
+        # (a mixture of experts' layer is megatron's "moe" module, which "mlp" does not recompute: measured, the
+        # MoE layer then kept all it keeps without recompute; with "moe" none of it, as the dense MLP)
+        recompute_modules=(["core_attn", "moe" if cfg.is_moe else "mlp"] if recompute == "selective" else None),
         **moe_config(cfg),
     )
 

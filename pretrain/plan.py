@@ -74,6 +74,14 @@ ACTIVATION_COEFFICIENTS["cpu"] = {
 }
 
 
+# What a mixture of experts' layer keeps beyond the dense MLP's coefficients applied to k experts' widths, in bytes
+# per routed token copy (bf16): a copy of its hidden state, of its expert's hidden units, and a few indices and
+# weights. Fitted 2026-12-04 on CPU from megatron-core 0.16.1's MoELayer (SequentialMLP, alltoall dispatcher) at
+# 5 shapes (hidden 256-384, expert width 352-704, 4-8 experts, top 1-4): within 1.4% of the measured layer;
+# tests/pretrain/test_moe.py re-measures it.
+MOE_COEFFICIENTS = {"copy_h": 2, "copy_f": 2, "copy_one": 50}
+
+
 @dataclass
 class PlanInput:
     model: ModelConfig
@@ -127,7 +135,8 @@ def moe_all_to_all_bytes(cfg: ModelConfig, tp: int, ep: int, seq: int, mb: int, 
     alltoall token dispatcher, pretrain/moe.py), forward and backward: each of the rank's tokens (its 1/TP of the
     sequence under sequence parallelism) goes to its top-k experts and comes back (hidden states, dispatch and
     combine, in each direction) with its routing weight (fp32); on average a rank receives as many as it sends.
-    (ep - 1) / ep of it leaves the rank. 0 without expert parallelism. Checked against the bytes an EP 2 run
+    (ep - 1) / ep of it leaves the rank; a recompute (full, or selective: megatron's "moe" module) re-runs the
+    forward's half. 0 without expert parallelism. Checked against the bytes an EP 2 run
     hands to all_to_all (tests/pretrain/test_moe.py)."""
     if ep == 1 or not cfg.is_moe:
         return 0.0
@@ -158,12 +167,18 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, mb: int, mode: s
     sequence parallelism so is everything per hidden unit and per token (norm inputs, residuals, layer input)."""
     c = ACTIVATION_COEFFICIENTS[device_type][mode]
     d, sp = cfg.head_dim, tp if sequence_parallel else 1
-    # a mixture of experts: each token passes k experts' MLPs (an estimate: the coefficients are the dense MLP's,
-    # and the dispatcher's permuted copies of the tokens are not counted)
-    ffn = cfg.moe_top_k * cfg.moe_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size
+    # a mixture of experts: each token passes k experts' MLPs (the dense MLP's coefficients), and the dispatcher
+    # keeps its permuted copies (k per token, gathered over TP under SP) with their expert activations and routing
+    # indices (MOE_COEFFICIENTS; none once the MoE layer is recomputed)
+    k = cfg.moe_top_k if cfg.is_moe else 1
+    ffn = k * cfg.moe_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size
     per_token = (c["token_h"] * cfg.hidden_size / sp + c["token_f"] * ffn / tp
                  + c["token_q"] * cfg.num_attention_heads * d / tp + c["token_kv"] * cfg.num_query_groups * d / tp
                  + c["token_heads"] * cfg.num_attention_heads / tp + c["token_one"] / sp)
+    if cfg.is_moe and mode == "none":
+        moe = MOE_COEFFICIENTS
+        per_token += k * (moe["copy_h"] * cfg.hidden_size + moe["copy_f"] * cfg.moe_ffn_hidden_size / tp
+                          + moe["copy_one"])
     return seq * mb * per_token + seq * c["position_d"] * d
 
 

@@ -302,9 +302,11 @@ def inventory(s: StepInput, dtype_bytes: int = 2, stage: int | None = None) -> l
             Collective("all_gather", "tp", m * gathers * (s.pp > 1), act, "micro", "partitioned activations")]
     # EP (megatron's all-to-all dispatcher, pretrain/moe.py): per layer and micro-batch each routed token copy
     # (tokens x k; a TP rank's share under SP) goes to its expert with its fp32 routing weight and comes back, in
-    # forward, in backward and in a recomputed forward (pretrain.plan.moe_all_to_all_bytes: the same bytes).
+    # forward, in backward and in a recomputed forward (pretrain.plan.moe_all_to_all_bytes: the same bytes per
+    # pass).
     if cfg.is_moe and s.ep > 1:
-        routed, passes = tokens // (s.tp if s.sequence_parallel else 1) * cfg.moe_top_k, 2 + (s.recompute == "full")
+        routed = tokens // (s.tp if s.sequence_parallel else 1) * cfg.moe_top_k
+        passes = 2 + (s.recompute != "none")  # selective recompute re-runs the MoE layer too (megatron's "moe")
         out += [Collective("all_to_all", "ep", m * layers * 2 * passes, routed * cfg.hidden_size * dtype_bytes,
                            "micro", "expert tokens (dispatch and combine)"),
                 Collective("all_to_all", "ep", m * layers * passes, routed * 4, "micro", "routing weights")]
