@@ -112,6 +112,11 @@ def register_deepspeed_groups(ep: int) -> None:
     groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert)
     groups._EXPERT_DATA_PARALLEL_GROUP[name] = expert_data
     groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert_data)
+    # Experts are split over TP (megatron's expert tensor parallelism = TP): DeepSpeed's BF16_Optimizer (bf16 with
+    # fp32 gradient accumulation: PP, or a config asking for it) sums expert gradient norms over the model-parallel
+    # group only when this says so (runtime/utils.get_global_norm_of_tensors); left at 1, each TP rank clipped by
+    # its own shards' norm (measured: TP 2 x EP 2 reported 0.60365 against one process's 0.60555)
+    groups.expert_tensor_parallel_world_size = parallel_state.get_expert_tensor_parallel_world_size()
 
 
 def reduce_router_grads_over_tp(model: torch.nn.Module) -> None:

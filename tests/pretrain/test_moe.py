@@ -73,6 +73,18 @@ def test_expert_parallel_with_document_mask_and_selective_recompute(train_layout
     assert_same(moe_run(train_layout, 2, ep=2, zero=1, document_eod=0, recompute="selective"), ref)
 
 
+def test_bf16_optimizer_norms_span_the_expert_tp_shards(train_layout):
+    """bf16 with fp32 gradient accumulation (ds_configs/zero1_pp.json, what PP ships with) runs DeepSpeed's
+    BF16_Optimizer, whose expert gradient norm sums over TP only when DeepSpeed's expert-TP size says so
+    (pretrain/moe.py register_deepspeed_groups): left at 1, TP 2 x EP 2's first-step norm was 3e-3 low. bf16, so
+    the bar is bf16's: 1e-3 on the first step's norm (same weights; rounding only), 1e-3 on the losses."""
+    flags = dict(ds_config="ds_configs/zero1_pp.json", bf16=True)
+    ref = moe_run(train_layout, 1, **flags)
+    run = moe_run(train_layout, 4, tp=2, ep=2, sequence_parallel=True, **flags)
+    assert abs(run["grad_norms"][0] - ref["grad_norms"][0]) <= 1e-3 * ref["grad_norms"][0], (run, ref)
+    assert max(abs(a - b) / b for a, b in zip(run["losses"], ref["losses"])) <= 1e-3
+
+
 def test_shared_expert_under_tp_and_ep(train_layout):
     """The optional shared expert (every token passes it beside its routed experts) under TP 2 x EP 2."""
     cfg = MOE_CFG + " moe_shared_expert_size=96"
