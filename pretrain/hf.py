@@ -71,7 +71,9 @@ def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
                             f"({h // heads}), which the model here assumes")
     experts = {} if family not in MOE_FAMILIES else dict(
         num_experts=hf["num_local_experts"], moe_top_k=hf.get("num_experts_per_tok", 2),
-        moe_ffn_hidden_size=hf["intermediate_size"], moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.001))
+        moe_ffn_hidden_size=hf["intermediate_size"],
+        moe_aux_loss_coeff=aux_coeff_from_hf(hf.get("router_aux_loss_coef", 0.001), hf.get("num_experts_per_tok", 2),
+                                             hf["num_hidden_layers"]))
     return ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=h, num_attention_heads=heads,
                        num_query_groups=hf.get("num_key_value_heads", heads), **experts,
                        ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
@@ -80,6 +82,18 @@ def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
                        init_std=hf.get("initializer_range", 0.02),
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
                        family=family, objective=for_hf_family(family).name)
+
+
+def aux_coeff_from_hf(coef: float, top_k: int, num_layers: int) -> float:
+    """Mixtral's router_aux_loss_coef -> our per-layer moe_aux_loss_coeff. transformers (5.25,
+    load_balancing_loss_func) adds one load-balancing loss pooled over every layer's tokens, k at perfect balance;
+    megatron's adds one per layer, each 1 at balance (switch_load_balancing_loss_func divides by k). The same
+    weight at balance: coef x k / layers. (transformers adds it only with output_router_logits, off by default.)"""
+    return coef * top_k / num_layers
+
+
+def aux_coeff_to_hf(coeff: float, top_k: int, num_layers: int) -> float:
+    return float(f"{coeff * num_layers / top_k:.12g}")  # the inverse, without float noise in config.json
 
 
 def _refuse_unsupported(hf: dict, family: str, path: str) -> None:
@@ -151,7 +165,8 @@ def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict | None = None) -> di
         out["sliding_window"] = None
     if family == "mixtral":
         out.update(intermediate_size=cfg.moe_ffn_hidden_size, num_local_experts=cfg.num_experts,
-                   num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+                   num_experts_per_tok=cfg.moe_top_k,
+                   router_aux_loss_coef=aux_coeff_to_hf(cfg.moe_aux_loss_coeff, cfg.moe_top_k, cfg.num_layers),
                    router_jitter_noise=0.0, output_router_logits=False)
     if family == "eurobert":
         if (token_ids or {}).get("mask_token_id") is None:

@@ -88,7 +88,7 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
         raise LayoutError("--sequence-parallel splits the sequence across tensor-parallel ranks: it needs --tp > 1 "
                           "(drop it, or raise --tp)")
     if model.is_moe or ep > 1:
-        _check_experts(model, tp, dp, ep, zero_stage, sequence_parallel)
+        _check_experts(model, tp, dp, cp, ep, zero_stage, sequence_parallel, compile_layers)
     if recompute not in RECOMPUTE_MODES:
         raise LayoutError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     if micro_batch_size < 1:
@@ -102,7 +102,8 @@ def validate_layout(model: ModelConfig, world_size: int, tp: int = 1, pp: int = 
     return Layout(world_size, tp, pp, dp, zero_stage, micro_batch_size, global_batch_size, cp, ep)
 
 
-def _check_experts(model: ModelConfig, tp: int, dp: int, ep: int, zero_stage: int, sequence_parallel: bool) -> None:
+def _check_experts(model: ModelConfig, tp: int, dp: int, cp: int, ep: int, zero_stage: int, sequence_parallel: bool,
+                   compile_layers: bool) -> None:
     """What a mixture of experts and expert parallelism need (pretrain/moe.py says why)."""
     if ep < 1:
         raise LayoutError(f"--ep must be >= 1, got {ep}")
@@ -111,9 +112,10 @@ def _check_experts(model: ModelConfig, tp: int, dp: int, ep: int, zero_stage: in
                           f"--num-experts or drop --ep")
     if model.num_experts % ep:
         raise LayoutError(f"--num-experts {model.num_experts} does not split into --ep {ep} equal parts")
-    if dp % ep:
-        raise LayoutError(f"--ep {ep} must divide the data-parallel size {dp}: expert parallelism subdivides the "
-                          f"data-parallel ranks (expert-data-parallel = DP / EP), as in Megatron")
+    if (dp * cp) % ep:
+        raise LayoutError(f"--ep {ep} must divide the data-parallel size {dp}" + (f" x --cp {cp}" if cp > 1 else "")
+                          + ": expert parallelism subdivides the ranks that hold the same model part "
+                            "(expert-data-parallel = DP x CP / EP), as in Megatron")
     if ep > 1 and zero_stage == 0:
         raise LayoutError(f"--ep {ep} with ZeRO-0: DeepSpeed 0.19.8 clips ZeRO-0 gradients by the mean of the "
                           f"ranks' norms (runtime/utils.clip_grad_norm_), which is not the model's norm when ranks "
@@ -125,6 +127,9 @@ def _check_experts(model: ModelConfig, tp: int, dp: int, ep: int, zero_stage: in
     if tp > 1 and not sequence_parallel:
         raise LayoutError(f"a mixture of experts with --tp {tp} needs --sequence-parallel: megatron-core's MoELayer "
                           f"refuses to train under TP without it (each TP rank would route and send every token)")
+    if compile_layers and model.is_moe:
+        raise LayoutError("--compile with a mixture of experts is untested (the token all-to-alls, the dispatcher's "
+                          "host copies and the routing statistics' hooks sit inside the compiled layer); drop one")
 
 
 def _check_context_parallel(model: ModelConfig, tp: int, cp: int, sequence_parallel: bool,

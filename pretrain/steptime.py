@@ -224,9 +224,11 @@ def step_time(s: StepInput) -> dict:
     overlapped, exposed_always = part("overlap"), part("step")
     hidden_by = m * compute if device.overlaps_comm else 0.0
     dp_exposed = max(0.0, overlapped - hidden_by) + exposed_always
-    local = sum(n for _, n in stage_parameters(cfg, s.tp, s.pp, s.pp - 1, s.ep))
-    optimizer = ((local / s.dp if s.zero >= 1 else local) * device.optimizer_s_per_param
-                 + device.step_overhead_s) * slow
+    tensors = stage_parameters(cfg, s.tp, s.pp, s.pp - 1, s.ep)
+    local = sum(n for _, n in tensors)
+    experts = sum(n for name, n in tensors if ".local_experts." in name)  # partitioned over DP / EP ranks
+    stepped = (local - experts) / s.dp + experts / max(s.dp // s.ep, 1) if s.zero >= 1 else local
+    optimizer = (stepped * device.optimizer_s_per_param + device.step_overhead_s) * slow
 
     total = pipe + dp_exposed + optimizer
     step_tokens = m * s.micro_batch_size * s.dp * cfg.seq_length

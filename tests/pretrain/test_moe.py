@@ -62,7 +62,8 @@ def test_aux_losses_are_in_the_gradient(train_layout):
     (4, dict(tp=2, ep=2, zero=1, sequence_parallel=True)),  # TP x EP (megatron needs SP with MoE under TP)
     (4, dict(pp=2, ep=2, zero=1)),  # pipeline stages, each with its layers' experts
     (4, dict(cp=2, ep=2, zero=1)),  # context parallel: each CP rank's aux losses a share (pretrain/moe.py)
-], ids=["ep2-zero1", "ep2-dp4-zero2-full", "ep1-dp2-zero3", "tp2-ep2-sp-zero1", "pp2-ep2", "cp2-ep2"])
+    (2, dict(cp=2, ep=2, zero=1)),  # EP across the CP ranks of one replica (DP 1), as megatron allows
+], ids=["ep2-zero1", "ep2-dp4-zero2-full", "ep1-dp2-zero3", "tp2-ep2-sp-zero1", "pp2-ep2", "cp2-ep2", "cp2-ep2-dp1"])
 def test_expert_parallel_matches_one_process(train_layout, nproc, flags):
     assert_same(moe_run(train_layout, nproc, **flags), moe_run(train_layout, 1))
 
@@ -123,6 +124,7 @@ def test_resume_under_another_expert_layout(train_layout, tmp_path, saved, resum
     (dict(ep=3, zero_stage=1), "does not split into --ep 3"),
     (dict(tp=2, zero_stage=1), "needs --sequence-parallel"),
     (dict(ep=4, tp=2, sequence_parallel=True, zero_stage=1), "must divide the data-parallel size 2"),
+    (dict(ep=2, zero_stage=1, compile_layers=True), "--compile with a mixture of experts"),
 ])
 def test_unsupported_expert_layouts_are_refused(flags, words):
     cfg = preset("tiny", num_experts=4)

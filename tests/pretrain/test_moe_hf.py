@@ -107,6 +107,8 @@ def test_mixtral_round_trip_gives_back_save_pretrained_tensors(moe_dirs, importe
         back = load_file(str(tmp_path / name / "model.safetensors"))
         config = json.loads((tmp_path / name / "config.json").read_text())
         assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
+        # the load-balancing weight: per layer here, pooled over layers there (pretrain.hf.aux_coeff_from_hf)
+        assert config["router_aux_loss_coef"] == hf_models.config("mixtral").router_aux_loss_coef
         assert sorted(back) == sorted(original), name
         for key, t in original.items():
             assert torch.equal(back[key], t), (name, key)
