@@ -201,8 +201,9 @@ def test_trainer_logs_routing_and_exports_mixtral(tiny_data, tmp_path):
 
     out = launch(2, MAIN, *common(tiny_data, tmp_path, "--train-iters", 4, "--num-experts", 4, "--moe-top-k", 2,
                                   "--ep", 2, "--deepspeed_config", "ds_configs/zero1.json", "--save", tmp_path / "ck",
-                                  "--save-interval", 4)).stdout
+                                  "--save-interval", 4, "--sample-prompt", "the", "--sample-tokens", 8)).stdout
     assert "mixture of experts: 4 experts per layer, top-2" in out and "EP=2: 2 experts per rank" in out
+    assert "sample: 'the' -> " in out  # generation runs through the experts (eval: all-to-alls of any size)
     assert "dropless" in out
     rows = [r for r in metrics(tmp_path) if "grad_norm" in r]
     assert len(rows) == 4 and all(r["moe_aux_loss"] > 0 and r["moe_imbalance"] >= 1 for r in rows)
