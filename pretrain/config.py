@@ -108,10 +108,12 @@ class ModelConfig:
         return self.num_params() - self.num_layers * self.idle_layer_params()
 
     def idle_layer_params(self) -> int:
-        """Parameters of one layer that a token does not compute with: a mixture of experts' unchosen experts."""
-        if not self.is_moe:
-            return 0
-        return (self.num_experts - self.moe_top_k) * 3 * self.hidden_size * self.moe_ffn_hidden_size
+        """Parameters of one layer that a token does not compute with: a mixture of experts' unchosen experts (one
+        expert's rows of the family table, num_experts - moe_top_k times)."""
+        from pretrain.param_table import entries
+
+        one_expert = sum(math.prod(e.shape(self)) for e in entries(self).values() if e.layer == 1 and e.expert == 0)
+        return (self.num_experts - self.moe_top_k) * one_expert
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's full (unsharded) shape by canonical name, from the family's table

@@ -69,11 +69,10 @@ def model_config(hf_dir: str, seq_length: int | None = None) -> ModelConfig:
     if hf.get("head_dim") not in (None, h // heads):
         raise HFConfigError(f"{path}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "
                             f"({h // heads}), which the model here assumes")
+    k = hf.get("num_experts_per_tok", 2)
     experts = {} if family not in MOE_FAMILIES else dict(
-        num_experts=hf["num_local_experts"], moe_top_k=hf.get("num_experts_per_tok", 2),
-        moe_ffn_hidden_size=hf["intermediate_size"],
-        moe_aux_loss_coeff=aux_coeff_from_hf(hf.get("router_aux_loss_coef", 0.001), hf.get("num_experts_per_tok", 2),
-                                             hf["num_hidden_layers"]))
+        num_experts=hf["num_local_experts"], moe_top_k=k, moe_ffn_hidden_size=hf["intermediate_size"],
+        moe_aux_loss_coeff=aux_coeff_from_hf(hf.get("router_aux_loss_coef", 0.001), k, hf["num_hidden_layers"]))
     return ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=h, num_attention_heads=heads,
                        num_query_groups=hf.get("num_key_value_heads", heads), **experts,
                        ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],

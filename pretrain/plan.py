@@ -26,7 +26,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from pretrain import steptime
+from pretrain import param_table, steptime
 from pretrain.config import PRESETS, ModelConfig, preset
 from pretrain.engine import zero_auto
 from pretrain.objectives import OBJECTIVES, objective
@@ -126,7 +126,7 @@ def rank_params(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> dict:
             modules[key] = modules.get(key, 0) + n
     busiest = max(stages, key=lambda tensors: sum(n for _, n in tensors))
     return {"per_gpu": sum(n for _, n in busiest), "largest_module": max(modules.values()),
-            "experts_per_gpu": sum(n for name, n in busiest if ".local_experts." in name)}
+            "experts_per_gpu": sum(n for name, n in busiest if param_table.lookup(name).per_expert)}
 
 
 def moe_all_to_all_bytes(cfg: ModelConfig, tp: int, ep: int, seq: int, mb: int, sequence_parallel: bool,

@@ -35,6 +35,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from pretrain import param_table
 from pretrain.config import ModelConfig
 from pretrain.engine import zero_auto
 from pretrain.sharding import stage_parameters
@@ -226,7 +227,7 @@ def step_time(s: StepInput) -> dict:
     dp_exposed = max(0.0, overlapped - hidden_by) + exposed_always
     tensors = stage_parameters(cfg, s.tp, s.pp, s.pp - 1, s.ep)
     local = sum(n for _, n in tensors)
-    experts = sum(n for name, n in tensors if ".local_experts." in name)  # partitioned over DP / EP ranks
+    experts = sum(n for name, n in tensors if param_table.lookup(name).per_expert)  # partitioned over DP / EP
     stepped = (local - experts) / s.dp + experts / max(s.dp // s.ep, 1) if s.zero >= 1 else local
     optimizer = (stepped * device.optimizer_s_per_param + device.step_overhead_s) * slow
 
